@@ -1,0 +1,4686 @@
+#!/usr/bin/env python3
+"""crate-operator: the per-host agent that deploys apps and routes their domains.
+
+A hosting platform calls this daemon over HTTP (see ``GET /v1/openapi.json``).
+On its own host the daemon:
+
+* runs binary apps as systemd units (one unit per instance, an
+  EnvironmentFile per instance, releases under ``apps_dir``);
+* routes each app's domain to its serving instances through the Caddy
+  admin API (one route per app, addressed by its ``@id``);
+* answers deploy, delete and lifecycle calls with 202, runs the work as a
+  job of that app (one job at a time per app, apps in parallel) and POSTs
+  signed callbacks to the platform at every state change;
+* keeps its state in JSON files under ``state_dir`` written atomically.
+
+Lifecycle: ``serve`` loads the configuration (defaults, then the JSON file,
+then ``CRATE_OPERATOR_<KEY>`` variables, then flags), takes an exclusive lock
+on ``state_dir``, marks deployments that a previous process left unfinished,
+starts the callback delivery thread and the HTTP listener.  SIGTERM and
+SIGINT stop the listener, let running jobs finish their current step and
+exit.
+
+Files it touches: ``state_dir`` (state and callback outbox), ``apps_dir``
+(releases and environment files), ``unit_dir`` (``crate-app-*.service``
+units only).  Sockets: the listen address, the Caddy admin API, the
+callback and asset URLs named in requests.
+
+Known limitations: the docker runtime, canary deployments, archives and
+lifecycle endpoints (start, stop, restart, delete, domain update) answer
+501 until they are built; see README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import copy
+import datetime
+import errno
+import fcntl
+import fractions
+import functools
+import hashlib
+import hmac
+import http.client
+import http.server
+import ipaddress
+import json
+import logging
+import math
+import os
+import posixpath
+import random
+import re
+import secrets
+import shutil
+import signal
+import socket
+import stat
+import string
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from typing import Any, Callable, NamedTuple
+
+__version__ = "0.1.0"
+
+LOG = logging.getLogger("crate_operator")
+
+
+# === Tunables ===
+
+# Every configuration key: default, type and meaning.  Units are in the name
+# (``_s`` seconds, ``_bytes`` bytes).  Secrets are masked by check-config.
+CONFIG_SPEC = {
+    "listen": ("127.0.0.1:8750", str,
+               "address:port of the HTTP API; keep it on loopback or behind TLS"),
+    "token": (None, str, "bearer token every /v1 call must present"),
+    "token_file": (None, str, "file holding the bearer token (mode 0600)"),
+    "state_dir": ("/var/lib/crate-operator", str,
+                  "JSON state, callback outbox and lock file"),
+    "apps_dir": ("/srv/crate-apps", str,
+                 "releases and environment files, one directory per app"),
+    "unit_dir": ("/etc/systemd/system", str,
+                 "directory the app units are written to"),
+    "systemctl": (["systemctl"], list,
+                  "systemctl command as an argument list"),
+    "caddy_admin": ("http://127.0.0.1:2019", str,
+                    "Caddy admin API: http URL or unix socket path"),
+    "caddy_server": ("crate", str, "name of the Caddy server holding app routes"),
+    "caddy_listen": ([":443"], list, "listen addresses of that server"),
+    "caddy_automatic_https": (True, bool,
+                              "leave Caddy's automatic HTTPS on for app routes"),
+    "docker_socket": ("/var/run/docker.sock", str, "dockerd Engine API socket"),
+    "callback_secret": (None, str, "HMAC-SHA256 key for X-Crate-Signature"),
+    "callback_secret_file": (None, str, "file holding callback_secret"),
+    "app_user": ("crate-app", str,
+                 "user the app units run as; 'dynamic' means DynamicUser=yes"),
+    "server_id": (socket.gethostname(), str,
+                  "this host's id, checked by domain updates"),
+    "health_timeout_s": (60.0, float, "time a new instance has to pass its check"),
+    "health_interval_s": (0.5, float, "pause between two health probes"),
+    "health_grace_s": (3.0, float,
+                       "without a health path: time the unit must stay active"),
+    "drain_s": (5.0, float,
+                "time between a route switch and stopping the old version"),
+    "stop_timeout_s": (30.0, float, "TimeoutStopSec of app units"),
+    "restart_sec_s": (1.0, float, "RestartSec of app units (must be > 0)"),
+    "callback_timeout_s": (10.0, float, "time limit of one callback POST"),
+    "callback_backoff_s": (1.0, float, "first retry delay of a failed callback"),
+    "callback_backoff_max_s": (60.0, float, "upper bound of the retry delay"),
+    "callback_retry_window_s": (900.0, float,
+                                "time after which an undelivered callback is "
+                                "given up"),
+    "download_timeout_s": (600.0, float, "time limit of one asset download"),
+    "max_asset_bytes": (1 << 30, int, "size limit of one asset"),
+    "max_body_bytes": (1 << 20, int, "size limit of one request body"),
+    "request_timeout_s": (30.0, float,
+                          "socket timeout while reading a request"),
+    "log_format": ("text", str, "'text' (key=value) or 'json'"),
+}
+
+SECRET_KEYS = frozenset({"token", "callback_secret"})
+ENV_PREFIX = "CRATE_OPERATOR_"
+DEFAULT_CONFIG_PATH = "/etc/crate-operator/config.json"
+
+# Retries of a failed asset connection before the deployment fails.
+DOWNLOAD_ATTEMPTS = 3
+# Redirects followed for an asset URL.
+DOWNLOAD_MAX_REDIRECTS = 5
+# Delivered callbacks kept in the outbox for inspection.
+OUTBOX_KEEP_DELIVERED = 1000
+# Time a health probe waits for one HTTP answer.
+HEALTH_PROBE_TIMEOUT_S = 2.0
+# Prefix of every unit this program writes; nothing else is touched.
+UNIT_PREFIX = "crate-app-"
+
+STATES_TERMINAL = frozenset({"succeeded", "failed", "rolled_back", "cancelled"})
+
+
+# === Errors ===
+
+class OperatorError(Exception):
+    """Base of every error this program raises on purpose.
+
+    ``status`` is the HTTP status a request handler reports for it.
+    """
+
+    status = 500
+
+
+class ConfigError(OperatorError):
+    """Raised when the configuration is invalid."""
+
+
+class RequestError(OperatorError):
+    """Raised when a request is invalid; ``errors`` lists each field."""
+
+    status = 400
+
+    def __init__(self, message: str, errors: list | None = None,
+                 status: int = 400):
+        super().__init__(message)
+        self.errors = errors or []
+        self.status = status
+
+
+class ConflictError(OperatorError):
+    """Raised when a request contradicts the state of the host."""
+
+    status = 409
+
+
+class NotFoundError(OperatorError):
+    """Raised when a requested record does not exist."""
+
+    status = 404
+
+
+class StepError(OperatorError):
+    """Raised when a deploy step fails; the message names what and why."""
+
+
+class SystemdError(StepError):
+    """Raised when a systemctl call fails."""
+
+
+class FetchError(StepError):
+    """Raised when an asset cannot be downloaded or verified."""
+
+
+# === Logging ===
+
+_LOG_UNSAFE = re.compile(r'[\x00-\x20"\\=\x7f]')
+
+
+def _log_value(value) -> str:
+    """Render one value for the key=value format, escaping untrusted text."""
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    if text and not _LOG_UNSAFE.search(text):
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+class KeyValueFormatter(logging.Formatter):
+    """Format records as ``ts=.. level=.. event=.. key=value ...`` lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = {
+            "ts": utc_now(record.created),
+            "level": record.levelname.lower(),
+            "event": record.getMessage(),
+        }
+        fields.update(getattr(record, "fields", {}))
+        line = " ".join(f"{k}={_log_value(v)}" for k, v in fields.items()
+                        if v is not None)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JSONFormatter(logging.Formatter):
+    """Format records as one JSON object per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = {
+            "ts": utc_now(record.created),
+            "level": record.levelname.lower(),
+            "event": record.getMessage(),
+        }
+        fields.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            fields["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(fields, default=str, ensure_ascii=False)
+
+
+def log(event: str, level: int = logging.INFO, exc_info=None, **fields):
+    """Log one event with its ids; callers never pass secrets or env values."""
+    LOG.log(level, event, extra={"fields": fields}, exc_info=exc_info)
+
+
+def setup_logging(log_format: str) -> None:
+    """Send log lines to stderr (the journal under systemd)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JSONFormatter())
+    else:
+        handler.setFormatter(KeyValueFormatter())
+    LOG.handlers[:] = [handler]
+    LOG.setLevel(logging.INFO)
+    LOG.propagate = False
+
+
+def utc_now(timestamp: float | None = None) -> str:
+    """Return an RFC 3339 UTC timestamp with millisecond precision."""
+    if timestamp is None:
+        timestamp = time.time()
+    moment = datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + \
+        f"{moment.microsecond // 1000:03d}Z"
+
+
+# === Schemas and validation ===
+#
+# Every request body is described once, as data, in the JSON Schema subset that
+# OpenAPI 3.1 uses. The validator and openapi_document() both read these tables,
+# so the published contract and the enforced one cannot drift apart. A request is
+# checked completely before anything on the host changes. The validator collects
+# every error with a JSONPath-like field, lists unknown fields instead of
+# rejecting them, and returns a cleaned copy with defaults filled in. Rules that a
+# regex cannot express are Python functions named by "format", and rules that
+# span several fields are functions named by "x-crate-rules".
+
+# --- Limits ---
+
+INT32_MIN = -2147483648
+INT32_MAX = 2147483647
+MIN_APP_PORT = 1024  # apps run unprivileged, so they cannot bind ports below 1024
+MAX_PORT = 65535
+MAX_SLOTS = 2
+MAX_INSTANCES = 64
+MAX_TEXT_ID_LENGTH = 128  # team_id, server_id
+MAX_URL_LENGTH = 2048
+MAX_DOMAIN_LENGTH = 253  # RFC 1035 2.3.4: 255 octets on the wire, 253 as text
+MAX_LABEL_LENGTH = 63
+MAX_ENV_VARS = 256
+MAX_ENV_VALUE_LENGTH = 32 * 1024  # characters
+MAX_ENV_TOTAL_BYTES = 256 * 1024  # UTF-8 bytes of all NAME=value pairs
+MAX_HEALTH_PATH_LENGTH = 1024
+MAX_IMAGE_LENGTH = 255  # NameTotalLengthMax in distribution/reference
+MAX_VOLUMES = 32
+MAX_VOLUME_SPEC_LENGTH = 4096
+MAX_COMMAND_ARGS = 64
+MAX_COMMAND_ARG_LENGTH = 4096
+MAX_PASSWORD_LENGTH = 4096
+MAX_CANARY_STEPS = 10
+MAX_CANARY_PAUSE_S = 3600
+MAX_DELETE_IDS = 64
+
+# --- Patterns ---
+# Every pattern is anchored with ^ and $ and uses only syntax that Python re and
+# ECMA-262 read the same way, because OpenAPI clients evaluate them with ECMA-262.
+# Classes are spelled out ([0-9], not \d) since Python's \d also matches
+# non-ASCII digits.
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$"
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+NO_CONTROL_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
+NO_NUL_PATTERN = r"^[^\x00]*$"
+# The path goes into an HTTP request line as is, so it must be printable ASCII
+# without "#".
+HEALTH_PATH_PATTERN = r"^/[\x21\x22\x24-\x7e]*$"
+IMAGE_TAG_PATTERN = (
+    r"^(?:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}|sha256:[0-9a-f]{64})$"
+)
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+LEGACY_DEPLOYMENT_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+SIGNATURE_PATTERN = r"^sha256=[0-9a-f]{64}$"
+
+# Reasons for patterns whose regex is harder to read than a sentence. Other
+# patterns are reported as "must match <pattern>".
+_PATTERN_REASONS = {
+    NO_CONTROL_PATTERN: "must not contain control characters",
+    NO_NUL_PATTERN: "must not contain NUL characters",
+    HEALTH_PATH_PATTERN: (
+        "must start with / and contain only printable ASCII without spaces"
+        " or #"),
+    IMAGE_TAG_PATTERN: (
+        "must be a tag of up to 128 characters [A-Za-z0-9_.-] not starting"
+        " with . or -, or a digest sha256:<64 lowercase hex digits>"),
+    SHA256_PATTERN: "must be 64 lowercase hex digits",
+}
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_DOMAIN_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")
+_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?")
+_IMAGE_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
+_PORT_TEXT = re.compile(r"[0-9]{1,5}")
+_INTEGER_TEXT = re.compile(r"-?[0-9]{1,20}")
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+# Keywords that the validator reads or may safely skip (annotations). A schema
+# keyword outside this set would be silently ignored, so the tests reject it.
+SCHEMA_KEYWORDS = frozenset({
+    "$ref", "anyOf", "type", "properties", "required", "additionalProperties",
+    "propertyNames", "items", "enum", "minimum", "maximum", "minLength",
+    "maxLength", "pattern", "minItems", "maxItems", "uniqueItems",
+    "minProperties", "maxProperties", "format", "default", "title",
+    "description", "examples", "x-crate-extension", "x-crate-rules",
+})
+
+_REF_PREFIX = "#/components/schemas/"
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": _REF_PREFIX + name}
+
+
+def _optional(schema: dict, default: Any = None, **annotations: Any) -> dict:
+    """Return a copy of schema that also accepts null.
+
+    The validator puts default in place of null or an absent field.
+    """
+    if "$ref" in schema:
+        result = {"anyOf": [schema, {"type": "null"}]}
+    else:
+        result = dict(schema)
+        types = schema["type"]
+        types = [types] if isinstance(types, str) else list(types)
+        result["type"] = [*types, "null"]
+    result["default"] = default
+    result.update(annotations)
+    return result
+
+
+def _extension(schema: dict, description: str) -> dict:
+    """Return schema marked as a crate-operator addition to the platform API."""
+    return dict(schema, description=description, **{"x-crate-extension": True})
+
+
+def _object(required: dict, optional: dict | None = None, **extra: Any) -> dict:
+    """Build a fixed-field object schema from required and optional properties."""
+    optional = optional or {}
+    schema = {
+        "type": "object",
+        "required": list(required),
+        "properties": {**required, **optional},
+    }
+    schema.update(extra)
+    return schema
+
+
+def _int32_id(description: str) -> dict:
+    return {
+        "type": "integer", "format": "int32", "minimum": 0,
+        "maximum": INT32_MAX, "description": description,
+    }
+
+
+def _text_id(description: str) -> dict:
+    return {
+        "type": "string", "minLength": 1, "maxLength": MAX_TEXT_ID_LENGTH,
+        "pattern": NO_CONTROL_PATTERN, "description": description,
+    }
+
+
+def _key_schema(title: str, pattern: str) -> dict:
+    return {"type": "string", "title": title, "pattern": pattern}
+
+
+# --- Field schemas shared by several requests ---
+
+_APP_ID = _int32_id(
+    "App id. Must be >= 0 because it is part of unit and container names.")
+_DEPLOYMENT_ID = _int32_id(
+    "Deployment id chosen by the platform. Must be >= 0.")
+_ENVIRONMENT_ID = _int32_id("Environment id. Must be >= 0.")
+_TEAM_ID = _text_id("Team id: 1 to 128 characters without control characters.")
+_SERVER_ID = _text_id(
+    "Server id: 1 to 128 characters without control characters.")
+
+_URL_RULES = (
+    "http or https only, with a host, without user credentials (they would"
+    " end up in logs), ASCII without whitespace or control characters,"
+    " at most 2048 characters."
+)
+_ASSET_URL = {
+    "type": "string", "maxLength": MAX_URL_LENGTH, "format": "http-url",
+    "description": "URL of the release archive to download. " + _URL_RULES,
+}
+_CALLBACK_URL = {
+    "type": "string", "maxLength": MAX_URL_LENGTH, "format": "http-url",
+    "description": "URL that receives deployment events. " + _URL_RULES,
+}
+_DOMAIN_RULES = (
+    "Compared and stored in normal form: ASCII lower case, one trailing dot"
+    " removed. Then RFC 1123: at least two labels of 1 to 63 characters"
+    " [a-z0-9-] that neither start nor end with -, at most 253 characters,"
+    " and a last label that is not all digits. No scheme, port or path."
+)
+_DOMAIN = {
+    # One more than the limit for the trailing dot that normalisation removes.
+    "type": "string", "minLength": 1, "maxLength": MAX_DOMAIN_LENGTH + 1,
+    "format": "domain-name", "description": "Domain routed to the app. "
+    + _DOMAIN_RULES,
+}
+_ENV_VARS = {
+    "type": "object",
+    "maxProperties": MAX_ENV_VARS,
+    "propertyNames": dict(
+        _key_schema("variable name", ENV_NAME_PATTERN), format="env-name"),
+    "additionalProperties": {
+        "type": "string", "maxLength": MAX_ENV_VALUE_LENGTH,
+        "pattern": NO_NUL_PATTERN,
+    },
+    "description": (
+        "Environment variables of the app. Names are POSIX names. PORT and"
+        " names starting with CRATE_ are reserved, because the operator sets"
+        " them. Values are strings without NUL of at most 32768 characters."
+        " At most 256 variables and 256 KiB of UTF-8 in total."
+    ),
+}
+_SLOTS = {
+    "type": "object", "minProperties": 1, "maxProperties": MAX_SLOTS,
+    "propertyNames": _key_schema("slot name", ID_PATTERN),
+    "additionalProperties": _ref("InstancePort"),
+    "description": (
+        "Slots by name (for example blue and green), 1 or 2. bluegreen and"
+        " canary need exactly 2, because one slot serves while the other"
+        " takes the new version."
+    ),
+}
+_INSTANCES = {
+    "type": "object", "minProperties": 1, "maxProperties": MAX_INSTANCES,
+    "propertyNames": _key_schema("instance id", ID_PATTERN),
+    "additionalProperties": _ref("BinaryAppInstance"),
+    "description": "Instances by id, 1 to 64.",
+}
+_TARGET_VERSION = {
+    "type": "string", "pattern": VERSION_PATTERN,
+    "description": "Version label of the release being deployed.",
+}
+_HEALTH_CHECK_PATH = _optional(
+    {"type": "string", "maxLength": MAX_HEALTH_PATH_LENGTH,
+     "pattern": HEALTH_PATH_PATTERN},
+    description=(
+        "HTTP path probed for readiness (for example /healthz): starts with /,"
+        " printable ASCII without spaces or #, at most 1024 characters."
+        " null means no HTTP probe."
+    ),
+)
+_ASSET_SHA256 = _optional(_extension(
+    {"type": "string", "pattern": SHA256_PATTERN},
+    "Expected SHA-256 of the downloaded asset as 64 lowercase hex digits."
+    " The deployment fails before installing anything when it differs.",
+))
+_CANARY = _optional(
+    _ref("CanarySettings"),
+    description=(
+        "Traffic steps for deployment_strategy canary. Other strategies"
+        " ignore it."
+    ),
+    **{"x-crate-extension": True},
+)
+_OPTIONAL_TARGET_VERSION = _optional(_extension(
+    _TARGET_VERSION,
+    "Version label recorded for the new instances and shown in the status"
+    " and callbacks. The platform API has no version in this model.",
+))
+_IMAGE = {
+    "type": "string", "minLength": 1, "maxLength": MAX_IMAGE_LENGTH,
+    "format": "image-name",
+    "description": (
+        "Docker image without tag or digest, for example"
+        " registry.example.com/team/app or localhost:5000/app. An optional"
+        " registry host (DNS name, IPv4 or localhost, with an optional"
+        " :port) comes first, then lowercase path components. An image with"
+        " its own tag or digest is rejected as ambiguous."
+    ),
+}
+_IMAGE_TAG = {
+    "type": "string", "pattern": IMAGE_TAG_PATTERN,
+    "description": "Image tag (for example v1.2.3) or digest sha256:<64 hex>.",
+}
+_DOCKER_COMMAND = _optional(
+    {
+        "type": "array", "minItems": 1, "maxItems": MAX_COMMAND_ARGS,
+        "items": {
+            "type": "string", "maxLength": MAX_COMMAND_ARG_LENGTH,
+            "pattern": NO_NUL_PATTERN,
+        },
+    },
+    description="Command and arguments that replace the image's CMD.",
+)
+_REGISTRY_CREDENTIALS = _optional(
+    _ref("DockerRegistryCredentials"),
+    description="Credentials for pulling the image from a private registry.",
+)
+_VOLUMES = _optional(
+    {
+        "type": "array", "maxItems": MAX_VOLUMES, "format": "volume-list",
+        "items": {
+            "type": "string", "maxLength": MAX_VOLUME_SPEC_LENGTH,
+            "format": "volume-spec",
+        },
+    },
+    default=[],
+    description=(
+        "Mounts as SRC:DST, SRC:DST:ro or SRC:DST:rw. SRC is a volume name"
+        " (no /) or a path relative to the app data directory that stays"
+        " inside it. DST is an absolute path without .. components, distinct"
+        " per mount. No commas or control characters."
+    ),
+)
+_INSTANCE_ID = {
+    "type": "string", "pattern": ID_PATTERN,
+    "description": "Instance id or slot name.",
+}
+
+# Cross-field rules, named in "x-crate-rules" and implemented by _RULES below.
+_DEPLOY_RULES = {
+    "distinct-ports": "All ports in one request are distinct.",
+    "env-total-size": "env_vars contains at most 256 KiB of UTF-8 in total.",
+}
+_SLOT_DEPLOY_RULES = dict(_DEPLOY_RULES, **{
+    "strategy-slot-count": "bluegreen and canary need exactly 2 slots.",
+})
+_NULL_NOTE = "Optional fields accept null, which means the same as absent."
+
+
+def _deploy_request(required: dict, optional: dict, rules: dict,
+                    description: str) -> dict:
+    return _object(required, optional, description=description + " "
+                   + _NULL_NOTE, **{"x-crate-rules": rules})
+
+
+_COMMON_DEPLOY = {
+    "app_id": _APP_ID,
+    "callback_url": _CALLBACK_URL,
+    "deployment_id": _DEPLOYMENT_ID,
+    "deployment_strategy": _ref("DeploymentStrategy"),
+    "domain": _DOMAIN,
+    "environment_id": _ENVIRONMENT_ID,
+    "team_id": _TEAM_ID,
+}
+_DOCKER_OPTIONAL = {
+    "docker_command": _DOCKER_COMMAND,
+    "health_check_path": _HEALTH_CHECK_PATH,
+    "registry_credentials": _REGISTRY_CREDENTIALS,
+    "volumes": _VOLUMES,
+    "canary": _CANARY,
+}
+_BINARY_OPTIONAL = {
+    "health_check_path": _HEALTH_CHECK_PATH,
+    "asset_sha256": _ASSET_SHA256,
+    "canary": _CANARY,
+}
+_INSTANCE_ACTION = _object({
+    "app_id": _APP_ID,
+    "callback_url": _CALLBACK_URL,
+    "domain": _DOMAIN,
+    "environment_id": _ENVIRONMENT_ID,
+    "instance_id": _INSTANCE_ID,
+    "team_id": _TEAM_ID,
+}, description="Names one instance (or slot) of an app.")
+
+_PORT = {
+    "type": "integer", "format": "int32", "minimum": MIN_APP_PORT,
+    "maximum": MAX_PORT,
+    "description": (
+        "Local TCP port of the instance, 1024 to 65535 because apps run"
+        " unprivileged."
+    ),
+}
+
+# --- Response schemas ---
+
+_TIMESTAMP = {
+    "type": ["string", "null"], "format": "date-time",
+    "description": "RFC 3339 time in UTC, or null when it has not happened.",
+}
+_NULLABLE_TEXT = {"type": ["string", "null"]}
+
+_DEPLOYMENT_STATUS = _object({
+    "deployment_id": {"type": ["integer", "string"]},
+    "app_id": {"type": "integer", "format": "int32"},
+    "kind": {"type": "string", "enum": ["binary", "docker"]},
+    "model": {"type": "string", "enum": ["slots", "instances"]},
+    "strategy": {
+        "type": ["string", "null"],
+        "enum": ["immediate", "bluegreen", "canary", None],
+    },
+    "action": {
+        "type": "string",
+        "enum": ["create", "update", "start", "stop", "restart", "delete"],
+    },
+    "state": {
+        "type": "string",
+        "enum": ["queued", "running", "succeeded", "failed", "rolled_back",
+                 "cancelled"],
+    },
+    "error": dict(_NULLABLE_TEXT, description="Why the deployment failed."),
+    "created_at": _TIMESTAMP,
+    "started_at": _TIMESTAMP,
+    "finished_at": _TIMESTAMP,
+    "target_version": _NULLABLE_TEXT,
+    "serving_version": dict(
+        _NULLABLE_TEXT, description="Version that receives traffic now."),
+    "domain": {"type": "string"},
+    "steps": {"type": "array", "items": _ref("DeploymentStep")},
+    "instances": {"type": "array", "items": _ref("InstanceState")},
+    "allocations": {"type": "array", "items": _ref("TrafficAllocation")},
+}, description="Progress and outcome of one deployment or instance action.")
+
+_DEPLOYMENT_STEP = _object({
+    "name": {"type": "string"},
+    "state": {"type": "string"},
+    "at": _TIMESTAMP,
+    "message": _NULLABLE_TEXT,
+}, description="One recorded step of a deployment.")
+
+_INSTANCE_STATE = _object({
+    "instance_id": {"type": "string"},
+    "slot": _NULLABLE_TEXT,
+    "port": {"type": "integer", "format": "int32"},
+    "version": _NULLABLE_TEXT,
+    "state": {"type": "string"},
+    "unit": dict(
+        _NULLABLE_TEXT, description="systemd unit or docker container name."),
+}, description="State of one instance on this host.")
+
+_TRAFFIC_ALLOCATION = _object({
+    "instance_id": {"type": "string"},
+    "slot": _NULLABLE_TEXT,
+    "weight": {
+        "type": "integer", "minimum": 0, "maximum": 100,
+        "description": "Percentage of the app's traffic.",
+    },
+}, description="Share of traffic routed to one instance.")
+
+_ACCEPTED = _object({
+    "deployment_id": {"type": ["integer", "string"]},
+    "app_id": {"type": "integer", "format": "int32"},
+    "state": {"type": "string", "enum": ["queued"]},
+    "status_url": {"type": "string", "description": "Path of the status."},
+    "ignored_fields": {
+        "type": "array", "items": {"type": "string"},
+        "description": "JSON paths of request fields that were not used.",
+    },
+    "duplicate": {
+        "type": "boolean",
+        "description": "True when this deployment_id was already accepted.",
+    },
+}, description="Response to a queued job. Its events go to callback_url.")
+
+_FIELD_ERROR = _object({
+    "field": {
+        "type": "string",
+        "description": "JSONPath-like location, for example $.slots.blue.port.",
+    },
+    "reason": {"type": "string"},
+}, description="One invalid request field.")
+
+_ERROR = _object(
+    {"error": {"type": "string"}},
+    {"errors": {"type": "array", "items": _ref("FieldError")}},
+    description="Error body. errors lists every invalid field of a 400.",
+)
+
+_CALLBACK_BODY = _object({
+    "seq": {
+        "type": "integer",
+        "description": "Increasing number of the event on this host.",
+    },
+    "deployment_seq": {
+        "type": "integer",
+        "description": "Increasing number of the event within its deployment.",
+    },
+    "event": {"type": "string", "description": "Event name."},
+    "deployment": _ref("DeploymentStatus"),
+}, description="Body POSTed to callback_url.")
+
+_DOMAIN_UPDATED = _object({
+    "app_id": {"type": "integer", "format": "int32"},
+    "old_domain": {"type": "string"},
+    "new_domain": {"type": "string"},
+    "changed": {
+        "type": "boolean",
+        "description": "False when new_domain was already the app's domain.",
+    },
+}, description="Result of a domain update.")
+
+_HEALTH = _object({
+    "status": {"type": "string", "enum": ["ok", "degraded"]},
+    "version": {"type": "string"},
+    "server_id": {"type": "string"},
+    "systemd": {"type": "boolean"},
+    "caddy": {"type": "boolean"},
+    "docker": {"type": "boolean"},
+    "jobs": {"type": "integer", "description": "Jobs waiting to run."},
+    "callbacks_pending": {
+        "type": "integer", "description": "Callbacks not yet delivered."},
+}, description="Reachability of systemd, Caddy and dockerd.")
+
+# Named component schemas: request bodies, their parts and the response
+# shapes. Every "$ref" points into this dict.
+SCHEMAS: dict[str, dict] = {
+    "DeploymentStrategy": {
+        "type": "string", "enum": ["immediate", "bluegreen", "canary"],
+        "description": (
+            "immediate replaces instances in place (a rolling update in the"
+            " instances model); bluegreen switches traffic between two slots;"
+            " canary shifts traffic in steps."
+        ),
+    },
+    "InstancePort": _object({"port": _PORT}, description="Port of one slot."),
+    "BinaryAppInstance": _object(
+        {"port": _PORT}, description="Port of one instance."),
+    "DockerRegistryCredentials": _object(
+        {
+            "username": {"type": "string", "minLength": 1},
+            "password": {
+                "type": "string", "minLength": 1,
+                "maxLength": MAX_PASSWORD_LENGTH,
+            },
+        },
+        {"serveraddress": _optional(
+            {"type": "string", "minLength": 1, "format": "registry-host"},
+            description="Registry as host[:port], without scheme.",
+        )},
+        description="Registry login, sent to dockerd and never logged.",
+    ),
+    "CanarySettings": _object(
+        {
+            "steps": {
+                "type": "array", "minItems": 1, "maxItems": MAX_CANARY_STEPS,
+                "format": "canary-steps",
+                "items": {
+                    "type": "integer", "format": "int32", "minimum": 1,
+                    "maximum": 100,
+                },
+                "description": (
+                    "Percentages of traffic for the new version, strictly"
+                    " increasing and ending at 100."
+                ),
+            },
+            "pause_s": {
+                "type": "number", "minimum": 0, "maximum": MAX_CANARY_PAUSE_S,
+                "description": "Seconds to wait after each step.",
+            },
+        },
+        description="Canary traffic steps.",
+        **{"x-crate-extension": True},
+    ),
+    "BinarySlotsDeployRequest": _deploy_request(
+        dict(_COMMON_DEPLOY, asset_url=_ASSET_URL, env_vars=_ENV_VARS,
+             slots=_SLOTS, target_version=_TARGET_VERSION),
+        _BINARY_OPTIONAL, _SLOT_DEPLOY_RULES,
+        "Binary deploy in the slots model.",
+    ),
+    "DockerSlotsDeployRequest": _deploy_request(
+        dict(_COMMON_DEPLOY, env_vars=_ENV_VARS, image=_IMAGE,
+             image_tag=_IMAGE_TAG, slots=_SLOTS,
+             target_version=_TARGET_VERSION),
+        _DOCKER_OPTIONAL, _SLOT_DEPLOY_RULES,
+        "Docker deploy in the slots model.",
+    ),
+    "BinaryInstancesDeployRequest": _deploy_request(
+        dict(_COMMON_DEPLOY, asset_url=_ASSET_URL, env_vars=_ENV_VARS,
+             instances=_INSTANCES),
+        dict(_BINARY_OPTIONAL, target_version=_OPTIONAL_TARGET_VERSION),
+        _DEPLOY_RULES, "Binary deploy in the instances model.",
+    ),
+    "DockerInstancesDeployRequest": _deploy_request(
+        dict(_COMMON_DEPLOY, image=_IMAGE, image_tag=_IMAGE_TAG,
+             instances=_INSTANCES),
+        dict(_DOCKER_OPTIONAL, env_vars=_optional(_ENV_VARS, default={}),
+             target_version=_OPTIONAL_TARGET_VERSION),
+        _DEPLOY_RULES, "Docker deploy in the instances model.",
+    ),
+    "DeleteRequest": _object(
+        {
+            "app_id": _APP_ID,
+            "callback_url": _CALLBACK_URL,
+            "domain": _DOMAIN,
+            "environment_id": _ENVIRONMENT_ID,
+            "instance_ids": {
+                "type": "array", "minItems": 1, "maxItems": MAX_DELETE_IDS,
+                "uniqueItems": True, "items": _INSTANCE_ID,
+                "description": "Instance ids or slot names to remove.",
+            },
+            "team_id": _TEAM_ID,
+        },
+        {"deployment_id": _optional(_DEPLOYMENT_ID)},
+        description="Instances to delete. " + _NULL_NOTE,
+    ),
+    "DomainUpdateRequest": _object({
+        "app_id": _APP_ID,
+        "environment_id": _ENVIRONMENT_ID,
+        "new_domain": _DOMAIN,
+        "old_domain": _DOMAIN,
+        "server_id": _SERVER_ID,
+        "team_id": _TEAM_ID,
+    }, description="Moves an app's route from old_domain to new_domain."),
+    "InstanceActionRequest": _INSTANCE_ACTION,
+    "DeploymentStatus": _DEPLOYMENT_STATUS,
+    "DeploymentStep": _DEPLOYMENT_STEP,
+    "InstanceState": _INSTANCE_STATE,
+    "TrafficAllocation": _TRAFFIC_ALLOCATION,
+    "Accepted": _ACCEPTED,
+    "FieldError": _FIELD_ERROR,
+    "Error": _ERROR,
+    "CallbackBody": _CALLBACK_BODY,
+    "DomainUpdated": _DOMAIN_UPDATED,
+    "Health": _HEALTH,
+}
+
+# --- Endpoints ---
+
+_COMMON_ERRORS = {
+    "401": ("Missing or invalid bearer token.", "Error"),
+    "413": ("Request body too large.", "Error"),
+    "415": ("Content-Type is not application/json.", "Error"),
+    "500": ("Internal error.", "Error"),
+}
+_JOB_RESPONSES = {
+    "202": ("Queued. Events follow at callback_url and status_url.",
+            "Accepted"),
+    "400": ("Invalid body. errors lists every invalid field.", "Error"),
+    **_COMMON_ERRORS,
+    "409": ("The deployment_id was used for a different request, or the"
+            " domain belongs to another app.", "Error"),
+}
+_ACTION_RESPONSES = dict(_JOB_RESPONSES, **{
+    "404": ("No such app or instance on this host.", "Error"),
+    "409": ("The request conflicts with the app's current state, or its"
+            " deployment_id was used for a different request.", "Error"),
+})
+_STATUS_RESPONSES = {
+    "200": ("Deployment status.", "DeploymentStatus"),
+    "400": ("Invalid deployment_id.", "Error"),
+    "401": _COMMON_ERRORS["401"],
+    "404": ("No deployment with this id.", "Error"),
+}
+_DOMAIN_RESPONSES = {
+    "200": ("Route moved, or already in place.", "DomainUpdated"),
+    "400": ("Invalid body. errors lists every invalid field.", "Error"),
+    **_COMMON_ERRORS,
+    "404": ("No route for old_domain.", "Error"),
+    "409": ("new_domain already routes to another app.", "Error"),
+    "503": ("The Caddy admin API is unavailable, so nothing changed.",
+            "Error"),
+}
+
+
+def _path_param(schema: dict, description: str) -> list[dict]:
+    return [{
+        "name": "deployment_id", "in": "path", "required": True,
+        "schema": schema, "description": description,
+    }]
+
+
+def _endpoint(method: str, path: str, body_name: str | None, summary: str,
+              responses: dict, params: list | None = None,
+              description: str = "") -> dict:
+    return {
+        "method": method, "path": path, "body_name": body_name,
+        "body": SCHEMAS[body_name] if body_name else None,
+        "params": params or [], "summary": summary,
+        "description": description, "responses": responses,
+    }
+
+
+_INSTANCE_ACTION_NOTE = "The instance is named by instance_id."
+_DEPLOY_NOTE = (
+    "Creates the app when this host has none, otherwise updates it. The"
+    " operator decides from local state (app directory, units, containers)."
+)
+
+# Endpoint name -> method, path, body (request schema or None), body_name (its
+# name in SCHEMAS), params (OpenAPI path parameters), summary, description and
+# responses (status code -> (description, schema name or inline schema)).
+ENDPOINTS: dict[str, dict] = {
+    "deploy_binary_slots": _endpoint(
+        "POST", "/v1/app/instance/binary/deploy", "BinarySlotsDeployRequest",
+        "Deploy or create a binary app (slots model)", _JOB_RESPONSES,
+        description=_DEPLOY_NOTE),
+    "deploy_docker_slots": _endpoint(
+        "POST", "/v1/app/instance/docker/deploy", "DockerSlotsDeployRequest",
+        "Deploy or create a docker app (slots model)", _JOB_RESPONSES,
+        description=_DEPLOY_NOTE),
+    "deploy_binary_instances": _endpoint(
+        "POST", "/v1/app/binary/deploy", "BinaryInstancesDeployRequest",
+        "Deploy or create a binary app (instances model)", _JOB_RESPONSES,
+        description=_DEPLOY_NOTE),
+    "deploy_docker_instances": _endpoint(
+        "POST", "/v1/app/docker/deploy", "DockerInstancesDeployRequest",
+        "Deploy or create a docker app (instances model)", _JOB_RESPONSES,
+        description=_DEPLOY_NOTE),
+    "delete": _endpoint(
+        "POST", "/v1/app/delete", "DeleteRequest",
+        "Delete app instances, their files and the Caddy route",
+        _ACTION_RESPONSES),
+    "domain_update": _endpoint(
+        "POST", "/v1/app/domain/update", "DomainUpdateRequest",
+        "Move an app's Caddy route to a new domain", _DOMAIN_RESPONSES),
+    "start": _endpoint(
+        "POST", "/v1/app/start", "InstanceActionRequest",
+        "Start an app instance", _ACTION_RESPONSES,
+        description=_INSTANCE_ACTION_NOTE),
+    "stop": _endpoint(
+        "POST", "/v1/app/stop", "InstanceActionRequest",
+        "Stop an app instance", _ACTION_RESPONSES,
+        description=_INSTANCE_ACTION_NOTE),
+    "restart": _endpoint(
+        "POST", "/v1/app/restart", "InstanceActionRequest",
+        "Restart an app instance", _ACTION_RESPONSES,
+        description=_INSTANCE_ACTION_NOTE),
+    "status_legacy": _endpoint(
+        "GET", "/v1/app/deploy/{deployment_id}/status", None,
+        "Get deployment status (string id)", _STATUS_RESPONSES,
+        _path_param(
+            {"type": "string", "pattern": LEGACY_DEPLOYMENT_ID_PATTERN},
+            "Deployment id: 1 to 128 characters of [A-Za-z0-9._-].")),
+    "status_instance": _endpoint(
+        "GET", "/v1/app/instance/deploy/{deployment_id}/status", None,
+        "Get deployment status (integer id)", _STATUS_RESPONSES,
+        _path_param({"type": "integer", "format": "int32"},
+                    "Deployment id as decimal digits, int32.")),
+    "openapi": _endpoint(
+        "GET", "/v1/openapi.json", None, "Get this OpenAPI document",
+        {"200": ("OpenAPI 3.1 document.", {"type": "object"}),
+         "401": _COMMON_ERRORS["401"]}),
+    "healthz": _endpoint(
+        "GET", "/healthz", None, "Report the reachability of dependencies",
+        {"200": ("systemd and Caddy are reachable.", "Health"),
+         "503": ("systemd or Caddy is unreachable.", "Health")},
+        description="Needs no token."),
+}
+
+
+# --- Formats: rules that a regex cannot express ---
+
+
+def _int32_error(number: int) -> str | None:
+    if INT32_MIN <= number <= INT32_MAX:
+        return None
+    return f"must fit in int32 ({INT32_MIN} to {INT32_MAX})"
+
+
+def _http_url_error(text: str) -> str | None:
+    if not text.isascii():
+        return "must be ASCII, so percent-encode other characters"
+    if any(char <= " " or char == "\x7f" for char in text):
+        return "must not contain whitespace or control characters"
+    if "\\" in text:
+        # The WHATWG URL standard (browsers, Node) reads \ as / in http URLs but
+        # urllib does not, so the host would depend on the parser.
+        return "must not contain a backslash"
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port
+    except ValueError:
+        return "is not a valid URL (check the host and port)"
+    if parts.scheme.lower() not in ("http", "https"):
+        return "must use http or https"
+    if "@" in parts.netloc:
+        return "must not contain user credentials, because URLs are logged"
+    if not parts.hostname:
+        return "must have a host"
+    if port == 0:
+        return "port must be 1 to 65535"
+    return None
+
+
+def normalise_domain(text: str) -> str:
+    """Return the form in which domains are stored and compared.
+
+    Only ASCII letters are lowered (str.lower() would turn the Kelvin sign into
+    "k"), and one trailing dot is removed. The result is not validated.
+    """
+    lowered = text.translate(_ASCII_LOWER)
+    return lowered[:-1] if lowered.endswith(".") else lowered
+
+
+def domain_error(text: Any) -> str | None:
+    """Return why text is not a valid app domain, or None when it is valid.
+
+    The text is normalised first, so "SHOP.Example.Test." is valid. The rules
+    are RFC 1123 host names with at least two labels, which rejects URLs, ports,
+    spaces, non-ASCII look-alikes and IP addresses.
+    """
+    if not isinstance(text, str):
+        return "must be a string"
+    return _normal_domain_error(normalise_domain(text))
+
+
+def _normal_domain_error(name: str) -> str | None:
+    """Return why an already normalised domain is invalid, or None."""
+    if not name.isascii():
+        return "must be ASCII (write internationalised names in their xn-- form)"
+    if not name:
+        return "must not be empty"
+    if "/" in name:
+        return "must be a bare domain name without scheme or path"
+    if ":" in name:
+        return "must not contain a port"
+    if any(char.isspace() for char in name):
+        return "must not contain whitespace"
+    if len(name) > MAX_DOMAIN_LENGTH:
+        return f"must be at most {MAX_DOMAIN_LENGTH} characters"
+    return _domain_labels_error(name.split("."))
+
+
+def _domain_labels_error(labels: list[str]) -> str | None:
+    if len(labels) < 2:
+        return "must have at least two labels, for example app.example.com"
+    for label in labels:
+        if not label:
+            return ("must not contain an empty label (a leading dot or two"
+                    " dots in a row)")
+        if len(label) > MAX_LABEL_LENGTH:
+            return f"labels must be at most {MAX_LABEL_LENGTH} characters"
+        if not _DOMAIN_LABEL.fullmatch(label):
+            return ("labels must contain only a-z, 0-9 and -, and must not"
+                    " start or end with -")
+    if labels[-1].isdigit():
+        return "must be a domain name, not an IP address"
+    return None
+
+
+def _env_name_error(name: str) -> str | None:
+    if name == "PORT" or name.startswith("CRATE_"):
+        return ("is reserved because the operator sets it (PORT and names"
+                " starting with CRATE_)")
+    return None
+
+
+def _registry_host_error(text: str) -> str | None:
+    """Return why text is not host[:port] with a DNS name, IPv4 or localhost."""
+    if not text.isascii():
+        return "must be ASCII"
+    if "/" in text:
+        return "must be host[:port] without scheme or path"
+    host, colon, port = text.partition(":")
+    if colon and not _port_text_valid(port):
+        return "port must be a number from 1 to 65535"
+    if host == "localhost":
+        return None
+    labels = host.split(".")
+    if all(label.isdigit() for label in labels):
+        if len(labels) == 4 and all(int(label) <= 255 for label in labels):
+            return None
+        return "must be a DNS name, an IPv4 address or localhost"
+    for label in labels:
+        if len(label) > MAX_LABEL_LENGTH or not _HOST_LABEL.fullmatch(label):
+            return "must be a DNS name, an IPv4 address or localhost"
+    return None
+
+
+def _port_text_valid(text: str) -> bool:
+    return bool(_PORT_TEXT.fullmatch(text)) and 1 <= int(text) <= MAX_PORT
+
+
+def _image_name_error(text: str) -> str | None:
+    if "@" in text:
+        return ("ambiguous: put the tag in image_tag (a digest goes there as"
+                " sha256:<hex>)")
+    if ":" in text.rsplit("/", 1)[-1]:
+        return "ambiguous: put the tag in image_tag"
+    components = text.split("/")
+    first = components[0]
+    # Docker's rule (splitDockerDomain in distribution/reference): the first
+    # component is a registry host only when more components follow and it
+    # contains "." or ":" or is "localhost".
+    if len(components) > 1 and ("." in first or ":" in first
+                                or first == "localhost"):
+        reason = _registry_host_error(first)
+        if reason:
+            return "registry host " + reason
+        components = components[1:]
+    for component in components:
+        if not _IMAGE_COMPONENT.fullmatch(component):
+            return ("path components must be lowercase letters and digits,"
+                    " joined by ., _, __ or -, and separated by /")
+    return None
+
+
+def _volume_spec_error(text: str) -> str | None:
+    if "," in text or _CONTROL_CHARACTERS.search(text):
+        return "must not contain commas or control characters"
+    parts = text.split(":")
+    if len(parts) not in (2, 3):
+        return "must be SRC:DST, SRC:DST:ro or SRC:DST:rw"
+    if len(parts) == 3 and parts[2] not in ("ro", "rw"):
+        return "mode must be ro or rw"
+    return _volume_source_error(parts[0]) or _volume_target_error(parts[1])
+
+
+def _volume_source_error(source: str) -> str | None:
+    if "/" not in source:
+        if re.fullmatch(ID_PATTERN, source):
+            return None
+        return (f"source must be a volume name matching {ID_PATTERN}, or a"
+                " relative path that contains /")
+    if source.startswith("/"):
+        return "source must be relative to the app data directory"
+    normal = posixpath.normpath(source)
+    if normal in (".", "..") or normal.startswith("../"):
+        return "source must stay inside the app data directory"
+    return None
+
+
+def _volume_target_error(target: str) -> str | None:
+    if not target.startswith("/"):
+        return "target must be an absolute path"
+    if ".." in target.split("/"):
+        return "target must not contain .. components"
+    if _volume_target(target) == "/":
+        return "target must not be /"
+    return None
+
+
+def _volume_target(target: str) -> str:
+    return "/" + posixpath.normpath(target).lstrip("/")
+
+
+def _volume_list_error(specs: list[str]) -> str | None:
+    targets = [_volume_target(spec.split(":")[1]) for spec in specs]
+    for index, target in enumerate(targets):
+        if target in targets[:index]:
+            return f"item {index} mounts at {target} like an earlier item"
+    return None
+
+
+def _canary_steps_error(steps: list[int]) -> str | None:
+    for index in range(1, len(steps)):
+        if steps[index] <= steps[index - 1]:
+            return f"must be strictly increasing (item {index})"
+    if steps[-1] != 100:
+        return "must end at 100"
+    return None
+
+
+# Each function returns the reason a value is invalid, or None. It runs only
+# after the type, length and pattern checks passed.
+FORMAT_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "int32": _int32_error,
+    "http-url": _http_url_error,
+    "domain-name": _normal_domain_error,
+    "env-name": _env_name_error,
+    "registry-host": _registry_host_error,
+    "image-name": _image_name_error,
+    "volume-spec": _volume_spec_error,
+    "volume-list": _volume_list_error,
+    "canary-steps": _canary_steps_error,
+}
+# Formats whose cleaned value is a normal form of the input.
+_NORMALISERS = {"domain-name": normalise_domain}
+
+
+# --- The validator ---
+
+
+class ValidationResult(NamedTuple):
+    """Outcome of validate_body().
+
+    value is a cleaned deep copy of the body, or None when errors is not empty.
+    errors lists {"field": path, "reason": text} dicts sorted by field, and
+    ignored lists the JSON paths of unknown fields, sorted.
+    """
+
+    value: dict | None
+    errors: list
+    ignored: list
+
+    @property
+    def ok(self) -> bool:
+        """True when the body is valid."""
+        return not self.errors
+
+
+class _Findings:
+    """Errors and ignored paths collected during one validation."""
+
+    def __init__(self) -> None:
+        self.errors: list[dict] = []
+        self.ignored: list[str] = []
+
+    def error(self, path: str, reason: str) -> None:
+        self.errors.append({"field": path, "reason": reason})
+
+
+_TYPE_WORDS = {
+    "object": "an object", "array": "an array", "string": "a string",
+    "integer": "an integer", "number": "a number", "boolean": "a boolean",
+    "null": "null",
+}
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _child_path(path: str, key: str | int) -> str:
+    """Return the path of key below path: .name, ["other key"] or [index]."""
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    if _IDENTIFIER.fullmatch(key):
+        return f"{path}.{key}"
+    return f"{path}[{json.dumps(key)}]"
+
+
+def _resolve(schema: dict) -> dict:
+    while "$ref" in schema:
+        schema = SCHEMAS[schema["$ref"][len(_REF_PREFIX):]]
+    return schema
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(pattern: str) -> re.Pattern:
+    return re.compile(pattern)
+
+
+def _schema_types(schema: dict) -> list[str]:
+    types = schema.get("type", [])
+    return [types] if isinstance(types, str) else list(types)
+
+
+def _type_error(schema: dict, value: Any) -> str | None:
+    types = _schema_types(schema)
+    if not types:
+        return None
+    actual = _json_type(value)
+    # NOTE: 1.0 is an integer in JSON Schema but not here, because ids and
+    # ports should arrive as JSON integers.
+    if actual in types or (actual == "integer" and "number" in types):
+        if actual == "number" and not math.isfinite(value):
+            return "must be a finite number"
+        return None
+    expected = " or ".join(_TYPE_WORDS[name] for name in types)
+    if actual == "number" and "integer" in types and value.is_integer():
+        return f"must be {expected} without a decimal point or exponent"
+    return f"must be {expected}, got {actual}"
+
+
+def _string_error(schema: dict, text: str) -> str | None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "must be valid Unicode (it contains an unpaired surrogate)"
+    min_length = schema.get("minLength", 0)
+    if len(text) < min_length:
+        if min_length == 1:
+            return "must not be empty"
+        return f"must be at least {min_length} characters"
+    max_length = schema.get("maxLength")
+    if max_length is not None and len(text) > max_length:
+        return f"must be at most {max_length} characters"
+    pattern = schema.get("pattern")
+    if pattern and not _compiled(pattern).fullmatch(text):
+        return _PATTERN_REASONS.get(pattern, f"must match {pattern}")
+    return None
+
+
+def _number_error(schema: dict, number: float) -> str | None:
+    if "minimum" in schema and number < schema["minimum"]:
+        return f"must be at least {schema['minimum']}"
+    if "maximum" in schema and number > schema["maximum"]:
+        return f"must be at most {schema['maximum']}"
+    return None
+
+
+def _check_scalar(schema: dict, value: Any) -> tuple[Any, str | None]:
+    """Check a string, number or boolean and return (cleaned value, reason)."""
+    reason = None
+    if isinstance(value, str):
+        reason = _string_error(schema, value)
+    elif not isinstance(value, bool):
+        reason = _number_error(schema, value)
+    if reason:
+        return value, reason
+
+    name = schema.get("format")
+    if name in _NORMALISERS:
+        value = _NORMALISERS[name](value)
+    if name in FORMAT_CHECKS:
+        reason = FORMAT_CHECKS[name](value)
+    if not reason and "enum" in schema and value not in schema["enum"]:
+        choices = ", ".join(str(choice) for choice in schema["enum"])
+        reason = f"must be one of: {choices}"
+    return value, reason
+
+
+def _validate(schema: dict, value: Any, path: str, findings: _Findings) -> Any:
+    """Check value against schema and return the cleaned copy, None if invalid."""
+    schema = _resolve(schema)
+    if "anyOf" in schema:
+        return _validate_any_of(schema["anyOf"], value, path, findings)
+    reason = _type_error(schema, value)
+    if reason:
+        findings.error(path, reason)
+        return None
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        if "properties" in schema:
+            return _validate_fields(schema, value, path, findings)
+        return _validate_map(schema, value, path, findings)
+    if isinstance(value, list):
+        return _validate_array(schema, value, path, findings)
+    value, reason = _check_scalar(schema, value)
+    if reason:
+        findings.error(path, reason)
+        return None
+    return value
+
+
+def _validate_any_of(branches: list, value: Any, path: str,
+                     findings: _Findings) -> Any:
+    for branch in branches:
+        trial = _Findings()
+        cleaned = _validate(branch, value, path, trial)
+        if not trial.errors:
+            findings.ignored.extend(trial.ignored)
+            return cleaned
+    # Report the errors of the branch whose type fits, so that the reasons
+    # name the actual problem instead of listing every alternative.
+    for branch in branches:
+        if _type_error(_resolve(branch), value) is None:
+            return _validate(branch, value, path, findings)
+    types = [word for branch in branches for word in _schema_types(
+        _resolve(branch))]
+    expected = " or ".join(_TYPE_WORDS[name] for name in types)
+    findings.error(path, f"must be {expected}, got {_json_type(value)}")
+    return None
+
+
+def _validate_fields(schema: dict, value: dict, path: str,
+                     findings: _Findings) -> dict:
+    """Check a fixed-field object. Unknown fields are listed, not copied."""
+    required = schema.get("required", [])
+    cleaned = {}
+    for name, field_schema in schema["properties"].items():
+        field_path = _child_path(path, name)
+        if name in value:
+            cleaned[name] = _validate(field_schema, value[name], field_path,
+                                      findings)
+        elif name in required:
+            findings.error(field_path, "is required")
+            cleaned[name] = None
+        if cleaned.get(name) is None and name not in required:
+            cleaned[name] = copy.deepcopy(field_schema.get("default"))
+
+    for name in value:
+        if name not in schema["properties"]:
+            findings.ignored.append(_child_path(path, name))
+    for rule in schema.get("x-crate-rules", {}):
+        _RULES[rule](cleaned, path, findings)
+    return cleaned
+
+
+def _count_error(count: int, schema: dict, nouns: tuple[str, str]) -> str | None:
+    """Return why count is outside minItems..maxItems or the Properties pair.
+
+    nouns is the singular and plural word for one element, such as
+    ("item", "items").
+    """
+    low = schema.get("minItems", schema.get("minProperties"))
+    high = schema.get("maxItems", schema.get("maxProperties"))
+    if low is not None and count < low:
+        return f"must have at least {low} {nouns[low != 1]}"
+    if high is not None and count > high:
+        return f"must have at most {high} {nouns[high != 1]}"
+    return None
+
+
+def _validate_map(schema: dict, value: dict, path: str,
+                  findings: _Findings) -> dict:
+    """Check a map: the count, every key, then every value."""
+    reason = _count_error(len(value), schema, ("entry", "entries"))
+    if reason:
+        findings.error(path, reason)
+    key_schema = schema.get("propertyNames")
+    item_schema = schema.get("additionalProperties", {})
+    cleaned = {}
+    for key, item in value.items():
+        item_path = _child_path(path, key)
+        key_reason = _key_error(key_schema, key) if key_schema else None
+        if key_reason:
+            findings.error(item_path, key_reason)
+            cleaned[key] = None
+            continue
+        cleaned[key] = _validate(item_schema, item, item_path, findings)
+    return cleaned
+
+
+def _key_error(key_schema: dict, key: str) -> str | None:
+    _, reason = _check_scalar(key_schema, key)
+    if reason:
+        return f"{key_schema.get('title', 'key')} {reason}"
+    return None
+
+
+def _validate_array(schema: dict, value: list, path: str,
+                    findings: _Findings) -> list:
+    """Check an array: the count, every item, uniqueness, then its format."""
+    errors_before = len(findings.errors)
+    reason = _count_error(len(value), schema, ("item", "items"))
+    if reason:
+        findings.error(path, reason)
+    item_schema = schema.get("items", {})
+    cleaned = [
+        _validate(item_schema, item, _child_path(path, index), findings)
+        for index, item in enumerate(value)
+    ]
+    if schema.get("uniqueItems"):
+        _check_unique(value, path, findings)
+
+    name = schema.get("format")
+    if name in FORMAT_CHECKS and len(findings.errors) == errors_before:
+        reason = FORMAT_CHECKS[name](cleaned)
+        if reason:
+            findings.error(path, reason)
+    return cleaned
+
+
+def _check_unique(items: list, path: str, findings: _Findings) -> None:
+    first_index: dict[str, int] = {}
+    for index, item in enumerate(items):
+        key = json.dumps(item, sort_keys=True)
+        if key in first_index:
+            findings.error(_child_path(path, index),
+                           f"duplicates item {first_index[key]}")
+        else:
+            first_index[key] = index
+
+
+# --- Cross-field rules ---
+
+
+def _check_distinct_ports(body: dict, path: str, findings: _Findings) -> None:
+    used_by: dict[int, str] = {}
+    for field in ("slots", "instances"):
+        for key, entry in (body.get(field) or {}).items():
+            port = (entry or {}).get("port")
+            if port is None:
+                continue
+            port_path = _child_path(_child_path(_child_path(path, field), key),
+                                    "port")
+            if port in used_by:
+                findings.error(port_path,
+                               f"port {port} is already used by {used_by[port]}")
+            else:
+                used_by[port] = port_path
+
+
+def _check_strategy_slot_count(body: dict, path: str,
+                               findings: _Findings) -> None:
+    strategy = body.get("deployment_strategy")
+    slots = body.get("slots")
+    if strategy not in ("bluegreen", "canary") or not isinstance(slots, dict):
+        return
+    if len(slots) != 2:
+        findings.error(
+            _child_path(path, "deployment_strategy"),
+            f"{strategy} needs exactly 2 slots, because one slot serves while"
+            f" the other takes the new version (got {len(slots)})")
+
+
+def _check_env_total_size(body: dict, path: str, findings: _Findings) -> None:
+    env = body.get("env_vars") or {}
+    total = sum(
+        len(name.encode()) + 1 + len(value.encode())
+        for name, value in env.items() if value is not None
+    )
+    if total > MAX_ENV_TOTAL_BYTES:
+        findings.error(
+            _child_path(path, "env_vars"),
+            f"must contain at most {MAX_ENV_TOTAL_BYTES} bytes of NAME=value in"
+            f" total (got {total})")
+
+
+_RULES: dict[str, Callable[[dict, str, _Findings], None]] = {
+    "distinct-ports": _check_distinct_ports,
+    "strategy-slot-count": _check_strategy_slot_count,
+    "env-total-size": _check_env_total_size,
+}
+
+
+# --- Public entry points ---
+
+
+def _endpoint_entry(endpoint_name: str) -> dict:
+    try:
+        return ENDPOINTS[endpoint_name]
+    except KeyError:
+        raise ValueError(f"unknown endpoint {endpoint_name!r}") from None
+
+
+def validate_body(endpoint_name: str, body: Any) -> ValidationResult:
+    """Validate a parsed JSON request body for the named endpoint.
+
+    Every error is reported, not only the first. Unknown fields are not errors
+    and are listed in ignored. Raises ValueError for an endpoint name that is
+    not in ENDPOINTS or that takes no body.
+    """
+    endpoint = _endpoint_entry(endpoint_name)
+    if endpoint["body"] is None:
+        raise ValueError(f"endpoint {endpoint_name!r} takes no request body")
+    if not isinstance(body, dict):
+        reason = f"request body must be a JSON object, got {_json_type(body)}"
+        return ValidationResult(None, [{"field": "$", "reason": reason}], [])
+
+    findings = _Findings()
+    cleaned = _validate(endpoint["body"], body, "$", findings)
+    errors = sorted(findings.errors, key=lambda error: error["field"])
+    return ValidationResult(None if errors else cleaned, errors,
+                            sorted(findings.ignored))
+
+
+def validate_path_param(endpoint_name: str,
+                        raw_string: str) -> tuple[Any, list[dict]]:
+    """Validate the percent-decoded deployment_id segment of a status path.
+
+    Returns (value, errors): value is an int for status_instance and a str for
+    status_legacy, or None when errors (dicts with field "deployment_id") is
+    not empty. Raises ValueError for an endpoint without a path parameter.
+    """
+    params = _endpoint_entry(endpoint_name)["params"]
+    if not params:
+        raise ValueError(f"endpoint {endpoint_name!r} has no path parameter")
+    name, schema = params[0]["name"], params[0]["schema"]
+    value: Any = raw_string
+    if schema.get("type") == "integer":
+        if not _INTEGER_TEXT.fullmatch(raw_string):
+            reason = "must be a decimal integer such as 42 or -1"
+            return None, [{"field": name, "reason": reason}]
+        value = int(raw_string)
+
+    findings = _Findings()
+    cleaned = _validate(schema, value, name, findings)
+    return (None if findings.errors else cleaned), findings.errors
+
+
+# --- OpenAPI document ---
+
+
+def _media(schema: str | dict) -> dict:
+    if isinstance(schema, str):
+        schema = _ref(schema)
+    return {"application/json": {"schema": copy.deepcopy(schema)}}
+
+
+def _operation(name: str, endpoint: dict) -> dict:
+    operation: dict[str, Any] = {
+        "operationId": name,
+        "summary": endpoint["summary"],
+        "responses": {
+            code: {"description": description, "content": _media(schema)}
+            for code, (description, schema) in sorted(
+                endpoint["responses"].items())
+        },
+    }
+    if endpoint["description"]:
+        operation["description"] = endpoint["description"]
+    if endpoint["path"].startswith("/v1/"):
+        operation["security"] = [{"bearerAuth": []}]
+    if endpoint["params"]:
+        operation["parameters"] = copy.deepcopy(endpoint["params"])
+    if endpoint["body_name"]:
+        operation["requestBody"] = {
+            "required": True, "content": _media(endpoint["body_name"]),
+        }
+    return operation
+
+
+def _header(name: str, description: str, schema: dict) -> dict:
+    return {"name": name, "in": "header", "required": True,
+            "description": description, "schema": schema}
+
+
+def _callback_webhook() -> dict:
+    headers = [
+        _header("X-Crate-Event", "Event name, the same as the body's event.",
+                {"type": "string"}),
+        _header("X-Crate-Delivery",
+                "Delivery id. A retry repeats it and the same body bytes, so"
+                " receivers can drop duplicates.", {"type": "string"}),
+        _header("X-Crate-Signature",
+                "sha256=<hex HMAC-SHA256 of the raw body, keyed by the"
+                " callback secret>.",
+                {"type": "string", "pattern": SIGNATURE_PATTERN}),
+    ]
+    return {"post": {
+        "summary": "Deployment event POSTed to callback_url",
+        "parameters": headers,
+        "requestBody": {"required": True, "content": _media("CallbackBody")},
+        "responses": {"2XX": {
+            "description": "Delivered. Any other status counts as a failed"
+                           " delivery."}},
+    }}
+
+
+def openapi_document(version: str) -> dict:
+    """Build the OpenAPI 3.1.0 document of the API from ENDPOINTS and SCHEMAS.
+
+    version is the operator's version, shown as info.version. The result is a
+    new dict on every call, so callers may change it.
+    """
+    paths: dict[str, dict] = {}
+    for name, endpoint in ENDPOINTS.items():
+        item = paths.setdefault(endpoint["path"], {})
+        item[endpoint["method"].lower()] = _operation(name, endpoint)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "crate-operator",
+            "version": version,
+            "description": (
+                "Host agent that deploys binary and docker apps and routes"
+                " their domains through Caddy. Fields marked"
+                " x-crate-extension are additions to the platform API."
+            ),
+        },
+        "paths": paths,
+        "webhooks": {"deploymentEvent": _callback_webhook()},
+        "components": {
+            "schemas": copy.deepcopy(SCHEMAS),
+            "securitySchemes": {
+                "bearerAuth": {"type": "http", "scheme": "bearer"},
+            },
+        },
+    }
+
+
+# === Configuration ===
+
+class Config:
+    """Effective configuration: every key of CONFIG_SPEC as an attribute."""
+
+    def __init__(self, values: dict):
+        self._values = dict(values)
+        for key, value in values.items():
+            setattr(self, key, value)
+
+    def as_dict(self, mask_secrets: bool = True) -> dict:
+        """Return the values, with secrets replaced by a mask."""
+        out = dict(self._values)
+        if mask_secrets:
+            for key in SECRET_KEYS:
+                if out.get(key):
+                    out[key] = "***"
+        return out
+
+
+def _coerce(key: str, value, source: str):
+    """Convert one raw value to the type CONFIG_SPEC gives for key."""
+    kind = CONFIG_SPEC[key][1]
+    if value is None:
+        return None
+    if isinstance(value, str) and kind is not str:
+        try:
+            value = json.loads(value)
+        except ValueError:
+            if kind is list:
+                value = value.split()
+            else:
+                raise ConfigError(
+                    f"{source}: {key} must be {kind.__name__}, got {value!r}")
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is list and isinstance(value, list):
+        if not all(isinstance(item, str) for item in value):
+            raise ConfigError(f"{source}: {key} must be a list of strings")
+        return value
+    if not isinstance(value, kind) or (kind is not bool and
+                                       isinstance(value, bool)):
+        raise ConfigError(
+            f"{source}: {key} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _read_secret_file(path: str, key: str) -> str:
+    """Read a secret from a file that only its owner may read."""
+    try:
+        info = os.stat(path)
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {key} file {path}: {exc.strerror}")
+    if info.st_mode & 0o077:
+        raise ConfigError(
+            f"{key} file {path} is readable by group or others "
+            f"(mode {stat.S_IMODE(info.st_mode):04o}); run chmod 600 {path}")
+    if not text:
+        raise ConfigError(f"{key} file {path} is empty")
+    return text
+
+
+def load_config(path: str | None, environ: dict, overrides: dict) -> Config:
+    """Build the configuration: defaults, file, environment, then flags.
+
+    Unknown keys in any source are an error naming the key and its source.
+    """
+    values = {key: copy.deepcopy(spec[0]) for key, spec in CONFIG_SPEC.items()}
+    file_path = path or DEFAULT_CONFIG_PATH
+    if path is not None or os.path.exists(file_path):
+        values.update(_read_config_file(file_path))
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = name[len(ENV_PREFIX):].lower()
+        if key not in CONFIG_SPEC:
+            raise ConfigError(f"environment variable {name}: unknown key {key!r}")
+        values[key] = _coerce(key, raw, f"environment variable {name}")
+    for key, raw in overrides.items():
+        if key not in CONFIG_SPEC:
+            raise ConfigError(f"--set: unknown key {key!r}")
+        values[key] = _coerce(key, raw, f"--set {key}")
+    _resolve_secrets(values)
+    _check_config(values)
+    return Config(values)
+
+
+def _read_config_file(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}")
+    except ValueError as exc:
+        raise ConfigError(f"config file {path} is not valid JSON: {exc}")
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object")
+    out = {}
+    for key, raw in data.items():
+        if key not in CONFIG_SPEC:
+            raise ConfigError(f"config file {path}: unknown key {key!r}")
+        out[key] = _coerce(key, raw, f"config file {path}")
+    return out
+
+
+def _resolve_secrets(values: dict) -> None:
+    for key in ("token", "callback_secret"):
+        file_key = key + "_file"
+        if values.get(file_key) and not values.get(key):
+            values[key] = _read_secret_file(values[file_key], key)
+
+
+def parse_listen(text: str) -> tuple:
+    """Split 'host:port' (IPv6 in brackets) into (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"listen {text!r} must be host:port, e.g. 127.0.0.1:8750")
+    return host.strip("[]"), int(port)
+
+
+def _check_config(values: dict) -> None:
+    problems = []
+    if not values.get("token"):
+        problems.append("token (or token_file) is required")
+    elif len(values["token"]) < 16:
+        problems.append("token must be at least 16 characters")
+    if not values.get("callback_secret"):
+        problems.append("callback_secret (or callback_secret_file) is required")
+    try:
+        parse_listen(values["listen"])
+    except ConfigError as exc:
+        problems.append(str(exc))
+    for key, spec in CONFIG_SPEC.items():
+        if spec[1] in (int, float) and values[key] is not None \
+                and values[key] <= 0:
+            problems.append(f"{key} must be greater than 0")
+    for key in ("state_dir", "apps_dir", "unit_dir"):
+        if not os.path.isabs(values[key]):
+            problems.append(f"{key} must be an absolute path")
+    if not values["systemctl"]:
+        problems.append("systemctl must name a command")
+    if values["log_format"] not in ("text", "json"):
+        problems.append("log_format must be 'text' or 'json'")
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", values["caddy_server"]):
+        problems.append("caddy_server must be 1-64 of [A-Za-z0-9_-]")
+    if values["app_user"] != "dynamic" and \
+            not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", values["app_user"]):
+        problems.append("app_user must be a user name or 'dynamic'")
+    if problems:
+        raise ConfigError("invalid configuration: " + "; ".join(problems))
+
+
+# === State store ===
+
+def fsync_dir(path: str) -> None:
+    """Make a rename or unlink inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data``: temporary file, fsync, rename, fsync.
+
+    Readers see the old or the new content, never a partial file.
+    """
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(directory)
+
+
+def atomic_write_json(path: str, value, mode: int = 0o600) -> None:
+    """Write ``value`` as JSON through atomic_write."""
+    data = json.dumps(value, indent=1, sort_keys=True).encode() + b"\n"
+    atomic_write(path, data, mode)
+
+
+def read_json(path: str):
+    """Return the JSON value stored at ``path``, or None when it is absent."""
+    try:
+        with open(path, "rb") as handle:
+            return json.loads(handle.read())
+    except FileNotFoundError:
+        return None
+
+
+def _safe_key(text: str) -> str:
+    """Map an id to a file name; ids are already restricted by validation."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", text) or text.startswith("."):
+        raise OperatorError(f"unsafe record id {text!r}")
+    return text
+
+
+class Store:
+    """JSON records under ``state_dir``, one file per record.
+
+    Callers use: lock_exclusive (once per process), app / save_app,
+    deployment / save_deployment / deployments, next_seq, request_digest,
+    and the outbox_* methods for the callback outbox.
+    """
+
+    def __init__(self, state_dir: str):
+        self.root = state_dir
+        self.apps_dir = os.path.join(state_dir, "apps")
+        self.deployments_dir = os.path.join(state_dir, "deployments")
+        self.outbox_dir = os.path.join(state_dir, "outbox")
+        self._seq_lock = threading.Lock()
+        self._lock_handle = None
+        for path in (state_dir, self.apps_dir, self.deployments_dir,
+                     self.outbox_dir):
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        self._digest_key = self._load_digest_key()
+
+    def lock_exclusive(self) -> None:
+        """Hold an exclusive lock so a second operator cannot share state."""
+        path = os.path.join(self.root, "lock")
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise ConfigError(
+                f"state_dir {self.root} is in use by another crate-operator "
+                f"process (lock {path} is held); stop it or use another "
+                f"state_dir")
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._lock_handle = handle
+
+    def _load_digest_key(self) -> bytes:
+        path = os.path.join(self.root, "digest.key")
+        if not os.path.exists(path):
+            atomic_write(path, secrets.token_hex(32).encode())
+        with open(path, "rb") as handle:
+            return handle.read().strip()
+
+    def request_digest(self, value) -> str:
+        """Return a keyed digest of a request, so no secret is stored."""
+        canonical = json.dumps(value, sort_keys=True, separators=(",", ":"))
+        return hmac.new(self._digest_key, canonical.encode(),
+                        hashlib.sha256).hexdigest()
+
+    # --- apps
+
+    def app(self, app_id: int) -> dict | None:
+        """Return the record of one app, or None."""
+        return read_json(os.path.join(self.apps_dir, f"{int(app_id)}.json"))
+
+    def save_app(self, record: dict) -> None:
+        """Store the record of one app."""
+        record["updated_at"] = utc_now()
+        path = os.path.join(self.apps_dir, f"{int(record['app_id'])}.json")
+        atomic_write_json(path, record)
+
+    def delete_app(self, app_id: int) -> None:
+        """Remove the record of one app."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.apps_dir, f"{int(app_id)}.json"))
+            fsync_dir(self.apps_dir)
+
+    def apps(self) -> list:
+        """Return every app record."""
+        out = []
+        for name in sorted(os.listdir(self.apps_dir)):
+            if name.endswith(".json") and not name.startswith("."):
+                record = read_json(os.path.join(self.apps_dir, name))
+                if record:
+                    out.append(record)
+        return out
+
+    # --- deployments
+
+    def deployment(self, deployment_id) -> dict | None:
+        """Return one deployment record, or None."""
+        name = _safe_key(str(deployment_id)) + ".json"
+        return read_json(os.path.join(self.deployments_dir, name))
+
+    def save_deployment(self, record: dict) -> None:
+        """Store one deployment record."""
+        name = _safe_key(str(record["deployment_id"])) + ".json"
+        atomic_write_json(os.path.join(self.deployments_dir, name), record)
+
+    def deployments(self) -> list:
+        """Return every deployment record."""
+        out = []
+        for name in sorted(os.listdir(self.deployments_dir)):
+            if name.endswith(".json") and not name.startswith("."):
+                record = read_json(os.path.join(self.deployments_dir, name))
+                if record:
+                    out.append(record)
+        return out
+
+    # --- callback outbox
+
+    def next_seq(self) -> int:
+        """Return the next value of the operator-wide event counter."""
+        path = os.path.join(self.root, "seq.json")
+        with self._seq_lock:
+            current = read_json(path) or {"seq": 0}
+            current["seq"] += 1
+            atomic_write_json(path, current)
+            return current["seq"]
+
+    def outbox_add(self, event: dict) -> None:
+        """Persist one callback event before anyone tries to deliver it."""
+        path = os.path.join(self.outbox_dir, f"{event['seq']:012d}.json")
+        atomic_write_json(path, event)
+
+    def outbox_update(self, event: dict) -> None:
+        """Store the delivery progress of one event."""
+        self.outbox_add(event)
+
+    def outbox_events(self) -> list:
+        """Return every outbox event in seq order."""
+        out = []
+        for name in sorted(os.listdir(self.outbox_dir)):
+            if name.endswith(".json") and not name.startswith("."):
+                event = read_json(os.path.join(self.outbox_dir, name))
+                if event:
+                    out.append(event)
+        return out
+
+    def outbox_prune(self, keep_delivered: int) -> None:
+        """Drop the oldest finished events past ``keep_delivered``."""
+        finished = [e for e in self.outbox_events()
+                    if e.get("delivered_at") or e.get("given_up_at")]
+        for event in finished[:max(0, len(finished) - keep_delivered)]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.outbox_dir,
+                                       f"{event['seq']:012d}.json"))
+
+
+# === Host adapter: HTTP over unix sockets ===
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over an AF_UNIX stream socket (dockerd, Caddy admin)."""
+
+    def __init__(self, path: str, timeout: float = 30.0):
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        """Connect to the socket file instead of a TCP address."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.unix_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+# === Host adapter: systemd ===
+
+# Paths written into unit files are restricted to these characters, so that
+# no quoting, specifier or variable rule of systemd can change their meaning.
+_UNIT_SAFE_PATH = re.compile(r"/[A-Za-z0-9/_.+-]*")
+
+
+def unit_name(app_id: int, instance_id: str) -> str:
+    """Return the unit name of one instance of one app."""
+    return f"{UNIT_PREFIX}{int(app_id)}-{instance_id}.service"
+
+
+def unit_safe_path(path: str) -> str:
+    """Return ``path`` when it can go into a unit file verbatim."""
+    if not _UNIT_SAFE_PATH.fullmatch(path) or "/../" in path + "/":
+        raise StepError(
+            f"path {path!r} contains characters that cannot go into a unit "
+            f"file; use a directory of [A-Za-z0-9/_.+-]")
+    return path
+
+
+def escape_env_file_value(value: str) -> str:
+    """Quote one value for an EnvironmentFile= file.
+
+    systemd's env-file parser (env-file.c) takes a double-quoted value
+    verbatim except that a backslash before one of ``" \\ ` $`` yields that
+    character; newlines and tabs may stay raw inside the quotes, and
+    specifiers (``%``) are never expanded in these files.
+    """
+    if "\x00" in value:
+        raise StepError("environment values cannot contain NUL")
+    escaped = re.sub(r'(["\\`$])', r"\\\1", value)
+    return f'"{escaped}"'
+
+
+def render_env_file(env: dict) -> str:
+    """Render the EnvironmentFile of one instance."""
+    lines = ["# Written by crate-operator; changes are overwritten.\n"]
+    for name in sorted(env):
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise StepError(f"invalid environment variable name {name!r}")
+        lines.append(f"{name}={escape_env_file_value(env[name])}\n")
+    return "".join(lines)
+
+
+def escape_unit_word(word: str) -> str:
+    """Quote one word of an ExecStart= line.
+
+    Inside double quotes systemd still decodes C escapes, expands ``%``
+    specifiers and ``$`` variables, so those become ``\\\\``, ``\\"``,
+    ``%%`` and ``$$``; control characters become ``\\xNN``.
+    """
+    out = []
+    for char in word:
+        if char in '\\"':
+            out.append("\\" + char)
+        elif char == "%":
+            out.append("%%")
+        elif char == "$":
+            out.append("$$")
+        elif ord(char) < 0x20 or ord(char) == 0x7F:
+            out.append(f"\\x{ord(char):02x}")
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
+
+
+# Hardening a typical binary web app survives: it may write only to its own
+# StateDirectory and private /tmp, and it cannot gain privileges.
+APP_UNIT_HARDENING = """\
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+PrivateDevices=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX
+SystemCallArchitectures=native
+UMask=0077
+"""
+
+
+def render_unit(spec: dict) -> str:
+    """Render the unit of one binary instance.
+
+    ``spec`` holds app_id, instance_id, version, deployment_id, exec_argv,
+    workdir, env_file, app_user, stop_timeout_s and restart_sec_s.
+    """
+    argv = " ".join(escape_unit_word(word) for word in spec["exec_argv"])
+    if spec["app_user"] == "dynamic":
+        user = "DynamicUser=yes"
+    else:
+        user = f"User={spec['app_user']}\nGroup={spec['app_user']}"
+    description = (f"crate-operator app {spec['app_id']} instance "
+                   f"{spec['instance_id']} version {spec['version']}")
+    return (
+        "# Written by crate-operator; changes are overwritten.\n"
+        "[Unit]\n"
+        f"Description={description.replace('%', '%%')}\n"
+        "After=network.target\n"
+        "StartLimitIntervalSec=60\n"
+        "StartLimitBurst=5\n"
+        "\n[Service]\n"
+        "Type=exec\n"
+        f"ExecStart={argv}\n"
+        f"WorkingDirectory={unit_safe_path(spec['workdir'])}\n"
+        f"EnvironmentFile={unit_safe_path(spec['env_file'])}\n"
+        f"{user}\n"
+        "Restart=on-failure\n"
+        f"RestartSec={spec['restart_sec_s']:g}s\n"
+        f"TimeoutStopSec={spec['stop_timeout_s']:g}s\n"
+        "KillMode=mixed\n"
+        f"{APP_UNIT_HARDENING}"
+        "\n[Install]\n"
+        "WantedBy=multi-user.target\n"
+    )
+
+
+class Systemd:
+    """systemctl through an argument list (never a shell), plus unit files.
+
+    Callers use write_unit / remove_unit, daemon_reload (coalesced across
+    threads), start, stop, enable, disable and show.
+    """
+
+    def __init__(self, command: list, unit_dir: str, timeout_s: float = 120.0):
+        self.command = list(command)
+        self.unit_dir = unit_dir
+        self.timeout_s = timeout_s
+        self._reload_cond = threading.Condition()
+        self._reload_requested = 0
+        self._reload_done = 0
+        self._reload_running = False
+        self.time_in_systemctl = 0.0
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """Run systemctl with ``args``; raise SystemdError on failure."""
+        started = time.monotonic()
+        try:
+            result = subprocess.run(
+                self.command + list(args), capture_output=True, text=True,
+                timeout=self.timeout_s, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise SystemdError(f"systemctl {' '.join(args)} failed: {exc}")
+        finally:
+            self.time_in_systemctl += time.monotonic() - started
+        if check and result.returncode != 0:
+            message = (result.stderr or result.stdout).strip()
+            raise SystemdError(
+                f"systemctl {' '.join(args)} exited {result.returncode}: "
+                f"{message[:500]}")
+        return result
+
+    def ping(self) -> bool:
+        """Return whether the service manager answers."""
+        try:
+            self.run("show", "--property=Version", "--value")
+        except SystemdError:
+            return False
+        return True
+
+    def unit_path(self, name: str) -> str:
+        """Return the file path of a unit this program owns."""
+        if not name.startswith(UNIT_PREFIX) or "/" in name:
+            raise OperatorError(f"refusing to touch unit {name!r}")
+        return os.path.join(self.unit_dir, name)
+
+    def write_unit(self, name: str, text: str) -> None:
+        """Write a unit file atomically; daemon_reload must follow."""
+        atomic_write(self.unit_path(name), text.encode(), 0o644)
+
+    def read_unit(self, name: str) -> str | None:
+        """Return the text of a unit file, or None."""
+        try:
+            with open(self.unit_path(name), encoding="utf-8") as handle:
+                return handle.read()
+        except FileNotFoundError:
+            return None
+
+    def remove_unit(self, name: str) -> bool:
+        """Delete a unit file; return whether it existed."""
+        try:
+            os.unlink(self.unit_path(name))
+        except FileNotFoundError:
+            return False
+        fsync_dir(self.unit_dir)
+        return True
+
+    def daemon_reload(self) -> None:
+        """Reload unit files, sharing one reload among concurrent callers.
+
+        A caller returns only after a reload that started after its own
+        request finished, so every unit written before the call is loaded.
+        """
+        with self._reload_cond:
+            self._reload_requested += 1
+            ticket = self._reload_requested
+            while self._reload_running:
+                self._reload_cond.wait()
+            if self._reload_done >= ticket:
+                return
+            self._reload_running = True
+            covers = self._reload_requested
+        ok = False
+        try:
+            self.run("daemon-reload")
+            ok = True
+        finally:
+            with self._reload_cond:
+                self._reload_running = False
+                if ok:
+                    self._reload_done = max(self._reload_done, covers)
+                self._reload_cond.notify_all()
+
+    def start(self, name: str) -> None:
+        """Clear a failed state (start limit included), then start."""
+        self.run("reset-failed", name, check=False)
+        self.run("start", name)
+
+    def stop(self, name: str) -> None:
+        """Stop a unit; stopping an absent or stopped unit succeeds."""
+        self.run("stop", name, check=False)
+
+    def enable(self, name: str) -> None:
+        """Start the unit at boot."""
+        self.run("enable", name)
+
+    def disable(self, name: str) -> None:
+        """Do not start the unit at boot; an absent unit is not an error."""
+        self.run("disable", name, check=False)
+
+    def show(self, name: str, *props: str) -> dict:
+        """Return the named properties of a unit as a dict."""
+        result = self.run("show", name, "--property=" + ",".join(props))
+        values = {}
+        for line in result.stdout.splitlines():
+            key, sep, value = line.partition("=")
+            if sep:
+                values[key] = value
+        return values
+
+
+# === Caddy admin API ===
+
+# Every route whose "@id" starts with this prefix belongs to crate-operator.
+# All other routes are foreign, and this section never modifies or deletes them.
+CADDY_ROUTE_PREFIX = "crate-"
+CADDY_APP_ROUTE_PREFIX = "crate-app-"
+CADDY_CATCH_ALL_ID = "crate-catch-all"
+
+# Response header naming the upstream that served a request, so a traffic split
+# can be measured from outside.
+CADDY_UPSTREAM_HEADER = "X-Crate-Upstream"
+
+# reverse_proxy retries a dial error (for example a port that just closed) on
+# another upstream for up to CADDY_TRY_DURATION, waiting CADDY_TRY_INTERVAL
+# between tries. Caddy 2.6.2 retries other errors only for GET requests.
+CADDY_TRY_DURATION = "5s"
+CADDY_TRY_INTERVAL = "100ms"
+
+# Caddy 2.6.2 restarts its admin server after every config change and resets
+# connections that the old server accepted but had not read yet. Such requests
+# were never applied in tests, so they are resent, up to this many attempts.
+CADDY_RESET_ATTEMPTS = 6
+CADDY_RESET_DELAY = 0.02  # seconds before the first resend, doubled per resend
+
+# Maximum read-check-write cycles of one change while other writers keep
+# changing the config between our read and our write (Caddy returns 412).
+CADDY_WRITE_ATTEMPTS = 8
+
+# Maximum characters of Caddy's error text quoted in an error message.
+CADDY_MAX_ERROR_TEXT = 500
+
+_APP_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+_SERVER_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_DOMAIN_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_DIAL_RE = re.compile(
+    r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})"
+)
+
+# Returned by a step of a guarded write when the config must be read again.
+_READ_AGAIN = object()
+
+
+class CaddyError(OperatorError):
+    """Raised when a Caddy admin API call fails.
+
+    status is 503 when the admin API is unreachable or busy, 502 when Caddy
+    returns an unexpected response, 404 when the route to change does not exist
+    and 409 when a domain is taken.
+    """
+
+    def __init__(self, message: str, status: int = 502) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class DomainTakenError(CaddyError):
+    """Raised when another Caddy route already matches the requested domain.
+
+    owner is the other route's "@id", or "foreign route #<index>" for a route
+    without one. server is the name of the Caddy server that contains it.
+    """
+
+    def __init__(
+        self, domain: str, owner: str, server: str, requested_by: str
+    ) -> None:
+        message = (
+            f"domain {domain} is already taken: {owner} in Caddy server "
+            f"{server!r} matches it, so route {requested_by} cannot use it"
+        )
+        super().__init__(message, 409)
+        self.domain = domain
+        self.owner = owner
+        self.server = server
+
+
+# --- Route documents (pure functions) ---
+
+
+def _caddy_domain(domain: str) -> str:
+    """Return ``domain`` normalised, or raise ValueError when it is invalid."""
+    problem = domain_error(domain)
+    if problem:
+        raise ValueError(f"invalid domain {domain!r}: {problem}")
+    return normalise_domain(domain)
+
+
+def caddy_route_id(app_id: int | str) -> str:
+    """Return the "@id" of the route of app app_id. Raises ValueError on a bad id.
+
+    app_id is an int >= 0 or a string of letters, digits, '_' and '-', which
+    keeps the id safe inside /id/<id> admin paths.
+    """
+    if isinstance(app_id, int) and not isinstance(app_id, bool) and app_id >= 0:
+        return f"{CADDY_APP_ROUTE_PREFIX}{app_id}"
+    if not isinstance(app_id, str) or not _APP_ID_RE.fullmatch(app_id):
+        raise ValueError(
+            f"invalid app id {app_id!r}: expected an int >= 0 or 1 to 128 "
+            "letters, digits, '_' or '-'"
+        )
+    return CADDY_APP_ROUTE_PREFIX + app_id
+
+
+def _validate_upstreams(upstreams: list) -> list[tuple[str, int]]:
+    """Return upstreams as (dial, weight) tuples. Raises ValueError when invalid."""
+    pairs = []
+    for item in upstreams:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ValueError(f"invalid upstream {item!r}: expected (dial, weight)")
+        dial, weight = item
+        match = _DIAL_RE.fullmatch(dial) if isinstance(dial, str) else None
+        if match is None or not 1 <= int(match.group("port")) <= 65535:
+            raise ValueError(f"invalid upstream dial {dial!r}: expected HOST:PORT")
+        if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
+            raise ValueError(
+                f"invalid weight {weight!r} for {dial}: expected an int >= 0"
+            )
+        pairs.append((dial, weight))
+    dials = [dial for dial, _ in pairs]
+    if len(set(dials)) != len(dials):
+        raise ValueError(f"invalid upstreams {dials}: each dial may appear only once")
+    total = sum(weight for _, weight in pairs)
+    if total != 100:
+        raise ValueError(
+            f"invalid upstream weights {pairs}: they sum to {total}, not 100"
+        )
+    return pairs
+
+
+def _interleave(counts: list[tuple[str, int]]) -> list[str]:
+    """Spread counts[i][1] copies of each dial evenly over one round-robin cycle.
+
+    Copy k of a dial with n copies sits at position k/n of the cycle, so a
+    small share (a canary) does not get its requests in one burst. Ties go to
+    the earlier dial, so the dials first appear in input order, which lets
+    upstreams_from_route return them in that order.
+    """
+    slots = []
+    for index, (dial, count) in enumerate(counts):
+        for position in range(count):
+            slots.append((fractions.Fraction(position, count), index, dial))
+    return [dial for _, _, dial in sorted(slots)]
+
+
+def weights_to_entries(upstreams: list) -> list[str]:
+    """Expand (dial, weight) pairs into the dial list for round_robin selection.
+
+    Caddy 2.6.2 has no weighted_round_robin selection policy, so each dial is
+    repeated weight / gcd(weights) times. Weights must be ints that sum to 100.
+    A dial with weight 0 gets no entry, so no weight is ever sent to Caddy.
+    Raises ValueError on invalid upstreams.
+    """
+    active = [
+        (dial, weight) for dial, weight in _validate_upstreams(upstreams) if weight
+    ]
+    divisor = 0
+    for _, weight in active:
+        divisor = math.gcd(divisor, weight)
+    return _interleave([(dial, weight // divisor) for dial, weight in active])
+
+
+def build_app_route(app_id: int | str, domain: str, upstreams: list) -> dict:
+    """Build the Caddy route that sends domain to the weighted upstreams of app_id.
+
+    The domain is normalised (lower case, no trailing dot). Raises ValueError on
+    an invalid app id, domain or upstream list.
+    """
+    proxy = {
+        "handler": "reverse_proxy",
+        "upstreams": [{"dial": dial} for dial in weights_to_entries(upstreams)],
+        "load_balancing": {
+            "selection_policy": {"policy": "round_robin"},
+            "try_duration": CADDY_TRY_DURATION,
+            "try_interval": CADDY_TRY_INTERVAL,
+        },
+        "headers": {
+            "response": {
+                "set": {
+                    CADDY_UPSTREAM_HEADER: ["{http.reverse_proxy.upstream.hostport}"]
+                }
+            }
+        },
+    }
+    return {
+        "@id": caddy_route_id(app_id),
+        "match": [{"host": [_caddy_domain(domain)]}],
+        "handle": [proxy],
+        "terminal": True,
+    }
+
+
+def catch_all_route() -> dict:
+    """Build the last route of the server, which returns 404 for unknown hosts.
+
+    Without it Caddy 2.6.2 returns 200 with an empty body when no route matches.
+    """
+    return {
+        "@id": CADDY_CATCH_ALL_ID,
+        "handle": [
+            {
+                "handler": "static_response",
+                "status_code": 404,
+                "headers": {"Content-Type": ["application/json"]},
+                "body": json.dumps({"error": "no route for this host"}),
+            }
+        ],
+        "terminal": True,
+    }
+
+
+def upstreams_from_route(route: dict) -> list[tuple[str, int]]:
+    """Return the (dial, weight) pairs that route sends traffic to.
+
+    This inverts build_app_route, so the result lists no zero weights. Weights
+    are percentages of the reverse_proxy entries. For a route built elsewhere
+    whose entry counts do not divide 100, they are rounded by largest remainder.
+    """
+    counts: dict[str, int] = {}
+    for handler in route.get("handle") or []:
+        if isinstance(handler, dict) and handler.get("handler") == "reverse_proxy":
+            for upstream in handler.get("upstreams") or []:
+                if isinstance(upstream, dict):
+                    dial = str(upstream.get("dial", ""))
+                    counts[dial] = counts.get(dial, 0) + 1
+            break
+    total = sum(counts.values())
+    if not total:
+        return []
+    weights = {dial: count * 100 // total for dial, count in counts.items()}
+    missing = 100 - sum(weights.values())
+    by_remainder = sorted(counts, key=lambda dial: -(counts[dial] * 100 % total))
+    for dial in by_remainder[:missing]:
+        weights[dial] += 1
+    return [(dial, weights[dial]) for dial in counts]
+
+
+def caddy_config_etag(path: str, body: bytes) -> str:
+    """Compute the ETag that Caddy 2.6.2 sends for GET path with this body.
+
+    Caddy 2.6.2 sends the ETag as an HTTP trailer, which http.client
+    discards, so it is rebuilt here: 32-bit FNV-1a over the exact response
+    bytes, in the quoted "<path> <8 hex digits>" form that If-Match expects.
+    """
+    value = 0x811C9DC5
+    for byte in body:
+        value = ((value ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return f'"{path} {value:08x}"'
+
+
+# --- Reading a config document ---
+
+
+def _route_id(route: object) -> str | None:
+    """Return the "@id" of route as a string, or None when it has none."""
+    if isinstance(route, dict) and route.get("@id") is not None:
+        return str(route["@id"])
+    return None
+
+
+def _find_servers(config: object) -> dict:
+    """Return the apps.http.servers map of config, or {} when it is missing."""
+    node = config
+    for key in ("apps", "http", "servers"):
+        node = node.get(key) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else {}
+
+
+def _route_hosts(route: object) -> set[str]:
+    """Return the normalised hosts that route matches, subroutes included."""
+    hosts: set[str] = set()
+    if not isinstance(route, dict):
+        return hosts
+    for matcher_set in route.get("match") or []:
+        if isinstance(matcher_set, dict):
+            for host in matcher_set.get("host") or []:
+                host = str(host)
+                # Only ASCII is lowered, for the same reason as in _caddy_domain.
+                hosts.add((host.lower() if host.isascii() else host).rstrip("."))
+    for handler in route.get("handle") or []:
+        if isinstance(handler, dict) and handler.get("handler") == "subroute":
+            for inner in handler.get("routes") or []:
+                hosts |= _route_hosts(inner)
+    return hosts
+
+
+def _find_domain_owner(
+    config: object, domain: str, skip: tuple[str, str] | None = None
+) -> tuple[str, str] | None:
+    """Return (server, owner) of the first route in config that matches domain.
+
+    skip is a (server, "@id") pair to ignore, normally the route being written.
+    NOTE: hosts are compared exactly, so a foreign wildcard host such as
+    *.example.com does not count as owning shop.example.com.
+    """
+    servers = _find_servers(config)
+    for server_name in sorted(servers):
+        server = servers[server_name]
+        routes = server.get("routes") if isinstance(server, dict) else None
+        for index, route in enumerate(routes if isinstance(routes, list) else []):
+            route_id = _route_id(route)
+            if skip == (server_name, route_id):
+                continue
+            if domain in _route_hosts(route):
+                return server_name, route_id or f"foreign route #{index}"
+    return None
+
+
+def _parse_admin_address(admin: str) -> tuple[str | None, str, int]:
+    """Split admin into (unix socket path, TCP host, TCP port).
+
+    Accepts http://HOST:PORT, unix:/PATH, Caddy's own unix//PATH and /PATH.
+    """
+    if not isinstance(admin, str):
+        raise ValueError(f"invalid Caddy admin address {admin!r}")
+    address = admin
+    for prefix in ("unix:", "unix/"):
+        if address.startswith(prefix):
+            address = address[len(prefix) :]
+            break
+    if address.startswith("/"):
+        return address, "", 0
+    parts = urllib.parse.urlsplit(address)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme != "http" or not parts.hostname or port is None:
+        raise ValueError(
+            f"invalid Caddy admin address {admin!r}: expected http://HOST:PORT, "
+            "unix:/PATH or an absolute socket path"
+        )
+    return None, parts.hostname, port
+
+
+class _ConfigSnapshot:
+    """Config document read from GET /config/, with the If-Match value for it."""
+
+    def __init__(self, config: object, if_match: str) -> None:
+        self.config = config
+        self.if_match = if_match
+
+    def server(self, name: str) -> dict | None:
+        server = _find_servers(self.config).get(name)
+        return server if isinstance(server, dict) else None
+
+
+# --- Client ---
+
+
+class CaddyClient:
+    """Routes of one Caddy HTTP server, managed through the admin API.
+
+    admin is http://HOST:PORT, unix:/PATH or an absolute socket path. listen
+    and automatic_https are used when the server has to be created. timeout is
+    in seconds per admin request.
+
+    Reads: ping, routes, domain_owner, get_app_route, app_upstreams.
+    Writes: ensure_server, set_app_route, change_domain, delete_app_route.
+    Writes hold one lock per admin address, shared by all clients in the
+    process. Each write also sends If-Match with the hash of the config it read,
+    so a change by another process in between makes Caddy reject the write with
+    412, and the write reads again and retries.
+    """
+
+    _locks: dict[str, threading.RLock] = {}
+    _locks_guard = threading.Lock()
+
+    def __init__(
+        self,
+        admin: str,
+        server: str,
+        listen: str | list[str],
+        automatic_https: bool,
+        timeout: float = 10.0,
+    ) -> None:
+        if not isinstance(server, str) or not _SERVER_NAME_RE.fullmatch(server):
+            raise ValueError(
+                f"invalid Caddy server name {server!r}: expected 1 to 64 letters, "
+                "digits, '_' or '-'"
+            )
+        self.admin = admin
+        self.server = server
+        self.listen = [listen] if isinstance(listen, str) else list(listen)
+        self.automatic_https = automatic_https
+        self.timeout = timeout
+        self._socket_path, self._host, self._port = _parse_admin_address(admin)
+        self._server_path = "/config/apps/http/servers/" + server
+        self._lock = self._lock_for(self._admin_key())
+        self._drift_warned: set[str] = set()
+        self._ping_failing = False
+
+    def _admin_key(self) -> str:
+        if self._socket_path is not None:
+            return "unix:" + os.path.abspath(self._socket_path)
+        return f"http://{self._host.lower()}:{self._port}"
+
+    @classmethod
+    def _lock_for(cls, key: str) -> threading.RLock:
+        with cls._locks_guard:
+            return cls._locks.setdefault(key, threading.RLock())
+
+    # --- Transport ---
+
+    def _connect(self) -> http.client.HTTPConnection:
+        # A new connection per request, because Caddy closes kept-alive admin
+        # connections when it restarts its admin server after each change.
+        if self._socket_path is not None:
+            return UnixHTTPConnection(self._socket_path, self.timeout)
+        return http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
+
+    def _request_headers(self, body: bytes | None, if_match: str | None) -> dict:
+        headers = {}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        if if_match is not None:
+            headers["If-Match"] = if_match
+        if self._socket_path is not None:
+            # On a unix socket Caddy 2.6.2 rejects every Host but the empty one
+            # with 403 "host not allowed".
+            headers["Host"] = ""
+        return headers
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        action: str,
+        document: object = None,
+        if_match: str | None = None,
+    ) -> tuple[int, bytes]:
+        """Send one admin request and return (status, body).
+
+        Raises CaddyError 503 when the admin API cannot be reached and 502 when
+        the response is not valid HTTP. NOTE: after a timeout the outcome of a
+        write is unknown, so a caller should read the state back before relying
+        on it.
+        """
+        body = None if document is None else json.dumps(document).encode()
+        headers = self._request_headers(body, if_match)
+        delay = CADDY_RESET_DELAY
+        attempt = 1
+        while True:
+            connection = self._connect()
+            try:
+                connection.request(method, path, body=body, headers=headers)
+                response = connection.getresponse()
+                return response.status, response.read()
+            except (ConnectionResetError, BrokenPipeError) as exc:
+                if attempt >= CADDY_RESET_ATTEMPTS:
+                    raise self._unreachable_error(action, method, path, exc) from exc
+                LOG.debug(
+                    "Caddy reset %s %s on attempt %d of %d (%s), sending it again",
+                    method,
+                    path,
+                    attempt,
+                    CADDY_RESET_ATTEMPTS,
+                    exc,
+                )
+            except OSError as exc:
+                raise self._unreachable_error(action, method, path, exc) from exc
+            except http.client.HTTPException as exc:
+                raise CaddyError(
+                    f"{action} failed: {method} {path} on the Caddy admin API at "
+                    f"{self.admin} returned invalid HTTP: {exc!r}",
+                    502,
+                ) from exc
+            finally:
+                connection.close()
+            time.sleep(delay)
+            delay *= 2
+            attempt += 1
+
+    def _unreachable_error(
+        self, action: str, method: str, path: str, exc: OSError
+    ) -> CaddyError:
+        return CaddyError(
+            f"{action} failed: the Caddy admin API at {self.admin} is unreachable "
+            f"({method} {path}: {exc!r}). Check that Caddy is running",
+            503,
+        )
+
+    def _response_error(
+        self,
+        action: str,
+        method: str,
+        path: str,
+        status: int,
+        body: bytes,
+    ) -> CaddyError:
+        try:
+            detail = str(json.loads(body)["error"])
+        except (ValueError, KeyError, TypeError):
+            detail = body.decode("utf-8", "replace").strip()
+        if len(detail) > CADDY_MAX_ERROR_TEXT:
+            detail = detail[:CADDY_MAX_ERROR_TEXT] + "..."
+        return CaddyError(
+            f"{action} failed: Caddy returned {status} for {method} {path}: "
+            f"{detail!r}",
+            502,
+        )
+
+    def _get_json(self, path: str, action: str) -> tuple[object, bytes]:
+        status, body = self._request("GET", path, action)
+        if status != 200:
+            raise self._response_error(action, "GET", path, status, body)
+        try:
+            return json.loads(body), body
+        except ValueError as exc:
+            raise CaddyError(
+                f"{action} failed: GET {path} returned invalid JSON: {body[:200]!r}",
+                502,
+            ) from exc
+
+    def _snapshot(self, action: str) -> _ConfigSnapshot:
+        config, body = self._get_json("/config/", action)
+        return _ConfigSnapshot(config, caddy_config_etag("/config/", body))
+
+    def _guarded_write(
+        self,
+        method: str,
+        path: str,
+        document: object,
+        snapshot: _ConfigSnapshot,
+        action: str,
+    ) -> bool:
+        """Send a write that Caddy applies only if the config is still snapshot.
+
+        Returns False when the config changed since the snapshot (412).
+        """
+        status, body = self._request(method, path, action, document, snapshot.if_match)
+        if status == 412:
+            LOG.info(
+                "%s: the Caddy config changed since it was read, reading it again",
+                action,
+            )
+            return False
+        if status != 200:
+            raise self._response_error(action, method, path, status, body)
+        return True
+
+    def _run_guarded(self, action: str, step):
+        """Run step(snapshot) under the write lock until it returns a result.
+
+        step returns _READ_AGAIN when its write was rejected with 412 or when it
+        changed the config and needs a fresh read.
+        """
+        with self._lock:
+            for _ in range(CADDY_WRITE_ATTEMPTS):
+                outcome = step(self._snapshot(action))
+                if outcome is not _READ_AGAIN:
+                    return outcome
+        raise CaddyError(
+            f"{action} failed: the Caddy config kept changing during "
+            f"{CADDY_WRITE_ATTEMPTS} read-write attempts because another writer is "
+            "busy. Try again later",
+            503,
+        )
+
+    # --- Reads ---
+
+    def ping(self) -> bool:
+        """Return True when the admin API returns 200 for GET /config/.
+
+        Logs a warning when Caddy stops responding and an info line when it
+        responds again, not on every failed ping.
+        """
+        try:
+            status, body = self._request("GET", "/config/", "ping Caddy")
+            error = None
+            if status != 200:
+                error = self._response_error(
+                    "ping Caddy", "GET", "/config/", status, body
+                )
+        except CaddyError as exc:
+            error = exc
+        if error is not None and not self._ping_failing:
+            LOG.warning("%s", error)
+        elif error is None and self._ping_failing:
+            LOG.info("Caddy admin API at %s responds again", self.admin)
+        self._ping_failing = error is not None
+        return error is None
+
+    def routes(self) -> list[dict]:
+        """Return the routes of the server in match order, or [] when it is missing."""
+        action = f"list the routes of Caddy server {self.server!r}"
+        server = self._snapshot(action).server(self.server)
+        routes = server.get("routes") if server else None
+        return routes if isinstance(routes, list) else []
+
+    def domain_owner(self, domain: str) -> str | None:
+        """Return the owner of the first route in any server that matches domain.
+
+        The owner is the route's "@id", or "foreign route #<index>" when it has
+        none. Hosts are compared in lower case without a trailing dot.
+        """
+        name = _caddy_domain(domain)
+        snapshot = self._snapshot(f"look up the owner of domain {name}")
+        found = _find_domain_owner(snapshot.config, name)
+        return found[1] if found else None
+
+    def get_app_route(self, app_id: int | str) -> dict | None:
+        """Return the route of app_id in the server, or None when it has none.
+
+        The route is looked up in a read of the whole config and not with
+        GET /id/<id>. Caddy 2.6.2 maps the id to a path in one step and reads
+        that path in a second one, so during another client's change it
+        sometimes returned a neighbouring route.
+        """
+        route_id = caddy_route_id(app_id)
+        snapshot = self._snapshot(f"read Caddy route {route_id}")
+        indexes = self._route_indexes(snapshot, route_id)
+        if not indexes:
+            return None
+        # Writes by "@id" reach the last copy when another writer left duplicates.
+        return snapshot.server(self.server)["routes"][indexes[-1]]
+
+    def app_upstreams(self, app_id: int | str) -> list[tuple[str, int]]:
+        """Return the (dial, weight) pairs of app_id's route, or [] without a route.
+
+        Zero weights are never written, so compare against the desired pairs
+        with weight 0 removed.
+        """
+        route = self.get_app_route(app_id)
+        return upstreams_from_route(route) if route else []
+
+    # --- Server and catch-all ---
+
+    def _new_server(self) -> dict:
+        server = {"listen": list(self.listen), "routes": [catch_all_route()]}
+        if not self.automatic_https:
+            server["automatic_https"] = {"disable": True}
+        return server
+
+    def _warn_on_drift(self, server: dict) -> None:
+        """Log each difference between the live server and the settings, once."""
+        drift = []
+        if server.get("listen") != self.listen:
+            drift.append(f"listens on {server.get('listen')}, not {self.listen}")
+        automatic_https = server.get("automatic_https")
+        disabled = (
+            isinstance(automatic_https, dict)
+            and automatic_https.get("disable") is True
+        )
+        if not self.automatic_https and not disabled:
+            drift.append("has automatic HTTPS enabled")
+        for text in drift:
+            if text not in self._drift_warned:
+                self._drift_warned.add(text)
+                LOG.warning(
+                    "Caddy server %r %s, and it is left as it is", self.server, text
+                )
+
+    def _ensure_server_step(self, snapshot: _ConfigSnapshot):
+        """Make one change towards the server with its catch-all last.
+
+        Returns True when nothing was left to change and _READ_AGAIN otherwise.
+        """
+        action = f"set up Caddy server {self.server!r}"
+        server = snapshot.server(self.server)
+        if server is None:
+            document = self._new_server()
+            if not self._guarded_write(
+                "PUT", self._server_path, document, snapshot, action
+            ):
+                return _READ_AGAIN
+            LOG.info(
+                "Caddy server %r created, listening on %s", self.server, self.listen
+            )
+            return _READ_AGAIN
+
+        self._warn_on_drift(server)
+        routes = server.get("routes")
+        path = self._server_path + "/routes"
+        if routes is None:
+            method, document = "PUT", [catch_all_route()]
+        elif not isinstance(routes, list):
+            raise CaddyError(
+                f"{action} failed: its routes are not a list: {routes!r}", 502
+            )
+        else:
+            others = [
+                route for route in routes if _route_id(route) != CADDY_CATCH_ALL_ID
+            ]
+            expected_routes = others + [catch_all_route()]
+            if routes == expected_routes:
+                return True
+            if len(others) == len(routes):
+                method, document = "POST", catch_all_route()
+            else:
+                # One PATCH of the whole array moves the catch-all to the end
+                # atomically. Other routes are sent back unchanged.
+                method, document = "PATCH", expected_routes
+        if not self._guarded_write(method, path, document, snapshot, action):
+            return _READ_AGAIN
+        LOG.info("Caddy catch-all route placed last in server %r", self.server)
+        return _READ_AGAIN
+
+    def ensure_server(self) -> None:
+        """Create the server if missing and keep the catch-all as its last route.
+
+        Creates apps/http and the server with path-scoped PUTs (never POST /load),
+        disabling automatic HTTPS when the client was built with
+        automatic_https=False. An existing server's listen addresses and HTTPS
+        settings are left as they are, with a warning when they differ.
+        Idempotent: makes no write when everything is in place.
+        """
+        self._run_guarded(
+            f"set up Caddy server {self.server!r}", self._ensure_server_step
+        )
+
+    # --- App routes ---
+
+    def _route_indexes(self, snapshot: _ConfigSnapshot, route_id: str) -> list[int]:
+        """Return the positions of the routes with this "@id" in the server."""
+        server = snapshot.server(self.server) or {}
+        routes = server.get("routes")
+        routes = routes if isinstance(routes, list) else []
+        return [
+            index for index, route in enumerate(routes) if _route_id(route) == route_id
+        ]
+
+    def _check_domain_free(
+        self, snapshot: _ConfigSnapshot, domain: str, route_id: str
+    ) -> None:
+        found = _find_domain_owner(
+            snapshot.config, domain, skip=(self.server, route_id)
+        )
+        if found is not None:
+            server_name, owner = found
+            raise DomainTakenError(domain, owner, server_name, route_id)
+
+    def _set_route_step(self, snapshot: _ConfigSnapshot, route: dict, action: str):
+        # Repair the server first, so that the catch-all exists, is last and the
+        # new route can go right before it.
+        if self._ensure_server_step(snapshot) is not True:
+            return _READ_AGAIN
+        route_id = route["@id"]
+        self._check_domain_free(snapshot, route["match"][0]["host"][0], route_id)
+
+        indexes = self._route_indexes(snapshot, route_id)
+        routes = snapshot.server(self.server)["routes"]
+        if len(indexes) == 1 and routes[indexes[0]] == route:
+            return route
+        if len(indexes) == 1:
+            method, path, document = "PATCH", "/id/" + route_id, route
+        elif indexes:
+            # Duplicate ids come from another writer. One PATCH of the array
+            # keeps the first copy, replaced, and drops the others.
+            document = [
+                route if index == indexes[0] else other
+                for index, other in enumerate(routes)
+                if index == indexes[0] or index not in indexes
+            ]
+            method, path = "PATCH", self._server_path + "/routes"
+            LOG.warning(
+                "Caddy route %s appears %d times, keeping one", route_id, len(indexes)
+            )
+        else:
+            catch_all_index = len(routes) - 1
+            path = f"{self._server_path}/routes/{catch_all_index}"
+            method, document = "PUT", route
+        if not self._guarded_write(method, path, document, snapshot, action):
+            return _READ_AGAIN
+        LOG.info("Caddy route %s %s", route_id, "replaced" if indexes else "created")
+        return route
+
+    def set_app_route(self, app_id: int | str, domain: str, upstreams: list) -> dict:
+        """Route domain to the weighted upstreams of app_id and return the route.
+
+        upstreams is a list of (dial, weight) with int weights summing to 100.
+        An existing route is replaced in one PATCH /id/<id>, and a missing one
+        is inserted before the catch-all in one PUT. No write is made when the
+        live route already matches. First repairs the server as ensure_server
+        does when it is missing or its catch-all is not last. Raises
+        DomainTakenError when another route, ours or foreign, matches the
+        domain, and ValueError on invalid arguments.
+        """
+        route = build_app_route(app_id, domain, upstreams)
+        route_id = route["@id"]
+        action = (
+            f"set Caddy route {route_id} for domain {route['match'][0]['host'][0]}"
+        )
+        return self._run_guarded(
+            action, lambda snapshot: self._set_route_step(snapshot, route, action)
+        )
+
+    def _change_domain_step(
+        self, snapshot: _ConfigSnapshot, route_id: str, domain: str
+    ):
+        action = f"change the domain of Caddy route {route_id} to {domain}"
+        indexes = self._route_indexes(snapshot, route_id)
+        if not indexes:
+            raise CaddyError(
+                f"{action} failed: Caddy server {self.server!r} has no route "
+                f"{route_id}. Set the app's route first",
+                404,
+            )
+        self._check_domain_free(snapshot, domain, route_id)
+        route = dict(snapshot.server(self.server)["routes"][indexes[-1]])
+        match = [{"host": [domain]}]
+        if route.get("match") == match:
+            return route
+        path = f"/id/{route_id}/match"
+        if not self._guarded_write("PATCH", path, match, snapshot, action):
+            return _READ_AGAIN
+        LOG.info("Caddy route %s now matches domain %s", route_id, domain)
+        route["match"] = match
+        return route
+
+    def change_domain(self, app_id: int | str, new_domain: str) -> dict:
+        """Point app_id's route at new_domain in one write and return the route.
+
+        Raises CaddyError with status 404 when the route is missing (it is not
+        created), and DomainTakenError when another route matches new_domain.
+        Setting the domain the route already has makes no write.
+        """
+        route_id = caddy_route_id(app_id)
+        domain = _caddy_domain(new_domain)
+        action = f"change the domain of Caddy route {route_id} to {domain}"
+        return self._run_guarded(
+            action,
+            lambda snapshot: self._change_domain_step(snapshot, route_id, domain),
+        )
+
+    def delete_app_route(self, app_id: int | str) -> bool:
+        """Delete the route of app_id and return False when Caddy had none.
+
+        Deletes by "@id" with If-Match until the server has no route with that
+        id, so duplicates left by another writer go too.
+        """
+        route_id = caddy_route_id(app_id)
+        action = f"delete Caddy route {route_id}"
+        deleted = []
+
+        def delete_step(snapshot: _ConfigSnapshot):
+            if not self._route_indexes(snapshot, route_id):
+                return bool(deleted)
+            path = "/id/" + route_id
+            if self._guarded_write("DELETE", path, None, snapshot, action):
+                LOG.info("Caddy route %s deleted", route_id)
+                deleted.append(path)
+            return _READ_AGAIN
+
+        return self._run_guarded(action, delete_step)
+
+
+# === Host adapter: downloads ===
+
+def _open_url(url: str, timeout_s: float):
+    """Send a GET for ``url`` and return (connection, response)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        import ssl  # imported lazily: plain-HTTP hosts never need OpenSSL
+        conn = http.client.HTTPSConnection(
+            parts.hostname, parts.port, timeout=timeout_s,
+            context=ssl.create_default_context())
+    else:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port,
+                                          timeout=timeout_s)
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    conn.request("GET", path, headers={
+        "User-Agent": f"crate-operator/{__version__}", "Accept": "*/*"})
+    return conn, conn.getresponse()
+
+
+def download(url: str, dest: str, max_bytes: int, timeout_s: float,
+             log_fields: dict) -> str:
+    """Stream ``url`` into ``dest`` and return the hex SHA-256 of the bytes.
+
+    Follows a few redirects, stops at ``max_bytes`` and at ``timeout_s`` in
+    total, and retries a failed connection DOWNLOAD_ATTEMPTS times.
+    """
+    last_error = None
+    for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+        try:
+            return _download_once(url, dest, max_bytes, timeout_s, log_fields)
+        except (OSError, http.client.HTTPException) as exc:
+            last_error = exc
+            log("asset.download_retry", logging.WARNING, attempt=attempt,
+                error=str(exc), **log_fields)
+            time.sleep(min(2.0, 0.2 * attempt))
+    raise FetchError(f"download of {redact_url(url)} failed after "
+                     f"{DOWNLOAD_ATTEMPTS} attempts: {last_error}")
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` without its query string, which may carry a token."""
+    parts = urllib.parse.urlsplit(url)
+    query = "?..." if parts.query else ""
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path,
+                                    "", "")) + query
+
+
+def _download_once(url: str, dest: str, max_bytes: int, timeout_s: float,
+                   log_fields: dict) -> str:
+    deadline = time.monotonic() + timeout_s
+    for _ in range(DOWNLOAD_MAX_REDIRECTS + 1):
+        conn, resp = _open_url(url, min(timeout_s, 30.0))
+        try:
+            if resp.status in (301, 302, 303, 307, 308):
+                location = resp.getheader("Location") or ""
+                url = urllib.parse.urljoin(url, location)
+                if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+                    raise FetchError(f"asset redirect to a non-HTTP URL "
+                                     f"{redact_url(url)}")
+                continue
+            if resp.status != 200:
+                raise FetchError(f"asset {redact_url(url)} answered HTTP "
+                                 f"{resp.status}; check asset_url")
+            return _stream_to_file(resp, dest, max_bytes, deadline, url,
+                                   log_fields)
+        finally:
+            conn.close()
+    raise FetchError(f"asset {redact_url(url)}: more than "
+                     f"{DOWNLOAD_MAX_REDIRECTS} redirects")
+
+
+def _stream_to_file(resp, dest: str, max_bytes: int, deadline: float,
+                    url: str, log_fields: dict) -> str:
+    declared = resp.getheader("Content-Length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise FetchError(f"asset {redact_url(url)} is {declared} bytes, over "
+                         f"the limit of {max_bytes} (max_asset_bytes)")
+    digest = hashlib.sha256()
+    size = 0
+    next_report = 64 << 20
+    with open(dest, "wb") as handle:
+        while True:
+            if time.monotonic() > deadline:
+                raise FetchError(f"download of {redact_url(url)} timed out "
+                                 f"(download_timeout_s)")
+            chunk = resp.read(1 << 16)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > max_bytes:
+                raise FetchError(f"asset {redact_url(url)} exceeds the limit "
+                                 f"of {max_bytes} bytes (max_asset_bytes)")
+            digest.update(chunk)
+            handle.write(chunk)
+            if size >= next_report:
+                log("asset.download_progress", bytes=size, **log_fields)
+                next_report += 64 << 20
+        handle.flush()
+        os.fsync(handle.fileno())
+    if declared and declared.isdigit() and int(declared) != size:
+        raise OSError(errno.EIO, f"connection closed after {size} of "
+                                 f"{declared} bytes")
+    return digest.hexdigest()
+
+
+# === Binary runtime ===
+
+# Magic numbers of archive formats: an archive is not run as an executable.
+_ARCHIVE_MAGIC = ((b"\x1f\x8b", "gzip"), (b"PK\x03\x04", "zip"),
+                  (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"))
+
+
+def _archive_kind(path: str) -> str | None:
+    with open(path, "rb") as handle:
+        head = handle.read(512)
+    for magic, kind in _ARCHIVE_MAGIC:
+        if head.startswith(magic):
+            return kind
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return "tar"
+    return None
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def probe_http(port: int, path: str) -> tuple:
+    """Return (ready, detail) for one GET of http://127.0.0.1:port<path>.
+
+    A 2xx or 3xx is ready; redirects are not followed.  A refused
+    connection means the instance is still booting.
+    """
+    conn = http.client.HTTPConnection("127.0.0.1", port,
+                                      timeout=HEALTH_PROBE_TIMEOUT_S)
+    try:
+        conn.request("GET", path, headers={
+            "User-Agent": f"crate-operator/{__version__} health-check"})
+        resp = conn.getresponse()
+        resp.read(65536)
+        if 200 <= resp.status < 400:
+            return True, f"HTTP {resp.status}"
+        return False, f"HTTP {resp.status}"
+    except ConnectionRefusedError:
+        return False, "connection refused"
+    except (OSError, http.client.HTTPException) as exc:
+        return False, f"{type(exc).__name__}: {exc}"
+    finally:
+        conn.close()
+
+
+def probe_tcp(port: int) -> tuple:
+    """Return (ready, detail): whether 127.0.0.1:port accepts connections."""
+    if _port_in_use(port):
+        return True, "port accepts connections"
+    return False, "connection refused"
+
+
+class BinaryRuntime:
+    """Prepare, start, stop, check and remove binary instances.
+
+    One systemd unit per instance, an EnvironmentFile next to it, and a
+    read-only release directory per version and deployment.
+    """
+
+    kind = "binary"
+
+    def __init__(self, config: Config, systemd: Systemd):
+        self.config = config
+        self.systemd = systemd
+
+    # --- paths
+
+    def app_dir(self, app_id: int) -> str:
+        """Return the directory of one app under apps_dir."""
+        return os.path.join(self.config.apps_dir, str(int(app_id)))
+
+    def env_path(self, app_id: int, instance_id: str) -> str:
+        """Return the EnvironmentFile path of one instance."""
+        return os.path.join(self.app_dir(app_id), "env", f"{instance_id}.env")
+
+    def release_path(self, app_id: int, version: str, deployment_id) -> str:
+        """Return the release directory of one version and deployment."""
+        return os.path.join(self.app_dir(app_id), "releases",
+                            f"{version}-{deployment_id}")
+
+    # --- prepare
+
+    def prepare(self, plan: dict) -> dict:
+        """Download the asset and install it as a read-only release."""
+        app_id = plan["app_id"]
+        release = self.release_path(app_id, plan["version"],
+                                    plan["deployment_id"])
+        releases = os.path.dirname(release)
+        os.makedirs(releases, mode=0o755, exist_ok=True)
+        os.chmod(self.app_dir(app_id), 0o755)
+        staging = tempfile.mkdtemp(prefix=".staging-", dir=releases)
+        try:
+            target = os.path.join(staging, "app")
+            digest = download(plan["asset_url"], target,
+                              self.config.max_asset_bytes,
+                              self.config.download_timeout_s,
+                              {"app_id": app_id,
+                               "deployment_id": plan["deployment_id"]})
+            self._check_asset(plan, target, digest)
+            os.chmod(target, 0o555)
+            os.chmod(staging, 0o555)
+            if os.path.exists(release):
+                _remove_tree(release)
+            os.rename(staging, release)
+            fsync_dir(releases)
+        except BaseException:
+            _remove_tree(staging)
+            raise
+        return {"release": release, "sha256": digest,
+                "argv": [os.path.join(release, "app")]}
+
+    def _check_asset(self, plan: dict, path: str, digest: str) -> None:
+        expected = plan.get("asset_sha256")
+        if expected and not hmac.compare_digest(expected, digest):
+            raise FetchError(f"asset sha256 is {digest}, but asset_sha256 "
+                             f"expects {expected}; check the asset")
+        kind = _archive_kind(path)
+        if kind:
+            raise StepError(f"asset is a {kind} archive; this version runs "
+                            f"only a raw executable")
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+        if head != b"\x7fELF" and not head.startswith(b"#!"):
+            raise StepError("asset is neither an ELF executable nor a script "
+                            "starting with #!")
+
+    # --- install, start, stop
+
+    def instance_env(self, plan: dict, instance: dict) -> dict:
+        """Return the environment of one instance: env_vars, PORT, CRATE_*."""
+        env = dict(plan["env_vars"])
+        env.update({
+            "PORT": str(instance["port"]),
+            "CRATE_APP_ID": str(plan["app_id"]),
+            "CRATE_INSTANCE_ID": instance["instance_id"],
+            "CRATE_VERSION": plan["version"],
+            "CRATE_DEPLOYMENT_ID": str(plan["deployment_id"]),
+        })
+        return env
+
+    def snapshot(self, app_id: int, instance_id: str) -> dict:
+        """Return the current unit and env file texts, for a later restore."""
+        name = unit_name(app_id, instance_id)
+        env_path = self.env_path(app_id, instance_id)
+        env_text = None
+        with contextlib.suppress(FileNotFoundError):
+            with open(env_path, "rb") as handle:
+                env_text = handle.read()
+        return {"unit": self.systemd.read_unit(name), "env": env_text}
+
+    def restore(self, app_id: int, instance_id: str, snap: dict) -> None:
+        """Put back the unit and env file texts saved by snapshot."""
+        name = unit_name(app_id, instance_id)
+        env_path = self.env_path(app_id, instance_id)
+        if snap["unit"] is None:
+            self.systemd.remove_unit(name)
+        else:
+            self.systemd.write_unit(name, snap["unit"])
+        if snap["env"] is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(env_path)
+        else:
+            atomic_write(env_path, snap["env"], 0o600)
+
+    def install(self, plan: dict, instance: dict, release: dict) -> None:
+        """Write the env file and unit of one instance (reload follows)."""
+        app_id = plan["app_id"]
+        env_path = self.env_path(app_id, instance["instance_id"])
+        os.makedirs(os.path.dirname(env_path), mode=0o700, exist_ok=True)
+        text = render_env_file(self.instance_env(plan, instance))
+        atomic_write(env_path, text.encode("utf-8"), 0o600)
+        unit = render_unit({
+            "app_id": app_id, "instance_id": instance["instance_id"],
+            "version": plan["version"], "deployment_id": plan["deployment_id"],
+            "exec_argv": release["argv"], "workdir": release["release"],
+            "env_file": env_path, "app_user": self.config.app_user,
+            "stop_timeout_s": self.config.stop_timeout_s,
+            "restart_sec_s": self.config.restart_sec_s,
+        })
+        self.systemd.write_unit(instance["unit"], unit)
+
+    def start(self, instance: dict) -> None:
+        """Start an instance whose port must be free."""
+        if _port_in_use(instance["port"]):
+            raise StepError(f"port {instance['port']} of instance "
+                            f"{instance['instance_id']} is already in use by "
+                            f"another process; free it or choose another port")
+        self.systemd.enable(instance["unit"])
+        self.systemd.start(instance["unit"])
+
+    def stop(self, instance: dict) -> None:
+        """Stop an instance and keep it from starting at boot."""
+        self.systemd.disable(instance["unit"])
+        self.systemd.stop(instance["unit"])
+
+    def problem(self, instance: dict) -> str | None:
+        """Return why an instance is not running, or None when it runs."""
+        props = self.systemd.show(
+            instance["unit"], "LoadState", "ActiveState", "SubState",
+            "Result", "ExecMainCode", "ExecMainStatus", "NRestarts")
+        active = props.get("ActiveState")
+        if active in ("active", "activating", "reloading") and \
+                props.get("SubState") != "auto-restart":
+            return None
+        if props.get("LoadState") != "loaded":
+            return f"unit {instance['unit']} is {props.get('LoadState')}"
+        status = props.get("ExecMainStatus", "?")
+        code = {"1": "exit status", "2": "signal", "3": "dumped core, signal"}
+        how = code.get(props.get("ExecMainCode", ""), "status")
+        return (f"unit {instance['unit']} is {active}/{props.get('SubState')} "
+                f"(result {props.get('Result')}, {how} {status}, "
+                f"{props.get('NRestarts', '0')} restarts)")
+
+    def remove(self, instance: dict) -> None:
+        """Stop an instance and delete its unit and env file."""
+        self.stop(instance)
+        self.systemd.remove_unit(instance["unit"])
+        app_id = int(instance["unit"][len(UNIT_PREFIX):].split("-", 1)[0])
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.env_path(app_id, instance["instance_id"]))
+
+
+def _remove_tree(path: str) -> None:
+    """Delete a directory tree, read-only releases included."""
+    if not os.path.lexists(path):
+        return
+
+    def make_writable(func, target, _exc):
+        os.chmod(os.path.dirname(target), 0o700)
+        with contextlib.suppress(OSError):
+            os.chmod(target, 0o700)
+        func(target)
+
+    for root, dirs, _files in os.walk(path):
+        os.chmod(root, 0o700)
+        for name in dirs:
+            with contextlib.suppress(OSError):
+                os.chmod(os.path.join(root, name), 0o700)
+    shutil.rmtree(path, onerror=make_writable)
+
+
+# === Deploy engine ===
+
+# Every step a deploy job can record, in the order they run.  Recovery and
+# the crash tests enumerate this list.
+STEP_NAMES = (
+    "fetch_asset",
+    "write_unit",
+    "daemon_reload",
+    "start_instance",
+    "health_check",
+    "switch_route",
+    "drain",
+    "stop_old",
+    "rollback",
+)
+
+
+def status_document(record: dict) -> dict:
+    """Return the public status document of a deployment record."""
+    keys = ("deployment_id", "app_id", "kind", "model", "strategy", "action",
+            "state", "error", "created_at", "started_at", "finished_at",
+            "target_version", "serving_version", "domain", "steps",
+            "instances", "allocations")
+    return {key: copy.deepcopy(record.get(key)) for key in keys}
+
+
+def instance_view(instance: dict) -> dict:
+    """Return the public fields of one instance."""
+    return {key: instance.get(key) for key in
+            ("instance_id", "slot", "port", "version", "state", "unit")}
+
+
+class DeployJob:
+    """One deployment of one app, run by the job runner.
+
+    ``run`` executes the strategy; every step is written to the deployment
+    record before and after it runs, and every state change is sent to the
+    callback outbox.
+    """
+
+    def __init__(self, operator, record: dict, plan: dict):
+        self.op = operator
+        self.record = record
+        self.plan = plan
+        self.app_id = plan["app_id"]
+        self.ids = {"app_id": self.app_id,
+                    "deployment_id": record["deployment_id"]}
+        self.cancelled = False
+
+    # --- record keeping
+
+    def save(self) -> None:
+        """Store the deployment record."""
+        self.op.store.save_deployment(self.record)
+
+    def set_state(self, state: str, error: str | None = None) -> None:
+        """Change the state, store it and emit the callback event."""
+        self.record["state"] = state
+        self.record["error"] = error
+        now = utc_now()
+        if state == "running":
+            self.record["started_at"] = now
+        if state in STATES_TERMINAL:
+            self.record["finished_at"] = now
+        self.refresh_view()
+        self.save()
+        self.op.outbox.emit(self.record, f"deployment.{state}")
+        level = logging.WARNING if state in ("failed", "rolled_back") \
+            else logging.INFO
+        log(f"deployment.{state}", level, error=error, **self.ids)
+
+    def refresh_view(self) -> None:
+        """Copy the app's instances and route weights into the record."""
+        app = self.op.store.app(self.app_id) or {}
+        instances = sorted(app.get("instances", {}).values(),
+                           key=lambda item: item["instance_id"])
+        self.record["instances"] = [instance_view(i) for i in instances]
+        self.record["allocations"] = copy.deepcopy(app.get("allocations", []))
+        self.record["serving_version"] = app.get("serving_version")
+
+    def step(self, name: str, func, *args, message: str = ""):
+        """Run one named step, recording it before and after."""
+        entry = {"name": name, "state": "running", "at": utc_now(),
+                 "message": message}
+        self.record["steps"].append(entry)
+        self.save()
+        log("step.start", step=name, **self.ids)
+        try:
+            result = func(*args)
+        except Exception as exc:
+            entry.update(state="failed", at=utc_now(), message=str(exc))
+            self.save()
+            log("step.failed", logging.WARNING, step=name, error=str(exc),
+                **self.ids)
+            raise
+        entry.update(state="done", at=utc_now())
+        self.save()
+        return result
+
+    # --- entry point
+
+    def run(self) -> None:
+        """Run the deployment to a terminal state; never raises."""
+        if self.cancelled or self.record["state"] != "queued":
+            return
+        self.set_state("running")
+        try:
+            outcome, error = self.op.strategies.run(self)
+        except Exception as exc:  # the one catch-all of a job
+            log("deployment.crashed", logging.ERROR, exc_info=True,
+                error=str(exc), **self.ids)
+            outcome, error = "failed", f"internal error: {exc}"
+        self.set_state(outcome, error)
+
+
+class Strategies:
+    """immediate and bluegreen written once against a runtime and Caddy.
+
+    ``run(job)`` returns (terminal state, error or None).  A failure before
+    traffic moved returns "failed" with the old version still serving; a
+    failure after the old version stopped or traffic moved restores the
+    previous version and returns "rolled_back".
+    """
+
+    def __init__(self, operator):
+        self.op = operator
+
+    def run(self, job: DeployJob) -> tuple:
+        """Run the strategy named in the plan."""
+        plan = job.plan
+        if plan["strategy"] == "canary":
+            return "failed", ("canary deployments are not available in this "
+                              "version; nothing was changed. Use immediate or "
+                              "bluegreen")
+        app = self.op.load_or_new_app(plan)
+        live = [i for i in app["instances"].values() if i.get("serving")]
+        job.record["action"] = "update" if app["instances"] else "create"
+        job.save()
+        if not live:
+            target = sorted(plan["targets"])[0]
+            return self._switch(job, app, target, [])
+        live_slot = live[0]["instance_id"]
+        if plan["strategy"] == "immediate" and live_slot in plan["targets"]:
+            return self._in_place(job, app, live[0])
+        idle = [s for s in sorted(plan["targets"]) if s != live_slot]
+        return self._switch(job, app, idle[0], live)
+
+    # --- helpers
+
+    def _new_instance(self, plan: dict, slot: str, release: dict) -> dict:
+        return {
+            "instance_id": slot, "slot": slot if plan["model"] == "slots"
+            else None, "port": plan["targets"][slot],
+            "version": plan["version"],
+            "deployment_id": plan["deployment_id"],
+            "release": release["release"],
+            "unit": unit_name(plan["app_id"], slot),
+            "state": "starting", "serving": False,
+        }
+
+    def _start_and_check(self, job: DeployJob, instance: dict) -> None:
+        runtime = self.op.runtime
+        job.step("start_instance", runtime.start, instance,
+                 message=f"{instance['unit']} on port {instance['port']}")
+        job.step("health_check", self.op.wait_healthy, job.plan, instance)
+
+    def _route(self, job: DeployJob, app: dict, serving: list) -> None:
+        """Point the app's route at ``serving`` (one Caddy call)."""
+        upstreams = [(f"127.0.0.1:{i['port']}", 100 // len(serving)
+                      + (1 if n < 100 % len(serving) else 0))
+                     for n, i in enumerate(serving)]
+        self.op.caddy.ensure_server()
+        self.op.caddy.set_app_route(job.app_id, job.plan["domain"], upstreams)
+        app["domain"] = job.plan["domain"]
+        app["allocations"] = [
+            {"instance_id": i["instance_id"], "slot": i.get("slot"),
+             "weight": weight}
+            for i, (_dial, weight) in zip(serving, upstreams)]
+
+    # --- bluegreen and first deploys: start beside, switch, drain, stop
+
+    def _switch(self, job: DeployJob, app: dict, slot: str, old: list):
+        plan, runtime = job.plan, self.op.runtime
+        release = job.step("fetch_asset", runtime.prepare, plan,
+                           message=redact_url(plan["asset_url"]))
+        instance = self._new_instance(plan, slot, release)
+        snap = runtime.snapshot(job.app_id, slot)
+        moved = False
+        try:
+            job.step("write_unit", runtime.install, plan, instance, release,
+                     message=instance["unit"])
+            job.step("daemon_reload", self.op.systemd.daemon_reload)
+            self._start_and_check(job, instance)
+            instance.update(state="running", serving=True)
+            job.step("switch_route", self._route, job, app, [instance],
+                     message=f"{plan['domain']} -> port {instance['port']}")
+            moved = True
+        except Exception as exc:
+            self._undo_new(job, instance, snap)
+            return "failed", f"{exc}; the previous version keeps serving" \
+                if old else str(exc)
+        for item in old:
+            item.update(serving=False)
+        app["instances"][slot] = instance
+        app["serving_version"] = plan["version"]
+        self.op.store.save_app(app)
+        if old:
+            job.step("drain", time.sleep, self.op.config.drain_s,
+                     message=f"{self.op.config.drain_s:g}s")
+            for item in old:
+                self._stop_old(job, item)
+            self.op.store.save_app(app)
+        return ("succeeded", None) if moved else ("failed", "route not set")
+
+    def _stop_old(self, job: DeployJob, item: dict) -> None:
+        """Stop an instance that no longer takes traffic.
+
+        A failure here is recorded in the step log but does not fail the
+        deployment, because the new version already serves.
+        """
+        try:
+            job.step("stop_old", self.op.runtime.stop, item,
+                     message=item["unit"])
+            item["state"] = "stopped"
+        except Exception:
+            item["state"] = "stop-failed"
+
+    def _undo_new(self, job: DeployJob, instance: dict, snap: dict) -> None:
+        """Stop a new instance that never took traffic and restore files."""
+        runtime = self.op.runtime
+
+        def undo():
+            runtime.stop(instance)
+            runtime.restore(job.app_id, instance["instance_id"], snap)
+            self.op.systemd.daemon_reload()
+
+        with contextlib.suppress(Exception):
+            job.step("rollback", undo, message=f"stop {instance['unit']}")
+
+    # --- immediate: replace the live instance in place (short gap)
+
+    def _in_place(self, job: DeployJob, app: dict, live: dict):
+        plan, runtime = job.plan, self.op.runtime
+        release = job.step("fetch_asset", runtime.prepare, plan,
+                           message=redact_url(plan["asset_url"]))
+        slot = live["instance_id"]
+        instance = self._new_instance(plan, slot, release)
+        snap = runtime.snapshot(job.app_id, slot)
+        old = copy.deepcopy(live)
+        try:
+            job.step("write_unit", runtime.install, plan, instance, release,
+                     message=instance["unit"])
+            job.step("daemon_reload", self.op.systemd.daemon_reload)
+        except Exception as exc:
+            runtime.restore(job.app_id, slot, snap)
+            with contextlib.suppress(Exception):
+                self.op.systemd.daemon_reload()
+            return "failed", f"{exc}; the previous version keeps serving"
+        try:
+            job.step("stop_old", runtime.stop, old, message=old["unit"])
+            self._start_and_check(job, instance)
+            instance.update(state="running", serving=True)
+            job.step("switch_route", self._route, job, app, [instance],
+                     message=f"{plan['domain']} -> port {instance['port']}")
+        except Exception as exc:
+            return self._restore_in_place(job, app, old, snap, exc)
+        app["instances"][slot] = instance
+        app["serving_version"] = plan["version"]
+        self.op.store.save_app(app)
+        return "succeeded", None
+
+    def _restore_in_place(self, job, app, old, snap, exc):
+        """Bring back the version that served before an in-place update."""
+        runtime = self.op.runtime
+
+        def restore():
+            runtime.stop(old)
+            runtime.restore(job.app_id, old["instance_id"], snap)
+            self.op.systemd.daemon_reload()
+            runtime.start(old)
+            self.op.wait_healthy(job.plan, old)
+            self._route(job, app, [old])
+
+        try:
+            job.step("rollback", restore, message=f"restore {old['version']}")
+        except Exception as restore_exc:
+            old.update(state="failed", serving=False)
+            app["instances"][old["instance_id"]] = old
+            app["serving_version"] = None
+            self.op.store.save_app(app)
+            return "failed", (f"{exc}; restoring version {old['version']} "
+                              f"also failed: {restore_exc}")
+        app["instances"][old["instance_id"]] = old
+        self.op.store.save_app(app)
+        return "rolled_back", (f"{exc}; version {old['version']} was "
+                               f"restored and serves again")
+
+
+# === Job runner and callbacks ===
+
+class JobRunner:
+    """Run jobs one at a time per app and apps in parallel.
+
+    ``submit`` appends a job to its app's queue and starts a worker thread
+    for that app when none runs; ``wait_idle`` is used at shutdown.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._queues = collections.defaultdict(collections.deque)
+        self._workers = {}
+        self._idle = threading.Condition(self._lock)
+
+    def submit(self, app_id: int, job) -> None:
+        """Queue ``job`` behind the running and queued jobs of its app."""
+        with self._lock:
+            self._queues[app_id].append(job)
+            if app_id not in self._workers:
+                worker = threading.Thread(target=self._work, args=(app_id,),
+                                          name=f"app-{app_id}", daemon=True)
+                self._workers[app_id] = worker
+                worker.start()
+
+    def queue_length(self) -> int:
+        """Return the number of jobs waiting or running."""
+        with self._lock:
+            return sum(len(q) for q in self._queues.values()) + \
+                len(self._workers)
+
+    def _work(self, app_id: int) -> None:
+        while True:
+            with self._lock:
+                queue = self._queues.get(app_id)
+                if not queue:
+                    self._queues.pop(app_id, None)
+                    del self._workers[app_id]
+                    self._idle.notify_all()
+                    return
+                job = queue.popleft()
+            try:
+                job.run()
+            except Exception:  # job.run catches its own errors; last resort
+                log("job.crashed", logging.ERROR, exc_info=True, app_id=app_id)
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no job runs; return False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while self._workers:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
+
+def sign_body(secret: str, body: bytes) -> str:
+    """Return the X-Crate-Signature value of a callback body."""
+    mac = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return f"sha256={mac}"
+
+
+class CallbackOutbox:
+    """Durable, ordered, at-least-once delivery of callback events.
+
+    ``emit`` writes the event to the outbox before anything is sent; one
+    delivery thread per callback URL sends that URL's events in seq order,
+    retrying with exponential backoff and jitter, the same bytes and
+    delivery id every time, until callback_retry_window_s has passed.
+    """
+
+    def __init__(self, store: Store, config: Config):
+        self.store = store
+        self.config = config
+        self._lock = threading.Lock()
+        self._pending = {}
+        self._workers = {}
+        self._stopping = threading.Event()
+        self.delivered = 0
+        self.retried = 0
+        self.given_up = 0
+        for event in store.outbox_events():
+            if not event.get("delivered_at") and not event.get("given_up_at"):
+                self._pending[event["seq"]] = event
+
+    def emit(self, record: dict, event_name: str) -> None:
+        """Queue one event about a deployment record (which it updates)."""
+        if not record.get("callback_url"):
+            return
+        record["deployment_seq"] = record.get("deployment_seq", 0) + 1
+        seq = self.store.next_seq()
+        body = {"seq": seq, "deployment_seq": record["deployment_seq"],
+                "event": event_name, "deployment": status_document(record)}
+        raw = json.dumps(body, sort_keys=True, separators=(",", ":"))
+        event = {"seq": seq, "delivery_id": f"{seq}-{secrets.token_hex(8)}",
+                 "url": record["callback_url"], "event": event_name,
+                 "deployment_id": record["deployment_id"],
+                 "app_id": record["app_id"], "body": raw, "attempts": 0,
+                 "created_at": time.time(), "next_at": 0.0}
+        self.store.outbox_add(event)
+        self.store.save_deployment(record)
+        with self._lock:
+            self._pending[seq] = event
+            self._start_worker(event["url"])
+
+    def start(self) -> None:
+        """Start delivering events left from an earlier run."""
+        with self._lock:
+            for url in {e["url"] for e in self._pending.values()}:
+                self._start_worker(url)
+
+    def stop(self) -> None:
+        """Stop starting new attempts; pending events stay in the outbox."""
+        self._stopping.set()
+
+    def _start_worker(self, url: str) -> None:
+        if url in self._workers or self._stopping.is_set():
+            return
+        worker = threading.Thread(target=self._deliver_url, args=(url,),
+                                  name="callbacks", daemon=True)
+        self._workers[url] = worker
+        worker.start()
+
+    def _next_event(self, url: str):
+        with self._lock:
+            mine = [e for e in self._pending.values() if e["url"] == url]
+            if not mine or self._stopping.is_set():
+                self._workers.pop(url, None)
+                return None
+            return min(mine, key=lambda e: e["seq"])
+
+    def _deliver_url(self, url: str) -> None:
+        while True:
+            event = self._next_event(url)
+            if event is None:
+                return
+            wait = event["next_at"] - time.time()
+            if wait > 0:
+                self._stopping.wait(min(wait, 5.0))
+                continue
+            self._attempt(event)
+
+    def _attempt(self, event: dict) -> None:
+        event["attempts"] += 1
+        ids = {"app_id": event["app_id"],
+               "deployment_id": event["deployment_id"], "seq": event["seq"],
+               "delivery_id": event["delivery_id"]}
+        error = self._post(event)
+        if error is None:
+            event["delivered_at"] = time.time()
+            self.delivered += 1
+            log("callback.delivered", attempts=event["attempts"], **ids)
+        elif time.time() - event["created_at"] > \
+                self.config.callback_retry_window_s:
+            event["given_up_at"] = time.time()
+            self.given_up += 1
+            log("callback.given_up", logging.ERROR, error=error,
+                attempts=event["attempts"], **ids)
+        else:
+            base = self.config.callback_backoff_s * 2 ** (event["attempts"] - 1)
+            delay = min(self.config.callback_backoff_max_s, base)
+            delay *= random.uniform(0.8, 1.2)
+            event["next_at"] = time.time() + delay
+            self.retried += 1
+            log("callback.retry", logging.WARNING, error=error,
+                attempts=event["attempts"], retry_in_s=round(delay, 3), **ids)
+        self.store.outbox_update(event)
+        if event.get("delivered_at") or event.get("given_up_at"):
+            with self._lock:
+                self._pending.pop(event["seq"], None)
+            if event["seq"] % 100 == 0:
+                self.store.outbox_prune(OUTBOX_KEEP_DELIVERED)
+
+    def _post(self, event: dict) -> str | None:
+        """POST one event; return None on a 2xx, else the error text."""
+        body = event["body"].encode()
+        parts = urllib.parse.urlsplit(event["url"])
+        timeout = self.config.callback_timeout_s
+        if parts.scheme == "https":
+            import ssl  # imported lazily: plain-HTTP hosts never need it
+            conn = http.client.HTTPSConnection(
+                parts.hostname, parts.port, timeout=timeout,
+                context=ssl.create_default_context())
+        else:
+            conn = http.client.HTTPConnection(parts.hostname, parts.port,
+                                              timeout=timeout)
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": f"crate-operator/{__version__}",
+            "X-Crate-Event": event["event"],
+            "X-Crate-Delivery": event["delivery_id"],
+            "X-Crate-Signature": sign_body(self.config.callback_secret, body),
+        }
+        try:
+            conn.request("POST", path, body=body, headers=headers)
+            resp = conn.getresponse()
+            resp.read(65536)
+            if 200 <= resp.status < 300:
+                return None
+            return f"HTTP {resp.status}"
+        except (OSError, http.client.HTTPException) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            conn.close()
+
+
+# === Operator ===
+
+def _resolves_to(url: str, host: str, port: int) -> bool:
+    """Return whether ``url`` would connect to host:port on this machine."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        url_port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return False
+    if url_port != port or not parts.hostname:
+        return False
+    try:
+        infos = socket.getaddrinfo(parts.hostname, url_port,
+                                   proto=socket.IPPROTO_TCP)
+    except OSError:
+        return False
+    target = ipaddress.ip_address(host) if _is_ip(host) else None
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0].split("%")[0])
+        if target is None or address == target:
+            return True
+        if target.is_unspecified and (address.is_loopback or
+                                      address.is_private):
+            return True
+    return False
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+class Operator:
+    """The daemon's parts wired together; the HTTP API calls into it."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.store = Store(config.state_dir)
+        self.systemd = Systemd(config.systemctl, config.unit_dir)
+        self.caddy = CaddyClient(config.caddy_admin, config.caddy_server,
+                                 config.caddy_listen,
+                                 config.caddy_automatic_https)
+        self.runtime = BinaryRuntime(config, self.systemd)
+        self.strategies = Strategies(self)
+        self.runner = JobRunner()
+        self.outbox = CallbackOutbox(self.store, config)
+        self._accept_lock = threading.Lock()
+        self.started_at = time.time()
+
+    # --- start-up
+
+    def recover(self) -> None:
+        """End deployments that an earlier process left unfinished."""
+        for record in self.store.deployments():
+            if record.get("state") in STATES_TERMINAL:
+                continue
+            steps = record.get("steps") or []
+            last = steps[-1]["name"] if steps else "none"
+            record["state"] = "failed"
+            record["finished_at"] = utc_now()
+            record["error"] = (
+                f"the operator stopped while this deployment was "
+                f"{'queued' if not steps else 'at step ' + last}; the "
+                f"request body is not kept, so post the deployment again "
+                f"with a new deployment_id")
+            self.store.save_deployment(record)
+            self.outbox.emit(record, "deployment.failed")
+            log("deployment.interrupted", logging.WARNING, step=last,
+                app_id=record.get("app_id"),
+                deployment_id=record.get("deployment_id"))
+
+    # --- helpers used by strategies
+
+    def load_or_new_app(self, plan: dict) -> dict:
+        """Return the app record, creating an empty one for a new app."""
+        app = self.store.app(plan["app_id"])
+        if app is None:
+            app = {"app_id": plan["app_id"], "team_id": plan["team_id"],
+                   "environment_id": plan["environment_id"],
+                   "kind": plan["kind"], "model": plan["model"],
+                   "domain": None, "instances": {}, "allocations": [],
+                   "serving_version": None, "created_at": utc_now()}
+        return app
+
+    def wait_healthy(self, plan: dict, instance: dict) -> None:
+        """Wait until an instance passes its health check, or raise."""
+        cfg = self.config
+        path = plan.get("health_check_path")
+        deadline = time.monotonic() + cfg.health_timeout_s
+        detail = "not checked yet"
+        while True:
+            problem = self.runtime.problem(instance)
+            if problem:
+                raise StepError(f"instance {instance['instance_id']} stopped "
+                                f"during its health check: {problem}")
+            if path:
+                ready, detail = probe_http(instance["port"], path)
+            else:
+                ready, detail = probe_tcp(instance["port"])
+            if ready:
+                break
+            if time.monotonic() > deadline:
+                target = f"http://127.0.0.1:{instance['port']}{path or ''}"
+                raise StepError(
+                    f"health check of instance {instance['instance_id']} on "
+                    f"{target} timed out after {cfg.health_timeout_s:g}s "
+                    f"(last result: {detail})")
+            time.sleep(cfg.health_interval_s)
+        if not path:
+            self._wait_grace(instance)
+
+    def _wait_grace(self, instance: dict) -> None:
+        """Without a health path the unit must stay active for a while."""
+        end = time.monotonic() + self.config.health_grace_s
+        while time.monotonic() < end:
+            time.sleep(self.config.health_interval_s)
+            problem = self.runtime.problem(instance)
+            if problem:
+                raise StepError(f"instance {instance['instance_id']} did not "
+                                f"stay up: {problem}")
+
+    # --- requests
+
+    def check_urls(self, value: dict) -> None:
+        """Reject URLs that point at this operator or at Caddy's admin API."""
+        listen_host, listen_port = parse_listen(self.config.listen)
+        targets = [(listen_host, listen_port, "the operator's own listener")]
+        admin = urllib.parse.urlsplit(self.config.caddy_admin)
+        if admin.scheme in ("http", "https") and admin.hostname:
+            targets.append((admin.hostname, admin.port or 80,
+                            "the Caddy admin API"))
+        errors = []
+        for field in ("callback_url", "asset_url"):
+            url = value.get(field)
+            if not url:
+                continue
+            for host, port, what in targets:
+                if _resolves_to(url, host, port):
+                    errors.append({"field": f"$.{field}",
+                                   "reason": f"points at {what}"})
+        if errors:
+            raise RequestError("invalid request", errors)
+
+    def accept_deploy(self, endpoint: str, value: dict, ignored: list,
+                      plan: dict) -> tuple:
+        """Record a deployment and queue its job; return (status, answer).
+
+        The same deployment_id with the same body returns the first answer;
+        with another body it is a conflict.  Runs under one lock so that two
+        identical requests arriving together start one job.
+        """
+        digest = self.store.request_digest({"endpoint": endpoint,
+                                            "body": value})
+        key = str(value["deployment_id"])
+        with self._accept_lock:
+            existing = self.store.deployment(key)
+            if existing is not None:
+                if existing.get("request_digest") != digest:
+                    raise ConflictError(
+                        f"deployment_id {key} was already used with a "
+                        f"different request; use a new deployment_id")
+                return 202, dict(existing["answer"], duplicate=True)
+            self._check_app_ownership(plan)
+            self._check_domain(plan["app_id"], plan["domain"])
+            record = self._new_record(plan, digest, ignored)
+            self.store.save_deployment(record)
+        self.outbox.emit(record, "deployment.queued")
+        log("deployment.accepted", strategy=plan["strategy"],
+            version=plan["version"], app_id=plan["app_id"],
+            deployment_id=key)
+        self.runner.submit(plan["app_id"], DeployJob(self, record, plan))
+        return 202, record["answer"]
+
+    def _check_app_ownership(self, plan: dict) -> None:
+        app = self.store.app(plan["app_id"])
+        if app is None:
+            return
+        for field in ("team_id", "environment_id"):
+            if app[field] != plan[field]:
+                raise ConflictError(
+                    f"app {plan['app_id']} belongs to {field} {app[field]!r}, "
+                    f"not {plan[field]!r}")
+        if (app["kind"], app["model"]) != (plan["kind"], plan["model"]):
+            raise ConflictError(
+                f"app {plan['app_id']} is a {app['kind']} app of the "
+                f"{app['model']} model; it cannot be deployed as a "
+                f"{plan['kind']} app of the {plan['model']} model")
+
+    def _check_domain(self, app_id: int, domain: str) -> None:
+        """Raise ConflictError when another app or route owns ``domain``."""
+        for app in self.store.apps():
+            if app["app_id"] != app_id and app.get("domain") == domain:
+                raise ConflictError(
+                    f"domain {domain} is routed to app {app['app_id']}")
+        owner = self.caddy.domain_owner(domain)
+        if owner is not None and owner != caddy_route_id(app_id):
+            raise ConflictError(
+                f"domain {domain} is already routed by Caddy route {owner}")
+
+    def _new_record(self, plan: dict, digest: str, ignored: list) -> dict:
+        key = plan["deployment_id"]
+        status_path = ("/v1/app/instance/deploy/{}/status"
+                       if plan["model"] == "slots"
+                       else "/v1/app/deploy/{}/status")
+        app = self.store.app(plan["app_id"])
+        answer = {"deployment_id": plan["request_deployment_id"],
+                  "app_id": plan["app_id"], "state": "queued",
+                  "status_url": status_path.format(key),
+                  "ignored_fields": ignored, "duplicate": False}
+        return {
+            "deployment_id": plan["request_deployment_id"],
+            "app_id": plan["app_id"], "kind": plan["kind"],
+            "model": plan["model"], "strategy": plan["strategy"],
+            "action": "update" if app and app.get("instances") else "create",
+            "state": "queued", "error": None, "created_at": utc_now(),
+            "started_at": None, "finished_at": None,
+            "target_version": plan["version"],
+            "serving_version": app.get("serving_version") if app else None,
+            "domain": plan["domain"], "steps": [], "instances": [],
+            "allocations": copy.deepcopy(app.get("allocations", []))
+            if app else [],
+            "callback_url": plan["callback_url"],
+            "env_var_names": sorted(plan["env_vars"]),
+            "request_digest": digest, "answer": answer, "deployment_seq": 0,
+        }
+
+    def health(self) -> dict:
+        """Return the reachability of systemd, Caddy and dockerd."""
+        docker = False
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            conn = UnixHTTPConnection(self.config.docker_socket, timeout=2.0)
+            conn.request("GET", "/_ping")
+            docker = conn.getresponse().status == 200
+            conn.close()
+        report = {"version": __version__, "server_id": self.config.server_id,
+                  "systemd": self.systemd.ping(), "caddy": self.caddy.ping(),
+                  "docker": docker, "jobs": self.runner.queue_length(),
+                  "callbacks_pending": len(self.outbox._pending)}
+        report["status"] = "ok" if report["systemd"] and report["caddy"] \
+            else "degraded"
+        return report
+
+
+def plan_from_slots_request(value: dict, kind: str) -> dict:
+    """Normalise a validated slots-model request into a deploy plan."""
+    return {
+        "kind": kind, "model": "slots", "app_id": value["app_id"],
+        "team_id": value["team_id"], "environment_id": value["environment_id"],
+        "deployment_id": str(value["deployment_id"]),
+        "request_deployment_id": value["deployment_id"],
+        "strategy": value["deployment_strategy"], "domain": value["domain"],
+        "env_vars": value.get("env_vars") or {},
+        "health_check_path": value.get("health_check_path"),
+        "version": value["target_version"],
+        "asset_url": value.get("asset_url"),
+        "asset_sha256": value.get("asset_sha256"),
+        "targets": {slot: spec["port"] for slot, spec in value["slots"].items()},
+        "callback_url": value["callback_url"],
+    }
+
+
+# === HTTP API ===
+
+# (method, path pattern, handler name, needs a token)
+ROUTES = (
+    ("GET", r"/healthz", "healthz", False),
+    ("GET", r"/v1/openapi\.json", "openapi", True),
+    ("POST", r"/v1/app/instance/binary/deploy", "deploy_binary_slots", True),
+    ("POST", r"/v1/app/instance/docker/deploy", "deploy_docker_slots", True),
+    ("POST", r"/v1/app/binary/deploy", "deploy_binary_instances", True),
+    ("POST", r"/v1/app/docker/deploy", "deploy_docker_instances", True),
+    ("GET", r"/v1/app/deploy/(?P<id>[^/]+)/status", "status_legacy", True),
+    ("GET", r"/v1/app/instance/deploy/(?P<id>[^/]+)/status",
+     "status_instance", True),
+    ("POST", r"/v1/app/delete", "delete", True),
+    ("POST", r"/v1/app/domain/update", "domain_update", True),
+    ("POST", r"/v1/app/start", "start", True),
+    ("POST", r"/v1/app/stop", "stop", True),
+    ("POST", r"/v1/app/restart", "restart", True),
+)
+_ROUTE_PATTERNS = [(method, re.compile(pattern + r"\Z"), name, auth)
+                   for method, pattern, name, auth in ROUTES]
+
+# Endpoints whose behaviour is not built yet: validated, then 501.
+NOT_IMPLEMENTED = {
+    "deploy_docker_slots": "docker deployments are not available in this "
+                           "version",
+    "deploy_docker_instances": "docker deployments are not available in this "
+                               "version",
+    "deploy_binary_instances": "the instances model is not available in this "
+                               "version; use POST /v1/app/instance/binary/"
+                               "deploy",
+    "delete": "app deletion is not available in this version",
+    "domain_update": "domain updates are not available in this version",
+    "start": "start is not available in this version",
+    "stop": "stop is not available in this version",
+    "restart": "restart is not available in this version",
+}
+
+# Request bodies larger than this are discarded to keep the connection
+# usable after a 413; anything larger closes the connection.
+DISCARD_LIMIT_BYTES = 16 << 20
+
+
+class ApiServer(http.server.ThreadingHTTPServer):
+    """ThreadingHTTPServer without the reverse DNS lookup at bind time."""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, address, handler, operator: Operator):
+        self.operator = operator
+        super().__init__(address, handler)
+
+    def server_bind(self) -> None:
+        """Bind without socket.getfqdn, which may stall on a bad resolver."""
+        import socketserver
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+
+class ApiHandler(http.server.BaseHTTPRequestHandler):
+    """One HTTP/1.1 connection of the API; one method per endpoint."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = f"crate-operator/{__version__}"
+    sys_version = ""
+    timeout = 30.0
+
+    # --- plumbing
+
+    def log_message(self, format, *args):  # noqa: A002 (stdlib signature)
+        """Silence the stdlib access log; dispatch logs each request."""
+
+    def handle_expect_100(self) -> bool:
+        """Refuse an oversized body before the client sends it."""
+        length = self.headers.get("Content-Length", "")
+        limit = self.server.operator.config.max_body_bytes
+        if length.isdigit() and int(length) > limit:
+            self.close_connection = True
+            self.send_json(413, {"error": f"request body of {length} bytes "
+                                          f"is over the limit of {limit}"})
+            return False
+        return super().handle_expect_100()
+
+    def send_json(self, status: int, value, headers: dict | None = None):
+        """Send a JSON response with an exact Content-Length."""
+        body = json.dumps(value, indent=1).encode() + b"\n"
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for key, item in (headers or {}).items():
+            self.send_header(key, item)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def read_body(self) -> bytes:
+        """Read the whole request body, or raise RequestError.
+
+        Every rejected body is still read (up to DISCARD_LIMIT_BYTES), so
+        the next request on a kept-alive connection starts at its first
+        byte; chunked bodies are rejected and the connection is closed.
+        """
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise RequestError("chunked request bodies are not accepted; "
+                               "send Content-Length", status=411)
+        length = self.headers.get("Content-Length", "0").strip() or "0"
+        if not length.isdigit():
+            self.close_connection = True
+            raise RequestError(f"invalid Content-Length {length!r}")
+        length = int(length)
+        limit = self.server.operator.config.max_body_bytes
+        if length > limit:
+            if length > DISCARD_LIMIT_BYTES:
+                self.close_connection = True
+            else:
+                self._discard(length)
+            raise RequestError(f"request body of {length} bytes is over the "
+                               f"limit of {limit} (max_body_bytes)", status=413)
+        data = self.rfile.read(length)
+        if len(data) != length:
+            self.close_connection = True
+            raise RequestError("request body ended before Content-Length")
+        return data
+
+    def _discard(self, length: int) -> None:
+        while length > 0:
+            chunk = self.rfile.read(min(length, 1 << 16))
+            if not chunk:
+                self.close_connection = True
+                return
+            length -= len(chunk)
+
+    def do_GET(self):  # noqa: N802 (stdlib naming)
+        """Dispatch a GET."""
+        self.dispatch()
+
+    def do_HEAD(self):  # noqa: N802
+        """Dispatch a HEAD."""
+        self.dispatch()
+
+    def do_POST(self):  # noqa: N802
+        """Dispatch a POST."""
+        self.dispatch()
+
+    def do_PUT(self):  # noqa: N802
+        """Dispatch a PUT (answered with 405)."""
+        self.dispatch()
+
+    def do_DELETE(self):  # noqa: N802
+        """Dispatch a DELETE (answered with 405)."""
+        self.dispatch()
+
+    def do_PATCH(self):  # noqa: N802
+        """Dispatch a PATCH (answered with 405)."""
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        """Read, authenticate, route and answer one request."""
+        started = time.monotonic()
+        status = 500
+        try:
+            body = self.read_body()
+            name, params, needs_token = self._route()
+            if needs_token:
+                self._authenticate()
+            if name in NOT_IMPLEMENTED:
+                self._not_implemented(name, body)
+            status, value = self.HANDLERS[name](self, body, params)
+            self.send_json(status, value)
+        except OperatorError as exc:
+            status = exc.status
+            answer = {"error": str(exc)}
+            if getattr(exc, "errors", None):
+                answer["errors"] = exc.errors
+            self.send_json(status, answer, getattr(exc, "headers", None))
+        except Exception as exc:  # the one catch-all of a request
+            log("http.internal_error", logging.ERROR, exc_info=True,
+                path=self.path[:200], error=str(exc))
+            status = 500
+            self.send_json(500, {"error": "internal error; see the "
+                                          "crate-operator log"})
+        finally:
+            if self.command not in ("GET", "HEAD") or status >= 500:
+                log("http.request", method=self.command,
+                    path=self.path[:200], status=status,
+                    client=self.client_address[0],
+                    ms=round((time.monotonic() - started) * 1000, 1))
+
+    def _route(self) -> tuple:
+        path = urllib.parse.urlsplit(self.path).path
+        allowed = []
+        for method, pattern, name, auth in _ROUTE_PATTERNS:
+            match = pattern.match(path)
+            if not match:
+                continue
+            if method == self.command or (method == "GET" and
+                                          self.command == "HEAD"):
+                return name, match.groupdict(), auth
+            allowed.append(method)
+        if allowed:
+            error = RequestError(f"method {self.command} is not allowed on "
+                                 f"{path}; use {', '.join(allowed)}",
+                                 status=405)
+            error.headers = {"Allow": ", ".join(sorted(set(allowed)))}
+            raise error
+        raise NotFoundError(f"no endpoint {path}; see GET /v1/openapi.json")
+
+    def _authenticate(self) -> None:
+        header = self.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        expected = self.server.operator.config.token
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                token.strip().encode(), expected.encode()):
+            error = RequestError("missing or invalid bearer token; send "
+                                 "Authorization: Bearer <token>", status=401)
+            error.headers = {"WWW-Authenticate": 'Bearer realm="crate-operator"'}
+            raise error
+
+    def _json_body(self, body: bytes):
+        ctype = self.headers.get("Content-Type", "")
+        if ctype.split(";")[0].strip().lower() != "application/json":
+            raise RequestError(f"Content-Type must be application/json, "
+                               f"not {ctype[:100]!r}", status=415)
+        try:
+            return json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise RequestError(f"request body is not valid JSON: {exc}")
+
+    def _validated(self, endpoint: str, body: bytes) -> tuple:
+        result = validate_body(endpoint, self._json_body(body))
+        if result.errors:
+            raise RequestError(f"invalid request: {len(result.errors)} "
+                               f"invalid field(s)", result.errors)
+        return result.value, result.ignored
+
+    # --- endpoints
+
+    def handle_healthz(self, body, params):
+        """GET /healthz: reachability of systemd, Caddy and dockerd."""
+        report = self.server.operator.health()
+        return (200 if report["status"] == "ok" else 503), report
+
+    def handle_openapi(self, body, params):
+        """GET /v1/openapi.json."""
+        return 200, openapi_document(__version__)
+
+    def handle_deploy_binary_slots(self, body, params):
+        """POST /v1/app/instance/binary/deploy."""
+        op = self.server.operator
+        value, ignored = self._validated("deploy_binary_slots", body)
+        op.check_urls(value)
+        plan = plan_from_slots_request(value, "binary")
+        return op.accept_deploy("deploy_binary_slots", value, ignored, plan)
+
+    def _status(self, endpoint: str, raw_id: str):
+        raw_id = urllib.parse.unquote(raw_id)
+        value, errors = validate_path_param(endpoint, raw_id)
+        if errors:
+            raise RequestError("invalid deployment id", errors)
+        record = self.server.operator.store.deployment(str(value))
+        if record is None:
+            raise NotFoundError(f"no deployment {value} on this host")
+        return 200, status_document(record)
+
+    def handle_status_legacy(self, body, params):
+        """GET /v1/app/deploy/{deployment_id}/status (string ids)."""
+        return self._status("status_legacy", params["id"])
+
+    def handle_status_instance(self, body, params):
+        """GET /v1/app/instance/deploy/{deployment_id}/status (int ids)."""
+        return self._status("status_instance", params["id"])
+
+    def _not_implemented(self, endpoint: str, body: bytes):
+        self._validated(endpoint, body)
+        raise RequestError(NOT_IMPLEMENTED[endpoint] + "; see the README "
+                           "for what this version supports", status=501)
+
+    HANDLERS = {
+        "healthz": handle_healthz,
+        "openapi": handle_openapi,
+        "deploy_binary_slots": handle_deploy_binary_slots,
+        "status_legacy": handle_status_legacy,
+        "status_instance": handle_status_instance,
+    }
+
+
+# === CLI and main ===
+
+def _notify_systemd(message: str) -> None:
+    """Send ``message`` to $NOTIFY_SOCKET when systemd started us."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with contextlib.suppress(OSError):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message.encode(), path)
+
+
+def serve(config: Config) -> int:
+    """Run the daemon until SIGTERM or SIGINT; return the exit code."""
+    setup_logging(config.log_format)
+    operator = Operator(config)
+    operator.store.lock_exclusive()
+    host, port = parse_listen(config.listen)
+    ApiHandler.timeout = config.request_timeout_s
+    server = ApiServer((host, port), ApiHandler, operator)
+    operator.recover()
+    operator.outbox.start()
+    if operator.caddy.ping():
+        try:
+            operator.caddy.ensure_server()
+        except OperatorError as exc:
+            log("caddy.ensure_server_failed", logging.ERROR, error=str(exc))
+    else:
+        log("caddy.unreachable", logging.WARNING, admin=config.caddy_admin)
+    stopping = threading.Event()
+
+    def on_signal(signum, _frame):
+        if not stopping.is_set():
+            stopping.set()
+            log("operator.stopping", signal=signal.Signals(signum).name)
+            threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log("operator.listening", address=f"{host}:{server.server_port}",
+        version=__version__, pid=os.getpid())
+    _notify_systemd("READY=1")
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        _notify_systemd("STOPPING=1")
+        server.server_close()
+        if not operator.runner.wait_idle(20.0):
+            log("operator.jobs_unfinished", logging.WARNING)
+        operator.outbox.stop()
+        log("operator.stopped")
+    return 0
+
+
+def _parse_sets(items: list) -> dict:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r} must be KEY=VALUE")
+        out[key.strip()] = value
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser."""
+    parser = argparse.ArgumentParser(
+        prog="crate-operator",
+        description="Host agent that deploys apps and routes their domains.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("serve", "run the HTTP API"),
+                       ("check-config", "print the effective configuration "
+                                        "with secrets masked")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--config", metavar="PATH",
+                         help=f"JSON config file (default "
+                              f"{DEFAULT_CONFIG_PATH})")
+        cmd.add_argument("--set", action="append", metavar="KEY=VALUE",
+                         help="override one configuration key")
+        cmd.add_argument("--listen", metavar="HOST:PORT",
+                         help="override the listen address")
+    sub.add_parser("version", help="print the version")
+    return parser
+
+
+def main(argv: list | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    if args.command == "version":
+        print(__version__)
+        return 0
+    try:
+        overrides = _parse_sets(args.set)
+        if args.listen:
+            overrides["listen"] = args.listen
+        config = load_config(args.config, os.environ, overrides)
+        if args.command == "check-config":
+            print(json.dumps(config.as_dict(), indent=2, sort_keys=True))
+            return 0
+        return serve(config)
+    except ConfigError as exc:
+        print(f"crate-operator: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"crate-operator: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

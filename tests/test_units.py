@@ -1,0 +1,354 @@
+"""Unit tests of single components: config, store, rendering, signing.
+
+These run without any real service; the end-to-end modules prove the same
+components against real systemd and Caddy.
+"""
+
+import hashlib
+import hmac
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import threading
+import time
+import pathlib
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import crate_operator as co  # noqa: E402
+
+BASE = {"token": "t" * 32, "callback_secret": "s" * 32}
+
+
+# --- configuration
+
+def write_config(tmp_path, values, mode=0o600):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(values))
+    path.chmod(mode)
+    return str(path)
+
+
+def test_config_precedence_file_env_flags(tmp_path):
+    path = write_config(tmp_path, dict(BASE, drain_s=1, server_id="file"))
+    env = {"CRATE_OPERATOR_SERVER_ID": "env", "CRATE_OPERATOR_DRAIN_S": "2"}
+    config = co.load_config(path, env, {"server_id": "flag"})
+    assert config.server_id == "flag"
+    assert config.drain_s == 2.0
+
+
+def test_config_unknown_key_named(tmp_path):
+    path = write_config(tmp_path, dict(BASE, colour="blue"))
+    with pytest.raises(co.ConfigError, match="unknown key 'colour'"):
+        co.load_config(path, {}, {})
+
+
+def test_config_unknown_env_key_named(tmp_path):
+    path = write_config(tmp_path, BASE)
+    with pytest.raises(co.ConfigError, match="CRATE_OPERATOR_NOPE"):
+        co.load_config(path, {"CRATE_OPERATOR_NOPE": "1"}, {})
+
+
+def test_config_requires_token(tmp_path):
+    path = write_config(tmp_path, {"callback_secret": "s" * 32})
+    with pytest.raises(co.ConfigError, match="token"):
+        co.load_config(path, {}, {})
+
+
+def test_config_token_file_mode_checked(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("x" * 32)
+    token.chmod(0o644)
+    path = write_config(tmp_path, {"token_file": str(token),
+                                   "callback_secret": "s" * 32})
+    with pytest.raises(co.ConfigError, match=str(token)):
+        co.load_config(path, {}, {})
+    token.chmod(0o600)
+    assert co.load_config(path, {}, {}).token == "x" * 32
+
+
+def test_config_masks_secrets(tmp_path):
+    config = co.load_config(write_config(tmp_path, BASE), {}, {})
+    shown = json.dumps(config.as_dict())
+    assert "t" * 32 not in shown
+    assert "s" * 32 not in shown
+
+
+def test_config_list_from_env(tmp_path):
+    path = write_config(tmp_path, BASE)
+    env = {"CRATE_OPERATOR_SYSTEMCTL": '["nsenter", "-t", "1", "systemctl"]'}
+    config = co.load_config(path, env, {})
+    assert config.systemctl == ["nsenter", "-t", "1", "systemctl"]
+
+
+def test_check_config_cli_exit_codes(tmp_path):
+    good = write_config(tmp_path, BASE)
+    script = str(pathlib.Path(co.__file__))
+    ok = subprocess.run([sys.executable, script, "check-config", "--config",
+                         good], capture_output=True, text=True)
+    assert ok.returncode == 0
+    assert "***" in ok.stdout
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(dict(BASE, listen="nonsense")))
+    failed = subprocess.run([sys.executable, script, "check-config",
+                             "--config", str(bad)], capture_output=True,
+                            text=True)
+    assert failed.returncode != 0
+    assert "listen" in failed.stderr
+
+
+# --- store
+
+def test_atomic_write_mode_and_content(tmp_path):
+    path = str(tmp_path / "x.json")
+    co.atomic_write_json(path, {"a": 1})
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert co.read_json(path) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_atomic_write_readers_never_see_partial(tmp_path):
+    path = str(tmp_path / "r.json")
+    co.atomic_write_json(path, {"n": 0, "pad": "x" * 100000})
+    stop = threading.Event()
+    bad = []
+
+    def reader():
+        while not stop.is_set():
+            try:
+                value = co.read_json(path)
+            except ValueError as exc:
+                bad.append(exc)
+                continue
+            if value is None or len(value["pad"]) != 100000:
+                bad.append(value)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    for n in range(200):
+        co.atomic_write_json(path, {"n": n, "pad": "x" * 100000})
+    stop.set()
+    thread.join()
+    assert bad == []
+
+
+def test_store_lock_rejects_second_owner(tmp_path):
+    first = co.Store(str(tmp_path))
+    first.lock_exclusive()
+    code = ("import sys; sys.path.insert(0, %r); import crate_operator as c; "
+            "c.Store(%r).lock_exclusive()" % (str(pathlib.Path(co.__file__)
+                                                  .parent), str(tmp_path)))
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                           text=True)
+    assert other.returncode != 0
+    assert "in use by another crate-operator" in other.stderr
+
+
+def test_store_seq_increases_across_threads(tmp_path):
+    store = co.Store(str(tmp_path))
+    seen = []
+    lock = threading.Lock()
+
+    def take():
+        for _ in range(20):
+            value = store.next_seq()
+            with lock:
+                seen.append(value)
+
+    threads = [threading.Thread(target=take) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(seen) == list(range(1, 81))
+
+
+def test_request_digest_keyed_not_plain(tmp_path):
+    store = co.Store(str(tmp_path))
+    body = {"registry_credentials": {"password": "hunter2"}}
+    digest = store.request_digest(body)
+    plain = hashlib.sha256(json.dumps(body, sort_keys=True).encode())
+    assert digest != plain.hexdigest()
+    assert digest == store.request_digest(dict(body))
+    other = co.Store(str(tmp_path / "other"))
+    assert other.request_digest(body) != digest
+
+
+# --- systemd rendering
+
+ENV_CASES = {
+    "SPACES": "hello world",
+    "QUOTES": 'say "hi" and \'bye\'',
+    "DOLLAR": "$HOME ${PATH} $$",
+    "PERCENT": "(uid=%s) 50% a%20b %n %%",
+    "BACKSLASH": "a\\b\\\\c\\",
+    "TABS": "a\tb",
+    "NEWLINES": "-----BEGIN KEY-----\nabc\n-----END KEY-----\n",
+    "EQUALS": "a=b=c",
+    "EMPTY": "",
+    "UNICODE": "grüße ☃ 日本",
+    "BACKTICK": "`id`",
+}
+
+
+def parse_env_file(text):
+    """Parse env-file double-quoted values the way systemd 252 does."""
+    out = {}
+    i = 0
+    while i < len(text):
+        if text[i] == "#":
+            i = text.index("\n", i) + 1
+            continue
+        eq = text.index("=", i)
+        name = text[i:eq]
+        assert text[eq + 1] == '"'
+        j = eq + 2
+        value = []
+        while text[j] != '"':
+            if text[j] == "\\" and text[j + 1] in '"\\`$':
+                value.append(text[j + 1])
+                j += 2
+            else:
+                value.append(text[j])
+                j += 1
+        out[name] = "".join(value)
+        i = text.index("\n", j) + 1
+    return out
+
+
+def test_env_file_round_trip():
+    text = co.render_env_file(ENV_CASES)
+    assert parse_env_file(text) == ENV_CASES
+
+
+@settings(max_examples=300, derandomize=True)
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",),
+                                      blacklist_characters="\x00")))
+def test_env_file_round_trip_any_text(value):
+    assert parse_env_file(co.render_env_file({"V": value})) == {"V": value}
+
+
+def test_env_file_rejects_nul():
+    with pytest.raises(co.StepError):
+        co.render_env_file({"A": "x\x00y"})
+
+
+def test_exec_word_escaping():
+    assert co.escape_unit_word("/a b") == '"/a b"'
+    assert co.escape_unit_word("50%") == '"50%%"'
+    assert co.escape_unit_word("$PORT") == '"$$PORT"'
+    assert co.escape_unit_word('a"b\\c') == '"a\\"b\\\\c"'
+    assert co.escape_unit_word("a\nb") == '"a\\x0ab"'
+
+
+def unit_spec(**changes):
+    spec = {"app_id": 7, "instance_id": "blue", "version": "v1%x",
+            "deployment_id": "9", "exec_argv": ["/srv/apps/7/r/app", "--x=$Y"],
+            "workdir": "/srv/apps/7/r", "env_file": "/srv/apps/7/env/b.env",
+            "app_user": "dynamic", "stop_timeout_s": 30.0,
+            "restart_sec_s": 1.0}
+    spec.update(changes)
+    return spec
+
+
+def test_unit_rendering_contents():
+    text = co.render_unit(unit_spec())
+    assert "DynamicUser=yes" in text
+    assert "Restart=on-failure" in text
+    assert "RestartSec=1s" in text
+    assert 'ExecStart="/srv/apps/7/r/app" "--x=$$Y"' in text
+    assert "version v1%%x" in text
+    assert "EnvironmentFile=/srv/apps/7/env/b.env" in text
+    assert "NoNewPrivileges=yes" in text
+    named = co.render_unit(unit_spec(app_user="crate-app"))
+    assert "User=crate-app" in named
+    assert "DynamicUser" not in named
+
+
+def test_unit_rejects_unsafe_paths():
+    with pytest.raises(co.StepError):
+        co.render_unit(unit_spec(env_file="/srv/a b/env"))
+    with pytest.raises(co.StepError):
+        co.render_unit(unit_spec(workdir="/srv/../etc"))
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"),
+                    reason="systemd-analyze is not installed")
+def test_unit_passes_systemd_analyze_verify(tmp_path):
+    app = tmp_path / "r"
+    app.mkdir()
+    exe = app / "app"
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    env = tmp_path / "b.env"
+    env.write_text(co.render_env_file(ENV_CASES))
+    spec = unit_spec(exec_argv=[str(exe), "%h", "$X", ";"],
+                     workdir=str(app), env_file=str(env))
+    unit = tmp_path / "crate-app-7-blue.service"
+    unit.write_text(co.render_unit(spec))
+    result = subprocess.run(["systemd-analyze", "verify", "--man=no",
+                             str(unit)], capture_output=True, text=True)
+    relevant = [line for line in result.stderr.splitlines()
+                if "crate-app-7-blue" in line]
+    assert relevant == []
+
+
+# --- daemon-reload coalescing (a fake systemctl that records its calls)
+
+def test_daemon_reload_coalesced(tmp_path):
+    calls = tmp_path / "calls"
+    fake = tmp_path / "systemctl"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\nsleep 0.2\n")
+    fake.chmod(0o755)
+    systemd = co.Systemd([str(fake)], str(tmp_path))
+    threads = [threading.Thread(target=systemd.daemon_reload)
+               for _ in range(8)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    reloads = calls.read_text().splitlines()
+    assert 1 <= len(reloads) <= 2
+    assert time.monotonic() - started < 1.5
+
+
+def test_daemon_reload_after_request_runs_again(tmp_path):
+    calls = tmp_path / "calls"
+    fake = tmp_path / "systemctl"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    fake.chmod(0o755)
+    systemd = co.Systemd([str(fake)], str(tmp_path))
+    systemd.daemon_reload()
+    systemd.daemon_reload()
+    assert len(calls.read_text().splitlines()) == 2
+
+
+def test_systemd_refuses_foreign_units(tmp_path):
+    systemd = co.Systemd(["true"], str(tmp_path))
+    with pytest.raises(co.OperatorError):
+        systemd.write_unit("ssh.service", "x")
+
+
+# --- signing and logging
+
+def test_sign_body_matches_hmac():
+    body = b'{"a":1}'
+    expected = hmac.new(b"key", body, hashlib.sha256).hexdigest()
+    assert co.sign_body("key", body) == "sha256=" + expected
+
+
+def test_log_value_escapes_control_characters():
+    rendered = co._log_value("evil\nlevel=error")
+    assert "\n" not in rendered
+    assert rendered.startswith('"')
+
+
+def test_utc_now_format():
+    text = co.utc_now(0)
+    assert text == "1970-01-01T00:00:00.000Z"
