@@ -3662,8 +3662,9 @@ class Strategies:
 
     def _new_instance(self, plan: dict, slot: str, release: dict) -> dict:
         return {
-            "instance_id": slot, "slot": slot if plan["model"] == "slots"
-            else None, "port": plan["targets"][slot],
+            "instance_id": slot, "kind": plan["kind"],
+            "slot": slot if plan["model"] == "slots" else None,
+            "port": plan["targets"][slot],
             "version": plan["version"],
             "deployment_id": plan["deployment_id"],
             "release": release["release"],
@@ -3672,7 +3673,7 @@ class Strategies:
         }
 
     def _start_and_check(self, job: DeployJob, instance: dict) -> None:
-        runtime = self.op.runtime
+        runtime = self.op.runtime_for(job.plan["kind"])
         job.step("start_instance", runtime.start, instance,
                  message=f"{instance['unit']} on port {instance['port']}")
         job.step("health_check", self.op.wait_healthy, job.plan, instance)
@@ -3693,7 +3694,8 @@ class Strategies:
     # --- bluegreen and first deploys: start beside, switch, drain, stop
 
     def _switch(self, job: DeployJob, app: dict, slot: str, old: list):
-        plan, runtime = job.plan, self.op.runtime
+        plan = job.plan
+        runtime = self.op.runtime_for(plan["kind"])
         release = job.step("fetch_asset", runtime.prepare, plan,
                            message=redact_url(plan["asset_url"]))
         instance = self._new_instance(plan, slot, release)
@@ -3732,15 +3734,15 @@ class Strategies:
         deployment, because the new version already serves.
         """
         try:
-            job.step("stop_old", self.op.runtime.stop, item,
-                     message=item["unit"])
+            runtime = self.op.runtime_for(item["kind"])
+            job.step("stop_old", runtime.stop, item, message=item["unit"])
             item["state"] = "stopped"
         except Exception:
             item["state"] = "stop-failed"
 
     def _undo_new(self, job: DeployJob, instance: dict, snap: dict) -> None:
         """Stop a new instance that never took traffic and restore files."""
-        runtime = self.op.runtime
+        runtime = self.op.runtime_for(job.plan["kind"])
 
         def undo():
             runtime.stop(instance)
@@ -3753,7 +3755,8 @@ class Strategies:
     # --- immediate: replace the live instance in place (short gap)
 
     def _in_place(self, job: DeployJob, app: dict, live: dict):
-        plan, runtime = job.plan, self.op.runtime
+        plan = job.plan
+        runtime = self.op.runtime_for(plan["kind"])
         release = job.step("fetch_asset", runtime.prepare, plan,
                            message=redact_url(plan["asset_url"]))
         slot = live["instance_id"]
@@ -3784,7 +3787,7 @@ class Strategies:
 
     def _restore_in_place(self, job, app, old, snap, exc):
         """Bring back the version that served before an in-place update."""
-        runtime = self.op.runtime
+        runtime = self.op.runtime_for(job.plan["kind"])
 
         def restore():
             runtime.stop(old)
@@ -4063,7 +4066,7 @@ class Operator:
         self.caddy = CaddyClient(config.caddy_admin, config.caddy_server,
                                  config.caddy_listen,
                                  config.caddy_automatic_https)
-        self.runtime = BinaryRuntime(config, self.systemd)
+        self.runtimes = {"binary": BinaryRuntime(config, self.systemd)}
         self.strategies = Strategies(self)
         self.runner = JobRunner()
         self.outbox = CallbackOutbox(self.store, config)
@@ -4105,14 +4108,19 @@ class Operator:
                    "serving_version": None, "created_at": utc_now()}
         return app
 
+    def runtime_for(self, kind: str):
+        """Return the runtime of an app kind ("binary")."""
+        return self.runtimes[kind]
+
     def wait_healthy(self, plan: dict, instance: dict) -> None:
         """Wait until an instance passes its health check, or raise."""
         cfg = self.config
+        runtime = self.runtime_for(instance["kind"])
         path = plan.get("health_check_path")
         deadline = time.monotonic() + cfg.health_timeout_s
         detail = "not checked yet"
         while True:
-            problem = self.runtime.problem(instance)
+            problem = runtime.problem(instance)
             if problem:
                 raise StepError(f"instance {instance['instance_id']} stopped "
                                 f"during its health check: {problem}")
@@ -4130,14 +4138,14 @@ class Operator:
                     f"(last result: {detail})")
             time.sleep(cfg.health_interval_s)
         if not path:
-            self._wait_grace(instance)
+            self._wait_grace(runtime, instance)
 
-    def _wait_grace(self, instance: dict) -> None:
+    def _wait_grace(self, runtime, instance: dict) -> None:
         """Without a health path the unit must stay active for a while."""
         end = time.monotonic() + self.config.health_grace_s
         while time.monotonic() < end:
             time.sleep(self.config.health_interval_s)
-            problem = self.runtime.problem(instance)
+            problem = runtime.problem(instance)
             if problem:
                 raise StepError(f"instance {instance['instance_id']} did not "
                                 f"stay up: {problem}")

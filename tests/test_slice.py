@@ -144,7 +144,7 @@ def test_bluegreen_switch_without_failed_requests(operator, caddy, assets,
         f"crate-app-{app_id}-blue.service", f"crate-app-{app_id}-green.service"]
 
 
-def test_bluegreen_drains_before_stopping_old(operator, assets, callbacks):
+def test_bluegreen_drains_before_stopping_old_f19(operator, assets, callbacks):
     app_id = next_id()
     first = deploy_body(app_id, next_id(), assets["b1"], callbacks)
     assert deploy(operator, first)["state"] == "succeeded"
