@@ -122,7 +122,15 @@ CONFIG_SPEC = {
     "request_timeout_s": (30.0, float,
                           "socket timeout while reading a request"),
     "log_format": ("text", str, "'text' (key=value) or 'json'"),
+    "port_range_min": (20000, int,
+                       "lowest loopback port the operator picks for a "
+                       "bluegreen sibling in the instances model"),
+    "port_range_max": (29999, int, "highest such port"),
 }
+
+# Ports handed to a bluegreen sibling stay reserved this long (seconds), so
+# two deploys running at once never pick the same one before it is recorded.
+PORT_RESERVATION_S = 600
 
 SECRET_KEYS = frozenset({"token", "callback_secret"})
 ENV_PREFIX = "CRATE_OPERATOR_"
@@ -656,6 +664,15 @@ _DEPLOYMENT_STATUS = _object({
     "steps": {"type": "array", "items": _ref("DeploymentStep")},
     "instances": {"type": "array", "items": _ref("InstanceState")},
     "allocations": {"type": "array", "items": _ref("TrafficAllocation")},
+    "changes": {
+        "type": ["object", "null"],
+        "description": "Instances model only: the instance ids this "
+                       "deployment creates, updates and removes, decided "
+                       "from the host's own records.",
+        "properties": {
+            key: {"type": "array", "items": {"type": "string"}}
+            for key in ("create", "update", "remove")},
+    },
 }, description="Progress and outcome of one deployment or instance action.")
 
 _DEPLOYMENT_STEP = _object({
@@ -1837,6 +1854,10 @@ def _check_config(values: dict) -> None:
             problems.append(f"{key} must be an absolute path")
     if not values["systemctl"]:
         problems.append("systemctl must name a command")
+    if not 1024 <= values["port_range_min"] <= values["port_range_max"] \
+            <= 65535:
+        problems.append("port_range_min..port_range_max must be a range "
+                        "within 1024-65535")
     if values["log_format"] not in ("text", "json"):
         problems.append("log_format must be 'text' or 'json'")
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", values["caddy_server"]):
@@ -2469,6 +2490,11 @@ def weights_to_entries(upstreams: list) -> list[str]:
     active = [
         (dial, weight) for dial, weight in _validate_upstreams(upstreams) if weight
     ]
+    weights = [weight for _, weight in active]
+    if len(active) > 1 and max(weights) - min(weights) <= 1:
+        # An equal split that integer percentages cannot express exactly
+        # (three upstreams are 34/33/33) gets one entry per upstream.
+        return [dial for dial, _ in active]
     divisor = 0
     for _, weight in active:
         divisor = math.gcd(divisor, weight)
@@ -3341,9 +3367,9 @@ class BinaryRuntime:
         """Return the directory of one app under apps_dir."""
         return os.path.join(self.config.apps_dir, str(int(app_id)))
 
-    def env_path(self, app_id: int, instance_id: str) -> str:
-        """Return the EnvironmentFile path of one instance."""
-        return os.path.join(self.app_dir(app_id), "env", f"{instance_id}.env")
+    def env_path(self, app_id: int, name: str) -> str:
+        """Return the EnvironmentFile path of the instance named ``name``."""
+        return os.path.join(self.app_dir(app_id), "env", f"{name}.env")
 
     def release_path(self, app_id: int, version: str, deployment_id) -> str:
         """Return the release directory of one version and deployment."""
@@ -3410,24 +3436,28 @@ class BinaryRuntime:
         })
         return env
 
-    def snapshot(self, app_id: int, instance_id: str) -> dict:
-        """Return the current unit and env file texts, for a later restore."""
-        name = unit_name(app_id, instance_id)
-        env_path = self.env_path(app_id, instance_id)
+    def snapshot(self, app_id: int, name: str) -> dict:
+        """Return the current unit and env file texts, for a later restore.
+
+        ``name`` is the instance's unit stem: the slot name in the slots
+        model, "<instance_id>.<color>" in the instances model.
+        """
+        env_path = self.env_path(app_id, name)
+        unit = unit_name(app_id, name)
         env_text = None
         with contextlib.suppress(FileNotFoundError):
             with open(env_path, "rb") as handle:
                 env_text = handle.read()
-        return {"unit": self.systemd.read_unit(name), "env": env_text}
+        return {"unit": self.systemd.read_unit(unit), "env": env_text}
 
-    def restore(self, app_id: int, instance_id: str, snap: dict) -> None:
+    def restore(self, app_id: int, name: str, snap: dict) -> None:
         """Put back the unit and env file texts saved by snapshot."""
-        name = unit_name(app_id, instance_id)
-        env_path = self.env_path(app_id, instance_id)
+        unit = unit_name(app_id, name)
+        env_path = self.env_path(app_id, name)
         if snap["unit"] is None:
-            self.systemd.remove_unit(name)
+            self.systemd.remove_unit(unit)
         else:
-            self.systemd.write_unit(name, snap["unit"])
+            self.systemd.write_unit(unit, snap["unit"])
         if snap["env"] is None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(env_path)
@@ -3437,7 +3467,7 @@ class BinaryRuntime:
     def install(self, plan: dict, instance: dict, release: dict) -> None:
         """Write the env file and unit of one instance (reload follows)."""
         app_id = plan["app_id"]
-        env_path = self.env_path(app_id, instance["instance_id"])
+        env_path = self.env_path(app_id, instance["name"])
         os.makedirs(os.path.dirname(env_path), mode=0o700, exist_ok=True)
         text = render_env_file(self.instance_env(plan, instance))
         atomic_write(env_path, text.encode("utf-8"), 0o600)
@@ -3487,9 +3517,8 @@ class BinaryRuntime:
         """Stop an instance and delete its unit and env file."""
         self.stop(instance)
         self.systemd.remove_unit(instance["unit"])
-        app_id = int(instance["unit"][len(UNIT_PREFIX):].split("-", 1)[0])
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.env_path(app_id, instance["instance_id"]))
+            os.unlink(self.env_path(instance["app_id"], instance["name"]))
 
 
 def _remove_tree(path: str) -> None:
@@ -3533,7 +3562,7 @@ def status_document(record: dict) -> dict:
     keys = ("deployment_id", "app_id", "kind", "model", "strategy", "action",
             "state", "error", "created_at", "started_at", "finished_at",
             "target_version", "serving_version", "domain", "steps",
-            "instances", "allocations")
+            "instances", "allocations", "changes")
     return {key: copy.deepcopy(record.get(key)) for key in keys}
 
 
@@ -3626,6 +3655,31 @@ class DeployJob:
         self.set_state(outcome, error)
 
 
+def new_instance(plan: dict, instance_id: str, name: str, port: int,
+                 release: dict) -> dict:
+    """Return the record of an instance about to run ``release``.
+
+    ``name`` is the unit stem: the slot in the slots model, and
+    "<instance_id>.<color>" in the instances model, where a bluegreen
+    sibling runs beside the old instance under the other color.
+    """
+    return {
+        "instance_id": instance_id, "app_id": plan["app_id"],
+        "kind": plan["kind"], "name": name,
+        "slot": instance_id if plan["model"] == "slots" else None,
+        "port": port, "version": plan["version"],
+        "deployment_id": plan["deployment_id"],
+        "release": release["release"],
+        "unit": unit_name(plan["app_id"], name),
+        "state": "starting", "serving": False,
+    }
+
+
+def split_weights(count: int) -> list:
+    """Return ``count`` integer percentages as equal as possible, sum 100."""
+    return [100 // count + (1 if n < 100 % count else 0) for n in range(count)]
+
+
 class Strategies:
     """immediate and bluegreen written once against a runtime and Caddy.
 
@@ -3646,9 +3700,11 @@ class Strategies:
                               "version; nothing was changed. Use immediate or "
                               "bluegreen")
         app = self.op.load_or_new_app(plan)
-        live = [i for i in app["instances"].values() if i.get("serving")]
         job.record["action"] = "update" if app["instances"] else "create"
         job.save()
+        if plan["model"] == "instances":
+            return InstanceSetDeploy(self, job, app).run()
+        live = [i for i in app["instances"].values() if i.get("serving")]
         if not live:
             target = sorted(plan["targets"])[0]
             return self._switch(job, app, target, [])
@@ -3661,16 +3717,7 @@ class Strategies:
     # --- helpers
 
     def _new_instance(self, plan: dict, slot: str, release: dict) -> dict:
-        return {
-            "instance_id": slot, "kind": plan["kind"],
-            "slot": slot if plan["model"] == "slots" else None,
-            "port": plan["targets"][slot],
-            "version": plan["version"],
-            "deployment_id": plan["deployment_id"],
-            "release": release["release"],
-            "unit": unit_name(plan["app_id"], slot),
-            "state": "starting", "serving": False,
-        }
+        return new_instance(plan, slot, slot, plan["targets"][slot], release)
 
     def _start_and_check(self, job: DeployJob, instance: dict) -> None:
         runtime = self.op.runtime_for(job.plan["kind"])
@@ -3680,9 +3727,8 @@ class Strategies:
 
     def _route(self, job: DeployJob, app: dict, serving: list) -> None:
         """Point the app's route at ``serving`` (one Caddy call)."""
-        upstreams = [(f"127.0.0.1:{i['port']}", 100 // len(serving)
-                      + (1 if n < 100 % len(serving) else 0))
-                     for n, i in enumerate(serving)]
+        upstreams = [(f"127.0.0.1:{i['port']}", weight)
+                     for i, weight in zip(serving, split_weights(len(serving)))]
         self.op.caddy.ensure_server()
         self.op.caddy.set_app_route(job.app_id, job.plan["domain"], upstreams)
         app["domain"] = job.plan["domain"]
@@ -3746,7 +3792,7 @@ class Strategies:
 
         def undo():
             runtime.stop(instance)
-            runtime.restore(job.app_id, instance["instance_id"], snap)
+            runtime.restore(job.app_id, instance["name"], snap)
             self.op.systemd.daemon_reload()
 
         with contextlib.suppress(Exception):
@@ -3791,7 +3837,7 @@ class Strategies:
 
         def restore():
             runtime.stop(old)
-            runtime.restore(job.app_id, old["instance_id"], snap)
+            runtime.restore(job.app_id, old["name"], snap)
             self.op.systemd.daemon_reload()
             runtime.start(old)
             self.op.wait_healthy(job.plan, old)
@@ -3810,6 +3856,215 @@ class Strategies:
         self.op.store.save_app(app)
         return "rolled_back", (f"{exc}; version {old['version']} was "
                                f"restored and serves again")
+
+
+
+class InstanceSetDeploy:
+    """One deployment of the instances model: the request is the desired set.
+
+    Instance ids in the request but not on the host are created, ids on the
+    host but not in the request are drained and removed, and the others are
+    updated: one at a time in place (``immediate``, a rolling update), or
+    all at once beside the old ones on free ports from the configured range
+    (``bluegreen``).  A failure restores the previous set.
+    """
+
+    def __init__(self, strategies: Strategies, job: DeployJob, app: dict):
+        self.strategies = strategies
+        self.op = strategies.op
+        self.job = job
+        self.plan = job.plan
+        self.app = app
+        self.runtime = self.op.runtime_for(job.plan["kind"])
+        current = app["instances"]
+        desired = job.plan["targets"]
+        self.creates = sorted(i for i in desired if i not in current)
+        self.updates = sorted(i for i in desired if i in current)
+        self.removes = sorted(i for i in current if i not in desired)
+        self.before = copy.deepcopy(current)
+
+    def run(self) -> tuple:
+        """Run the strategy; return (terminal state, error or None)."""
+        self.job.record["changes"] = {"create": self.creates,
+                                      "update": self.updates,
+                                      "remove": self.removes}
+        self.job.save()
+        log("deployment.instance_set", create=self.creates,
+            update=self.updates, remove=self.removes, **self.job.ids)
+        self.release = self.job.step(
+            "fetch_asset", self.runtime.prepare, self.plan,
+            message=redact_url(self.plan["asset_url"] or ""))
+        if self.plan["strategy"] == "bluegreen":
+            return self._bluegreen()
+        return self._rolling()
+
+    # --- shared steps
+
+    def _member(self, instance_id: str, port: int, color: str) -> dict:
+        return new_instance(self.plan, instance_id, f"{instance_id}.{color}",
+                            port, self.release)
+
+    def _route(self, serving: dict) -> None:
+        members = [serving[key] for key in sorted(serving)]
+        self.job.step("switch_route", self.strategies._route, self.job,
+                      self.app, members,
+                      message=", ".join(str(m["port"]) for m in members))
+
+    def _bring_up(self, members: list) -> None:
+        """Write units, reload once, then start and check each member."""
+        for member in members:
+            self.job.step("write_unit", self.runtime.install, self.plan,
+                          member, self.release, message=member["unit"])
+        self.job.step("daemon_reload", self.op.systemd.daemon_reload)
+        for member in members:
+            self.active_id = member["instance_id"]
+            self.strategies._start_and_check(self.job, member)
+            member.update(state="running", serving=True)
+
+    def _drain(self) -> None:
+        self.job.step("drain", time.sleep, self.op.config.drain_s,
+                      message=f"{self.op.config.drain_s:g}s")
+
+    def _save(self, serving: dict, version: str | None = None) -> None:
+        self.app["instances"] = serving
+        if version:
+            self.app["serving_version"] = version
+        self.op.store.save_app(self.app)
+
+    def _remove_members(self, members: list) -> None:
+        for member in members:
+            try:
+                self.job.step("stop_old", self.runtime.remove, member,
+                              message=member["unit"])
+            except Exception:  # recorded by step(); the new set serves
+                pass
+        self.op.systemd.daemon_reload()
+
+    # --- immediate: rolling update, one instance at a time
+
+    def _rolling(self) -> tuple:
+        serving = {k: v for k, v in self.before.items() if v.get("serving")}
+        self.changed = False
+        self.created, self.updated, self.current = [], [], None
+        self.active_id = "?"
+        try:
+            self._rolling_creates(serving)
+            for instance_id in self.updates:
+                self._rolling_update(serving, instance_id)
+        except Exception as exc:
+            return self._rolling_restore(exc, self.active_id)
+        self._remove_unwanted(serving)
+        return "succeeded", None
+
+    def _rolling_creates(self, serving: dict) -> None:
+        members = [self._member(i, self.plan["targets"][i], "a")
+                   for i in self.creates]
+        if not members:
+            return
+        self.created = members
+        self._bring_up(members)
+        serving.update({m["instance_id"]: m for m in members})
+        self.changed = True
+        self._route(serving)
+        self._save(serving)
+
+    def _rolling_update(self, serving: dict, instance_id: str) -> None:
+        self.active_id = instance_id
+        old = self.before[instance_id]
+        color = old.get("name", "x.a").rsplit(".", 1)[-1]
+        member = self._member(instance_id, self.plan["targets"][instance_id],
+                              color)
+        snap = self.runtime.snapshot(self.job.app_id, member["name"])
+        self.current = (old, snap)
+        others = {k: v for k, v in serving.items() if k != instance_id}
+        if others:
+            self._route(others)
+            self._drain()
+        self.changed = True
+        self.job.step("stop_old", self.runtime.stop, old, message=old["unit"])
+        self._bring_up([member])
+        serving[instance_id] = member
+        self._route(serving)
+        self.updated.append((old, snap))
+        self.current = None
+        self._save(serving)
+
+    def _rolling_restore(self, exc: Exception, failing: str) -> tuple:
+        """Put the previous set back after a failed rolling update."""
+        reason = f"instance {failing} failed: {exc}"
+        restore = list(self.updated)
+        if self.current is not None:
+            restore.append(self.current)
+
+        def undo():
+            for member in self.created:
+                self.runtime.remove(member)
+            for old, snap in restore:
+                self.runtime.stop(old)
+                self.runtime.restore(self.job.app_id, old["name"], snap)
+            self.op.systemd.daemon_reload()
+            for old, _snap in restore:
+                self.runtime.start(old)
+                self.op.wait_healthy(self.plan, old)
+            previous = {k: v for k, v in self.before.items()
+                        if v.get("serving")}
+            if previous:
+                self.strategies._route(self.job, self.app,
+                                       [previous[k] for k in sorted(previous)])
+            self._save(self.before)
+
+        if not self.changed:
+            with contextlib.suppress(Exception):
+                self.job.step("rollback", undo, message="remove new instances")
+            return "failed", f"{reason}; nothing was changed"
+        try:
+            self.job.step("rollback", undo, message="restore previous set")
+        except Exception as restore_exc:
+            return "failed", (f"{reason}; restoring the previous set also "
+                              f"failed: {restore_exc}")
+        return "rolled_back", f"{reason}; the previous set was restored"
+
+    def _remove_unwanted(self, serving: dict) -> None:
+        gone = [self.before[i] for i in self.removes]
+        for instance_id in self.removes:
+            serving.pop(instance_id, None)
+        if not gone:
+            self._save(serving, self.plan["version"])
+            return
+        self._route(serving)
+        self._drain()
+        self._remove_members(gone)
+        self._save(serving, self.plan["version"])
+
+    # --- bluegreen: siblings on free ports, one switch, drain, stop old
+
+    def _bluegreen(self) -> tuple:
+        ports = self.op.free_ports(len(self.plan["targets"]))
+        siblings = {}
+        for instance_id, port in zip(sorted(self.plan["targets"]), ports):
+            old = self.before.get(instance_id)
+            color = "a"
+            if old and old.get("name", "").endswith(".a"):
+                color = "b"
+            siblings[instance_id] = self._member(instance_id, port, color)
+        try:
+            self._bring_up(list(siblings.values()))
+            self._route(siblings)
+        except Exception as exc:
+            def undo():
+                for member in siblings.values():
+                    self.runtime.remove(member)
+                self.op.systemd.daemon_reload()
+
+            with contextlib.suppress(Exception):
+                self.job.step("rollback", undo, message="remove siblings")
+            return "failed", f"{exc}; the previous set keeps serving"
+        self._save(siblings, self.plan["version"])
+        old = list(self.before.values())
+        if old:
+            self._drain()
+            self._remove_members(old)
+        return "succeeded", None
 
 
 # === Job runner and callbacks ===
@@ -4071,6 +4326,8 @@ class Operator:
         self.runner = JobRunner()
         self.outbox = CallbackOutbox(self.store, config)
         self._accept_lock = threading.Lock()
+        self._ports_lock = threading.Lock()
+        self._reserved_ports = {}
         self.started_at = time.time()
 
     # --- start-up
@@ -4107,6 +4364,40 @@ class Operator:
                    "domain": None, "instances": {}, "allocations": [],
                    "serving_version": None, "created_at": utc_now()}
         return app
+
+    def free_ports(self, count: int) -> list:
+        """Pick ``count`` free loopback ports from the configured range.
+
+        A port is skipped when any app record uses it, a deploy reserved it
+        recently, or something on 127.0.0.1 already accepts connections on
+        it.
+        """
+        low, high = self.config.port_range_min, self.config.port_range_max
+        used = {i.get("port") for app in self.store.apps()
+                for i in app.get("instances", {}).values()}
+        picked = []
+        with self._ports_lock:
+            now = time.monotonic()
+            self._reserved_ports = {p: t for p, t in self._reserved_ports.items()
+                                    if now - t < PORT_RESERVATION_S}
+            size = high - low + 1
+            start = random.randrange(size)
+            for offset in range(size):
+                port = low + (start + offset) % size
+                if port in used or port in self._reserved_ports or \
+                        _port_in_use(port):
+                    continue
+                picked.append(port)
+                if len(picked) == count:
+                    break
+            if len(picked) < count:
+                raise StepError(
+                    f"only {len(picked)} free ports in port_range_min.."
+                    f"port_range_max ({low}-{high}), {count} needed; widen "
+                    f"the range")
+            for port in picked:
+                self._reserved_ports[port] = now
+        return picked
 
     def runtime_for(self, kind: str):
         """Return the runtime of an app kind ("binary")."""
@@ -4272,6 +4563,21 @@ class Operator:
         return report
 
 
+def plan_from_instances_request(value: dict, kind: str) -> dict:
+    """Normalise a validated instances-model request into a deploy plan.
+
+    The reference has no version in this model, so target_version is an
+    optional extension and defaults to "deploy-<deployment_id>".
+    """
+    plan = plan_from_slots_request(dict(value, slots=value["instances"],
+                                        target_version=value.get(
+                                            "target_version") or
+                                        f"deploy-{value['deployment_id']}"),
+                                   kind)
+    plan["model"] = "instances"
+    return plan
+
+
 def plan_from_slots_request(value: dict, kind: str) -> dict:
     """Normalise a validated slots-model request into a deploy plan."""
     return {
@@ -4318,9 +4624,6 @@ NOT_IMPLEMENTED = {
                            "version",
     "deploy_docker_instances": "docker deployments are not available in this "
                                "version",
-    "deploy_binary_instances": "the instances model is not available in this "
-                               "version; use POST /v1/app/instance/binary/"
-                               "deploy",
     "delete": "app deletion is not available in this version",
     "domain_update": "domain updates are not available in this version",
     "start": "start is not available in this version",
@@ -4548,6 +4851,15 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         plan = plan_from_slots_request(value, "binary")
         return op.accept_deploy("deploy_binary_slots", value, ignored, plan)
 
+    def handle_deploy_binary_instances(self, body, params):
+        """POST /v1/app/binary/deploy (the instances model)."""
+        op = self.server.operator
+        value, ignored = self._validated("deploy_binary_instances", body)
+        op.check_urls(value)
+        plan = plan_from_instances_request(value, "binary")
+        return op.accept_deploy("deploy_binary_instances", value, ignored,
+                                plan)
+
     def _status(self, endpoint: str, raw_id: str):
         raw_id = urllib.parse.unquote(raw_id)
         value, errors = validate_path_param(endpoint, raw_id)
@@ -4575,6 +4887,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         "healthz": handle_healthz,
         "openapi": handle_openapi,
         "deploy_binary_slots": handle_deploy_binary_slots,
+        "deploy_binary_instances": handle_deploy_binary_instances,
         "status_legacy": handle_status_legacy,
         "status_instance": handle_status_instance,
     }

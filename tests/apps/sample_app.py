@@ -6,7 +6,8 @@ Serves HTTP/1.1 on 127.0.0.1:$PORT with the standard library only:
   GET /         200 "<BUILD> version=<CRATE_VERSION> instance=<CRATE_INSTANCE_ID>"
   GET /env      200 JSON object of the process environment
   GET /healthz  200 "ok", or 500 "fail" when SAMPLE_FAIL_HEALTH=1 or the file
-                named by SAMPLE_HEALTH_FILE exists and contains "fail"
+                named by SAMPLE_HEALTH_FILE exists and contains "fail", or
+                when SAMPLE_FAIL_HEALTH_INSTANCE equals CRATE_INSTANCE_ID
   GET /whoami   200 JSON {"uid", "gid", "euid"}
 
 SAMPLE_EXIT_CODE=N makes the process exit with status N before it binds the
@@ -82,6 +83,10 @@ def root_text() -> str:
 def health_failing() -> bool:
     """Return True when the environment or the health file requests a 500."""
     if os.environ.get("SAMPLE_FAIL_HEALTH") == "1":
+        return True
+    failing_instance = os.environ.get("SAMPLE_FAIL_HEALTH_INSTANCE")
+    if failing_instance and failing_instance == os.environ.get(
+            "CRATE_INSTANCE_ID"):
         return True
     health_file = os.environ.get("SAMPLE_HEALTH_FILE")
     if not health_file:
