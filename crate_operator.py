@@ -126,6 +126,12 @@ CONFIG_SPEC = {
                        "lowest loopback port the operator picks for a "
                        "bluegreen sibling in the instances model"),
     "port_range_max": (29999, int, "highest such port"),
+    "canary_steps": ([10, 25, 50, 100], list,
+                     "traffic percentages of a canary, increasing, ending "
+                     "at 100"),
+    "canary_pause_s": (60.0, float,
+                       "time each canary step lasts while the canary is "
+                       "watched"),
 }
 
 # Ports handed to a bluegreen sibling stay reserved this long (seconds), so
@@ -1748,8 +1754,10 @@ def _coerce(key: str, value, source: str):
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if kind is list and isinstance(value, list):
-        if not all(isinstance(item, str) for item in value):
-            raise ConfigError(f"{source}: {key} must be a list of strings")
+        item_kind = type(CONFIG_SPEC[key][0][0])
+        if not all(type(item) is item_kind for item in value):
+            raise ConfigError(f"{source}: {key} must be a list of "
+                              f"{item_kind.__name__}")
         return value
     if not isinstance(value, kind) or (kind is not bool and
                                        isinstance(value, bool)):
@@ -1854,6 +1862,11 @@ def _check_config(values: dict) -> None:
             problems.append(f"{key} must be an absolute path")
     if not values["systemctl"]:
         problems.append("systemctl must name a command")
+    steps = values["canary_steps"]
+    increasing = all(a < b for a, b in zip(steps, steps[1:]))
+    if not steps or steps[-1] != 100 or steps[0] <= 0 or not increasing:
+        problems.append("canary_steps must be increasing percentages "
+                        "ending at 100")
     if not 1024 <= values["port_range_min"] <= values["port_range_max"] \
             <= 65535:
         problems.append("port_range_min..port_range_max must be a range "
@@ -3551,6 +3564,8 @@ STEP_NAMES = (
     "start_instance",
     "health_check",
     "switch_route",
+    "canary_step",
+    "canary_watch",
     "drain",
     "stop_old",
     "rollback",
@@ -3610,6 +3625,12 @@ class DeployJob:
         level = logging.WARNING if state in ("failed", "rolled_back") \
             else logging.INFO
         log(f"deployment.{state}", level, error=error, **self.ids)
+
+    def progress(self, event_name: str) -> None:
+        """Store the record and send a callback without a state change."""
+        self.refresh_view()
+        self.save()
+        self.op.outbox.emit(self.record, event_name)
 
     def refresh_view(self) -> None:
         """Copy the app's instances and route weights into the record."""
@@ -3695,10 +3716,6 @@ class Strategies:
     def run(self, job: DeployJob) -> tuple:
         """Run the strategy named in the plan."""
         plan = job.plan
-        if plan["strategy"] == "canary":
-            return "failed", ("canary deployments are not available in this "
-                              "version; nothing was changed. Use immediate or "
-                              "bluegreen")
         app = self.op.load_or_new_app(plan)
         job.record["action"] = "update" if app["instances"] else "create"
         job.save()
@@ -3711,6 +3728,9 @@ class Strategies:
         live_slot = live[0]["instance_id"]
         if plan["strategy"] == "immediate" and live_slot in plan["targets"]:
             return self._in_place(job, app, live[0])
+        if plan["strategy"] == "canary" and len(live) == 1:
+            idle = [s for s in sorted(plan["targets"]) if s != live_slot]
+            return self._canary_slot(job, app, idle[0], live[0])
         idle = [s for s in sorted(plan["targets"]) if s != live_slot]
         return self._switch(job, app, idle[0], live)
 
@@ -3727,15 +3747,30 @@ class Strategies:
 
     def _route(self, job: DeployJob, app: dict, serving: list) -> None:
         """Point the app's route at ``serving`` (one Caddy call)."""
-        upstreams = [(f"127.0.0.1:{i['port']}", weight)
-                     for i, weight in zip(serving, split_weights(len(serving)))]
+        self._route_groups(job, app, [(serving, 100)])
+
+    def _route_groups(self, job: DeployJob, app: dict, groups: list) -> None:
+        """Route ``groups``, a list of (instances, percent), in one call.
+
+        Each group's percent is split evenly over its instances; a group
+        or instance with 0 percent is left out of the route.
+        """
+        members, weights = [], []
+        for instances, percent in groups:
+            share = percent // len(instances)
+            for n, instance in enumerate(instances):
+                members.append(instance)
+                weights.append(share + (1 if n < percent % len(instances)
+                                        else 0))
+        upstreams = [(f"127.0.0.1:{i['port']}", w)
+                     for i, w in zip(members, weights)]
         self.op.caddy.ensure_server()
         self.op.caddy.set_app_route(job.app_id, job.plan["domain"], upstreams)
         app["domain"] = job.plan["domain"]
         app["allocations"] = [
             {"instance_id": i["instance_id"], "slot": i.get("slot"),
-             "weight": weight}
-            for i, (_dial, weight) in zip(serving, upstreams)]
+             "weight": w}
+            for i, w in zip(members, weights) if w]
 
     # --- bluegreen and first deploys: start beside, switch, drain, stop
 
@@ -3797,6 +3832,123 @@ class Strategies:
 
         with contextlib.suppress(Exception):
             job.step("rollback", undo, message=f"stop {instance['unit']}")
+
+    # --- canary: start beside, shift traffic in steps, watch, promote
+
+    def _canary_slot(self, job: DeployJob, app: dict, slot: str,
+                     stable: dict):
+        """Run a canary of the slots model on the idle slot."""
+        plan = job.plan
+        runtime = self.op.runtime_for(plan["kind"])
+        before = copy.deepcopy(app)
+        release = job.step("fetch_asset", runtime.prepare, plan,
+                           message=redact_url(plan["asset_url"] or ""))
+        instance = self._new_instance(plan, slot, release)
+        snap = runtime.snapshot(job.app_id, instance["name"])
+        try:
+            job.step("write_unit", runtime.install, plan, instance, release,
+                     message=instance["unit"])
+            job.step("daemon_reload", self.op.systemd.daemon_reload)
+            self._start_and_check(job, instance)
+        except Exception as exc:
+            self._undo_new(job, instance, snap)
+            return "failed", f"{exc}; the previous version keeps serving"
+        instance.update(state="running", serving=True)
+        app["instances"][slot] = instance
+
+        def remove_canary():
+            runtime.stop(instance)
+            runtime.restore(job.app_id, instance["name"], snap)
+            self.op.systemd.daemon_reload()
+
+        def promote():
+            stable.update(serving=False)
+            self._stop_old(job, stable)
+
+        return self.canary_steps(job, app, before, [stable], [instance],
+                                 remove_canary, promote)
+
+    def canary_steps(self, job: DeployJob, app: dict, before: dict,
+                     stable: list, canary: list, remove_canary,
+                     promote) -> tuple:
+        """Shift traffic to ``canary`` step by step, watching it each pause.
+
+        Any failure of a canary instance sends all traffic back to
+        ``stable`` in one Caddy call, removes the canary and restores the
+        app record ``before``; the deployment ends rolled_back.
+        """
+        settings = job.plan.get("canary") or {}
+        steps = settings.get("steps") or self.op.config.canary_steps
+        pause = settings.get("pause_s")
+        if pause is None:
+            pause = self.op.config.canary_pause_s
+        version = job.plan["version"]
+        for percent in steps:
+            if percent >= 100:
+                break
+            job.step("canary_step", self._route_groups, job, app,
+                     [(canary, percent), (stable, 100 - percent)],
+                     message=f"{percent}% to version {version}")
+            self.op.store.save_app(app)
+            job.progress("deployment.canary_step")
+            try:
+                job.step("canary_watch", self._watch, job.plan, canary,
+                         pause, message=f"{pause:g}s at {percent}%")
+            except Exception as exc:
+                return self._canary_rollback(job, before, stable, percent,
+                                             exc, remove_canary)
+        job.step("switch_route", self._route, job, app, canary,
+                 message=f"100% to version {version}")
+        app["serving_version"] = version
+        self.op.store.save_app(app)
+        job.progress("deployment.canary_step")
+        job.step("drain", time.sleep, self.op.config.drain_s,
+                 message=f"{self.op.config.drain_s:g}s")
+        promote()
+        self.op.store.save_app(app)
+        return "succeeded", None
+
+    def _watch(self, plan: dict, canary: list, pause_s: float) -> None:
+        """Probe every canary instance until ``pause_s`` has passed."""
+        runtime = self.op.runtime_for(plan["kind"])
+        path = plan.get("health_check_path")
+        end = time.monotonic() + pause_s
+        while True:
+            for instance in canary:
+                problem = runtime.problem(instance)
+                if problem is None:
+                    ready, detail = probe_http(instance["port"], path) \
+                        if path else probe_tcp(instance["port"])
+                    if not ready:
+                        problem = f"health check answered {detail}"
+                if problem:
+                    raise StepError(f"canary instance "
+                                    f"{instance['instance_id']} on port "
+                                    f"{instance['port']} failed: {problem}")
+            if time.monotonic() >= end:
+                return
+            time.sleep(min(self.op.config.health_interval_s,
+                           max(0.0, end - time.monotonic())))
+
+    def _canary_rollback(self, job: DeployJob, before: dict, stable: list,
+                         percent: int, exc: Exception, remove_canary):
+        """Send all traffic back to the stable version and drop the canary."""
+        app = copy.deepcopy(before)
+
+        def rollback():
+            self._route(job, app, stable)
+            self.op.store.save_app(app)
+            remove_canary()
+
+        try:
+            job.step("rollback", rollback, message="all traffic to stable")
+        except Exception as rollback_exc:
+            return "failed", (f"{exc} at the {percent}% step; sending all "
+                              f"traffic back to the stable version also "
+                              f"failed: {rollback_exc}")
+        return "rolled_back", (f"{exc} at the {percent}% step; all traffic "
+                               f"is back on version "
+                               f"{before.get('serving_version')}")
 
     # --- immediate: replace the live instance in place (short gap)
 
@@ -3896,6 +4048,9 @@ class InstanceSetDeploy:
             message=redact_url(self.plan["asset_url"] or ""))
         if self.plan["strategy"] == "bluegreen":
             return self._bluegreen()
+        if self.plan["strategy"] == "canary" and self.before:
+            return self._canary()
+        # immediate, and a canary without a stable version to compare with
         return self._rolling()
 
     # --- shared steps
@@ -4038,7 +4193,8 @@ class InstanceSetDeploy:
 
     # --- bluegreen: siblings on free ports, one switch, drain, stop old
 
-    def _bluegreen(self) -> tuple:
+    def _siblings(self) -> dict:
+        """Return a new member on a free port for every requested id."""
         ports = self.op.free_ports(len(self.plan["targets"]))
         siblings = {}
         for instance_id, port in zip(sorted(self.plan["targets"]), ports):
@@ -4047,17 +4203,22 @@ class InstanceSetDeploy:
             if old and old.get("name", "").endswith(".a"):
                 color = "b"
             siblings[instance_id] = self._member(instance_id, port, color)
+        return siblings
+
+    def _remove_siblings(self, siblings: dict) -> None:
+        for member in siblings.values():
+            self.runtime.remove(member)
+        self.op.systemd.daemon_reload()
+
+    def _bluegreen(self) -> tuple:
+        siblings = self._siblings()
         try:
             self._bring_up(list(siblings.values()))
             self._route(siblings)
         except Exception as exc:
-            def undo():
-                for member in siblings.values():
-                    self.runtime.remove(member)
-                self.op.systemd.daemon_reload()
-
             with contextlib.suppress(Exception):
-                self.job.step("rollback", undo, message="remove siblings")
+                self.job.step("rollback", self._remove_siblings, siblings,
+                              message="remove siblings")
             return "failed", f"{exc}; the previous set keeps serving"
         self._save(siblings, self.plan["version"])
         old = list(self.before.values())
@@ -4065,6 +4226,32 @@ class InstanceSetDeploy:
             self._drain()
             self._remove_members(old)
         return "succeeded", None
+
+    def _canary(self) -> tuple:
+        """New instances on free ports take traffic in steps (a canary)."""
+        siblings = self._siblings()
+        app_before = copy.deepcopy(self.app)
+        try:
+            self._bring_up(list(siblings.values()))
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                self.job.step("rollback", self._remove_siblings, siblings,
+                              message="remove canary instances")
+            return "failed", f"{exc}; the previous set keeps serving"
+        stable = [v for _, v in sorted(self.before.items())
+                  if v.get("serving")]
+        canary = [siblings[k] for k in sorted(siblings)]
+        self.app["instances"] = dict(
+            {f"{k}~stable": v for k, v in self.before.items()}, **siblings)
+
+        def promote():
+            self.app["instances"] = siblings
+            self.op.store.save_app(self.app)
+            self._remove_members(list(self.before.values()))
+
+        return self.strategies.canary_steps(
+            self.job, self.app, app_before, stable, canary,
+            lambda: self._remove_siblings(siblings), promote)
 
 
 # === Job runner and callbacks ===
@@ -4593,6 +4780,7 @@ def plan_from_slots_request(value: dict, kind: str) -> dict:
         "asset_sha256": value.get("asset_sha256"),
         "targets": {slot: spec["port"] for slot, spec in value["slots"].items()},
         "callback_url": value["callback_url"],
+        "canary": value.get("canary"),
     }
 
 

@@ -291,15 +291,14 @@ def test_asset_404_fails_before_any_change(operator, caddy, assets,
     assert through_caddy(caddy, first["domain"])[1].startswith("b1 ")
 
 
-def test_canary_fails_clearly_without_changes(operator, assets, callbacks,
-                                              shared_dir):
-    app_id = next_id()
-    body = deploy_body(app_id, next_id(), assets["b1"], callbacks,
+def test_canary_first_deploy_creates_directly(operator, caddy, assets,
+                                              callbacks):
+    body = deploy_body(next_id(), next_id(), assets["b1"], callbacks,
                        deployment_strategy="canary")
     doc = deploy(operator, body)
-    assert doc["state"] == "failed"
-    assert "canary" in doc["error"]
-    assert unit_names(shared_dir, app_id) == []
+    assert doc["state"] == "succeeded", doc
+    assert [s for s in doc["steps"] if s["name"] == "canary_step"] == []
+    assert through_caddy(caddy, body["domain"])[1].startswith("b1 ")
 
 
 # --- callbacks
