@@ -134,6 +134,9 @@ CONFIG_SPEC = {
                        "watched"),
 }
 
+# Time a domain update waits for the app's running job before it answers
+# 409 "deploy in progress".
+DOMAIN_UPDATE_WAIT_S = 5.0
 # Ports handed to a bluegreen sibling stay reserved this long (seconds), so
 # two deploys running at once never pick the same one before it is recorded.
 PORT_RESERVATION_S = 600
@@ -3526,12 +3529,39 @@ class BinaryRuntime:
                 f"(result {props.get('Result')}, {how} {status}, "
                 f"{props.get('NRestarts', '0')} restarts)")
 
+    def remove_app(self, app_id: int) -> list:
+        """Delete what is left of an app: releases, env files, data.
+
+        Unit files of instances no record names are removed too, so a
+        record lost in a crash leaves nothing behind.
+        """
+        removed = []
+        prefix = f"{UNIT_PREFIX}{int(app_id)}-"
+        for name in sorted(os.listdir(self.systemd.unit_dir)):
+            if name.startswith(prefix) and name.endswith(".service"):
+                self.systemd.disable(name)
+                self.systemd.stop(name)
+                self.systemd.remove_unit(name)
+                removed.append(f"unit {name}")
+        if removed:
+            self.systemd.daemon_reload()
+        return removed + _remove_app_dir(self, app_id)
+
     def remove(self, instance: dict) -> None:
         """Stop an instance and delete its unit and env file."""
         self.stop(instance)
         self.systemd.remove_unit(instance["unit"])
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.env_path(instance["app_id"], instance["name"]))
+
+
+def _remove_app_dir(runtime, app_id: int) -> list:
+    """Delete an app's directory (releases, env files, data)."""
+    path = runtime.app_dir(app_id)
+    if not os.path.lexists(path):
+        return []
+    _remove_tree(path)
+    return [f"directory {path}"]
 
 
 def _remove_tree(path: str) -> None:
@@ -3569,6 +3599,9 @@ STEP_NAMES = (
     "drain",
     "stop_old",
     "rollback",
+    "stop_instance",
+    "remove_instance",
+    "remove_route",
 )
 
 
@@ -3662,13 +3695,24 @@ class DeployJob:
 
     # --- entry point
 
+    def execute(self) -> tuple:
+        """Run the work; return (terminal state, error or None)."""
+        return self.op.strategies.run(self)
+
+    def cancel(self, reason: str) -> None:
+        """End a job that has not started yet as cancelled."""
+        if self.record["state"] != "queued":
+            return
+        self.cancelled = True
+        self.set_state("cancelled", reason)
+
     def run(self) -> None:
         """Run the deployment to a terminal state; never raises."""
         if self.cancelled or self.record["state"] != "queued":
             return
         self.set_state("running")
         try:
-            outcome, error = self.op.strategies.run(self)
+            outcome, error = self.execute()
         except Exception as exc:  # the one catch-all of a job
             log("deployment.crashed", logging.ERROR, exc_info=True,
                 error=str(exc), **self.ids)
@@ -3694,11 +3738,6 @@ def new_instance(plan: dict, instance_id: str, name: str, port: int,
         "unit": unit_name(plan["app_id"], name),
         "state": "starting", "serving": False,
     }
-
-
-def split_weights(count: int) -> list:
-    """Return ``count`` integer percentages as equal as possible, sum 100."""
-    return [100 // count + (1 if n < 100 % count else 0) for n in range(count)]
 
 
 class Strategies:
@@ -4254,6 +4293,154 @@ class InstanceSetDeploy:
             lambda: self._remove_siblings(siblings), promote)
 
 
+# === Lifecycle: start, stop, restart, delete ===
+
+class LifecycleJob(DeployJob):
+    """A start, stop, restart or delete of an app's instances.
+
+    It runs as a job of its app, so it waits behind a running deploy and
+    never interleaves with one; the record and callbacks have the same
+    shape as a deployment's, with ``action`` naming the operation.
+    """
+
+    def __init__(self, operator, record: dict, plan: dict):
+        super().__init__(operator, record, plan)
+        self.strategies = operator.strategies
+
+    def execute(self) -> tuple:
+        """Run the operation named by the record's action."""
+        action = self.record["action"]
+        app = self.op.store.app(self.app_id)
+        if action == "delete":
+            return self._delete(app)
+        instance = (app or {}).get("instances", {}).get(
+            self.plan["instance_id"])
+        if instance is None:
+            return "failed", (f"instance {self.plan['instance_id']} of app "
+                              f"{self.app_id} no longer exists on this host")
+        handler = {"start": self._start, "stop": self._stop,
+                   "restart": self._restart}[action]
+        return handler(app, instance)
+
+    # --- helpers
+
+    def _serving(self, app: dict, without: dict | None = None) -> list:
+        return [i for _, i in sorted(app["instances"].items())
+                if i.get("serving") and i is not without]
+
+    def _route_or_remove(self, app: dict, serving: list) -> None:
+        """Route the app to ``serving``, or remove its route when empty."""
+        if serving:
+            self.plan["domain"] = app["domain"]
+            self.strategies._route(self, app, serving)
+        else:
+            self.op.caddy.delete_app_route(self.app_id)
+            app["allocations"] = []
+
+    def _take_out(self, app: dict, instance: dict) -> None:
+        """Remove an instance from the route, then let requests drain."""
+        if not instance.get("serving") or not app.get("domain"):
+            return
+        others = self._serving(app, without=instance)
+        self.step("switch_route", self._route_or_remove, app, others,
+                  message=f"without {instance['instance_id']}")
+        instance["serving"] = False
+        self.op.store.save_app(app)
+        self.step("drain", time.sleep, self.op.config.drain_s,
+                  message=f"{self.op.config.drain_s:g}s")
+
+    def _bring_back(self, app: dict, instance: dict) -> None:
+        runtime = self.op.runtime_for(instance["kind"])
+        self.step("start_instance", runtime.start, instance,
+                  message=f"{instance['unit']} on port {instance['port']}")
+        plan = dict(self.plan, kind=instance["kind"],
+                    health_check_path=app.get("health_check_path"))
+        self.step("health_check", self.op.wait_healthy, plan, instance)
+        instance.update(state="running", serving=True)
+        if app.get("domain"):
+            self.step("switch_route", self._route_or_remove, app,
+                      self._serving(app),
+                      message=f"with {instance['instance_id']}")
+        app["serving_version"] = instance["version"]
+        self.op.store.save_app(app)
+
+    # --- operations
+
+    def _stop(self, app: dict, instance: dict) -> tuple:
+        runtime = self.op.runtime_for(instance["kind"])
+        self._take_out(app, instance)
+        self.step("stop_instance", runtime.stop, instance,
+                  message=instance["unit"])
+        instance.update(state="stopped", serving=False)
+        if not self._serving(app):
+            app["serving_version"] = None
+        self.op.store.save_app(app)
+        return "succeeded", None
+
+    def _start(self, app: dict, instance: dict) -> tuple:
+        try:
+            self._bring_back(app, instance)
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                self.op.runtime_for(instance["kind"]).stop(instance)
+            instance.update(state="failed", serving=False)
+            self.op.store.save_app(app)
+            return "failed", str(exc)
+        return "succeeded", None
+
+    def _restart(self, app: dict, instance: dict) -> tuple:
+        runtime = self.op.runtime_for(instance["kind"])
+        if self._serving(app, without=instance):
+            self._take_out(app, instance)
+        self.step("stop_instance", runtime.stop, instance,
+                  message=instance["unit"])
+        return self._start(app, instance)
+
+    def _delete(self, app: dict | None) -> tuple:
+        """Remove the named instances, and the whole app once none is left."""
+        removed, absent = [], []
+        wanted = self.plan["instance_ids"]
+        instances = (app or {}).get("instances", {})
+        doomed = [instances[i] for i in wanted if i in instances]
+        absent = [i for i in wanted if i not in instances]
+        if app and doomed:
+            remaining = [i for i in self._serving(app) if i not in doomed]
+            if any(i.get("serving") for i in doomed) and app.get("domain"):
+                self.step("switch_route", self._route_or_remove, app,
+                          remaining, message="without deleted instances")
+                if remaining:
+                    self.step("drain", time.sleep, self.op.config.drain_s)
+            for instance in doomed:
+                runtime = self.op.runtime_for(instance["kind"])
+                self.step("remove_instance", runtime.remove, instance,
+                          message=instance["unit"])
+                removed.append(f"instance {instance['instance_id']} "
+                               f"({instance['unit']})")
+                del app["instances"][instance["instance_id"]]
+            self.step("daemon_reload", self.op.systemd.daemon_reload)
+        if app is not None and not app["instances"]:
+            removed += self._delete_app(app)
+        elif app is not None:
+            self.op.store.save_app(app)
+        self.record["removed"] = removed
+        self.record["absent"] = absent
+        self.save()
+        log("app.deleted", removed=len(removed), absent=absent, **self.ids)
+        return "succeeded", None
+
+    def _delete_app(self, app: dict) -> list:
+        """Remove the route, files and record of an app with no instance."""
+        removed = []
+        if self.step("remove_route", self.op.caddy.delete_app_route,
+                     self.app_id):
+            removed.append(f"route {caddy_route_id(self.app_id)}")
+        for runtime in self.op.runtimes.values():
+            removed += runtime.remove_app(self.app_id)
+        self.op.store.delete_app(self.app_id)
+        removed.append(f"app record {self.app_id}")
+        return removed
+
+
 # === Job runner and callbacks ===
 
 class JobRunner:
@@ -4278,6 +4465,32 @@ class JobRunner:
                                           name=f"app-{app_id}", daemon=True)
                 self._workers[app_id] = worker
                 worker.start()
+
+    def take_queued(self, app_id: int) -> list:
+        """Remove and return the jobs of an app that have not started."""
+        with self._lock:
+            queue = self._queues.get(app_id)
+            if not queue:
+                return []
+            jobs = list(queue)
+            queue.clear()
+            return jobs
+
+    def run_exclusive(self, app_id: int, func, wait_s: float):
+        """Run ``func`` as a job of the app and return its result.
+
+        Raises ConflictError when the app's running job does not finish
+        within ``wait_s``; ``func`` then never runs.
+        """
+        job = _InlineJob(func)
+        self.submit(app_id, job)
+        if not job.claim_or_abandon(wait_s):
+            raise ConflictError(f"deploy in progress for app {app_id}; "
+                                f"retry when it has finished")
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
 
     def queue_length(self) -> int:
         """Return the number of jobs waiting or running."""
@@ -4310,6 +4523,49 @@ class JobRunner:
                     return False
                 self._idle.wait(left)
         return True
+
+
+class _InlineJob:
+    """A function run in an app's queue on behalf of a waiting request."""
+
+    def __init__(self, func):
+        self.func = func
+        self._lock = threading.Lock()
+        self._state = "waiting"
+        self._started = threading.Event()
+        self.done = threading.Event()
+        self.result = None
+        self.error = None
+
+    def claim_or_abandon(self, wait_s: float) -> bool:
+        """Return True once the job started; abandon it after ``wait_s``."""
+        if self._started.wait(wait_s):
+            return True
+        with self._lock:
+            if self._state == "waiting":
+                self._state = "abandoned"
+                return False
+        return True
+
+    def cancel(self, reason: str) -> None:
+        """Give up a job that has not started; its request answers 409."""
+        with self._lock:
+            if self._state == "waiting":
+                self._state = "abandoned"
+
+    def run(self) -> None:
+        """Run the function unless the request gave up waiting."""
+        with self._lock:
+            if self._state == "abandoned":
+                return
+            self._state = "running"
+        self._started.set()
+        try:
+            self.result = self.func()
+        except BaseException as exc:  # re-raised in the waiting request
+            self.error = exc
+        finally:
+            self.done.set()
 
 
 def sign_body(secret: str, body: bytes) -> str:
@@ -4550,6 +4806,7 @@ class Operator:
                    "kind": plan["kind"], "model": plan["model"],
                    "domain": None, "instances": {}, "allocations": [],
                    "serving_version": None, "created_at": utc_now()}
+        app["health_check_path"] = plan.get("health_check_path")
         return app
 
     def free_ports(self, count: int) -> list:
@@ -4733,6 +4990,149 @@ class Operator:
             "request_digest": digest, "answer": answer, "deployment_seq": 0,
         }
 
+    # --- lifecycle requests
+
+    def _owned_app(self, value: dict) -> dict:
+        """Return the app a lifecycle request names, or raise 404/409."""
+        app = self.store.app(value["app_id"])
+        if app is None:
+            raise NotFoundError(f"app {value['app_id']} has no instances on "
+                                f"this host")
+        for field in ("team_id", "environment_id"):
+            if app[field] != value[field]:
+                raise ConflictError(
+                    f"app {value['app_id']} belongs to {field} "
+                    f"{app[field]!r}, not {value[field]!r}")
+        return app
+
+    def _lifecycle_record(self, key: str, app: dict | None, action: str,
+                          value: dict, ignored: list) -> dict:
+        answer = {"deployment_id": key, "app_id": value["app_id"],
+                  "state": "queued",
+                  "status_url": f"/v1/app/deploy/{key}/status",
+                  "ignored_fields": ignored, "duplicate": False}
+        app = app or {}
+        return {
+            "deployment_id": key, "app_id": value["app_id"],
+            "kind": app.get("kind"), "model": app.get("model"),
+            "strategy": None, "action": action, "state": "queued",
+            "error": None, "created_at": utc_now(), "started_at": None,
+            "finished_at": None, "target_version": None,
+            "serving_version": app.get("serving_version"),
+            "domain": app.get("domain"), "steps": [],
+            "instances": [instance_view(i) for _, i in
+                          sorted(app.get("instances", {}).items())],
+            "allocations": copy.deepcopy(app.get("allocations", [])),
+            "callback_url": value["callback_url"], "answer": answer,
+            "deployment_seq": 0,
+        }
+
+    def accept_lifecycle(self, action: str, value: dict,
+                         ignored: list) -> tuple:
+        """Queue a start, stop or restart of one instance."""
+        app = self._owned_app(value)
+        instance_id = value["instance_id"]
+        if instance_id not in app["instances"]:
+            raise NotFoundError(
+                f"app {value['app_id']} has no instance {instance_id} on this "
+                f"host; known: {', '.join(sorted(app['instances']))}")
+        key = f"op-{secrets.token_hex(8)}"
+        record = self._lifecycle_record(key, app, action, value, ignored)
+        if app.get("domain") and value["domain"] != app["domain"]:
+            note = (f"request domain {value['domain']} differs from the "
+                    f"app's route domain {app['domain']}; the target is "
+                    f"identified by app_id and instance_id")
+            record["answer"]["domain_note"] = note
+            log("lifecycle.domain_differs", request_domain=value["domain"],
+                route_domain=app["domain"], app_id=value["app_id"],
+                deployment_id=key)
+        self.store.save_deployment(record)
+        self.outbox.emit(record, "deployment.queued")
+        plan = {"app_id": value["app_id"], "instance_id": instance_id,
+                "deployment_id": key, "domain": app.get("domain")}
+        log(f"{action}.accepted", instance_id=instance_id,
+            app_id=value["app_id"], deployment_id=key)
+        self.runner.submit(value["app_id"], LifecycleJob(self, record, plan))
+        return 202, record["answer"]
+
+    def accept_delete(self, value: dict, ignored: list) -> tuple:
+        """Queue the deletion of instances; cancel the app's queued jobs."""
+        app = self.store.app(value["app_id"])
+        if app is not None:
+            self._owned_app(value)
+        given = value.get("deployment_id")
+        key = str(given) if given is not None else \
+            f"op-{secrets.token_hex(8)}"
+        digest = self.store.request_digest({"endpoint": "delete",
+                                            "body": value})
+        with self._accept_lock:
+            existing = self.store.deployment(key)
+            if existing is not None:
+                if existing.get("request_digest") != digest:
+                    raise ConflictError(
+                        f"deployment_id {key} was already used with a "
+                        f"different request; use a new deployment_id")
+                return 202, dict(existing["answer"], duplicate=True)
+            record = self._lifecycle_record(key, app, "delete", value,
+                                            ignored)
+            record["request_digest"] = digest
+            if given is not None:
+                record["answer"]["deployment_id"] = given
+                record["answer"]["status_url"] = \
+                    f"/v1/app/deploy/{key}/status"
+            self.store.save_deployment(record)
+        for job in self.runner.take_queued(value["app_id"]):
+            job.cancel(f"cancelled by the deletion {key}")
+        self.outbox.emit(record, "deployment.queued")
+        plan = {"app_id": value["app_id"], "deployment_id": key,
+                "instance_ids": value["instance_ids"],
+                "domain": app.get("domain") if app else None}
+        log("delete.accepted", instance_ids=value["instance_ids"],
+            app_id=value["app_id"], deployment_id=key)
+        self.runner.submit(value["app_id"], LifecycleJob(self, record, plan))
+        return 202, record["answer"]
+
+    def update_domain(self, value: dict) -> tuple:
+        """Move an app's route to a new domain in one Caddy call."""
+        if value["server_id"] != self.config.server_id:
+            raise RequestError("invalid request", [{
+                "field": "$.server_id",
+                "reason": f"is {value['server_id']!r}, but this host is "
+                          f"{self.config.server_id!r}"}])
+        self._owned_app(value)
+
+        def change():
+            return self._change_domain(value)
+
+        return 200, self.runner.run_exclusive(
+            value["app_id"], change, DOMAIN_UPDATE_WAIT_S)
+
+    def _change_domain(self, value: dict) -> dict:
+        app_id, old, new = value["app_id"], value["old_domain"], \
+            value["new_domain"]
+        route = self.caddy.get_app_route(app_id)
+        hosts = []
+        for matcher in (route or {}).get("match", []):
+            hosts += [normalise_domain(h) for h in matcher.get("host", [])]
+        answer = {"app_id": app_id, "old_domain": old, "new_domain": new,
+                  "changed": False}
+        if route is not None and new in hosts:
+            return answer
+        if route is None or old not in hosts:
+            raise NotFoundError(
+                f"no route of app {app_id} has domain {old}; the route "
+                f"is not re-created here, deploy the app to create it")
+        for other in self.store.apps():
+            if other["app_id"] != app_id and other.get("domain") == new:
+                raise ConflictError(
+                    f"domain {new} is routed to app {other['app_id']}")
+        self.caddy.change_domain(app_id, new)
+        app = self.store.app(app_id)
+        app["domain"] = new
+        self.store.save_app(app)
+        log("domain.updated", old_domain=old, new_domain=new, app_id=app_id)
+        return dict(answer, changed=True)
+
     def health(self) -> dict:
         """Return the reachability of systemd, Caddy and dockerd."""
         docker = False
@@ -4812,11 +5212,6 @@ NOT_IMPLEMENTED = {
                            "version",
     "deploy_docker_instances": "docker deployments are not available in this "
                                "version",
-    "delete": "app deletion is not available in this version",
-    "domain_update": "domain updates are not available in this version",
-    "start": "start is not available in this version",
-    "stop": "stop is not available in this version",
-    "restart": "restart is not available in this version",
 }
 
 # Request bodies larger than this are discarded to keep the connection
@@ -5048,6 +5443,36 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         return op.accept_deploy("deploy_binary_instances", value, ignored,
                                 plan)
 
+    def _lifecycle(self, action: str, body: bytes):
+        op = self.server.operator
+        value, ignored = self._validated(action, body)
+        op.check_urls(value)
+        return op.accept_lifecycle(action, value, ignored)
+
+    def handle_start(self, body, params):
+        """POST /v1/app/start."""
+        return self._lifecycle("start", body)
+
+    def handle_stop(self, body, params):
+        """POST /v1/app/stop."""
+        return self._lifecycle("stop", body)
+
+    def handle_restart(self, body, params):
+        """POST /v1/app/restart."""
+        return self._lifecycle("restart", body)
+
+    def handle_delete(self, body, params):
+        """POST /v1/app/delete."""
+        op = self.server.operator
+        value, ignored = self._validated("delete", body)
+        op.check_urls(value)
+        return op.accept_delete(value, ignored)
+
+    def handle_domain_update(self, body, params):
+        """POST /v1/app/domain/update (synchronous)."""
+        value, _ignored = self._validated("domain_update", body)
+        return self.server.operator.update_domain(value)
+
     def _status(self, endpoint: str, raw_id: str):
         raw_id = urllib.parse.unquote(raw_id)
         value, errors = validate_path_param(endpoint, raw_id)
@@ -5076,6 +5501,11 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         "openapi": handle_openapi,
         "deploy_binary_slots": handle_deploy_binary_slots,
         "deploy_binary_instances": handle_deploy_binary_instances,
+        "start": handle_start,
+        "stop": handle_stop,
+        "restart": handle_restart,
+        "delete": handle_delete,
+        "domain_update": handle_domain_update,
         "status_legacy": handle_status_legacy,
         "status_instance": handle_status_instance,
     }
