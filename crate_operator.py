@@ -33,6 +33,7 @@ lifecycle endpoints (start, stop, restart, delete, domain update) answer
 from __future__ import annotations
 
 import argparse
+import base64
 import collections
 import contextlib
 import copy
@@ -155,6 +156,10 @@ OUTBOX_KEEP_DELIVERED = 1000
 HEALTH_PROBE_TIMEOUT_S = 2.0
 # Prefix of every unit this program writes; nothing else is touched.
 UNIT_PREFIX = "crate-app-"
+
+# Test-only: the name of a deploy step at which the process kills itself
+# with SIGKILL, so that the tests can crash it at every step.
+_CRASH_AT_STEP = os.environ.get("CRATE_TEST_CRASH_AT_STEP")
 
 STATES_TERMINAL = frozenset({"succeeded", "failed", "rolled_back", "cancelled"})
 
@@ -3464,7 +3469,43 @@ class BinaryRuntime:
         with contextlib.suppress(FileNotFoundError):
             with open(env_path, "rb") as handle:
                 env_text = handle.read()
-        return {"unit": self.systemd.read_unit(unit), "env": env_text}
+        snap = {"unit": self.systemd.read_unit(unit), "env": env_text}
+        self._write_backup(app_id, name, snap)
+        return snap
+
+    def _backup_path(self, app_id: int, name: str) -> str:
+        return os.path.join(self.app_dir(app_id), "backup", f"{name}.json")
+
+    def _write_backup(self, app_id: int, name: str, snap: dict) -> None:
+        """Keep a snapshot on disk so recovery after a crash can restore it.
+
+        The file holds the env file's bytes, so it gets the env file's
+        protection: mode 0600 in a 0700 directory under apps_dir.
+        """
+        path = self._backup_path(app_id, name)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        env = snap["env"]
+        data = {"unit": snap["unit"],
+                "env": base64.b64encode(env).decode() if env is not None
+                else None}
+        atomic_write_json(path, data)
+
+    def restore_backup(self, app_id: int, name: str) -> bool:
+        """Restore the on-disk snapshot of ``name``; False when none."""
+        data = read_json(self._backup_path(app_id, name))
+        if data is None:
+            return False
+        env = data["env"]
+        self.restore(app_id, name, {
+            "unit": data["unit"],
+            "env": base64.b64decode(env) if env is not None else None})
+        return True
+
+    def drop_backups(self, app_id: int) -> None:
+        """Delete the snapshots of a finished job."""
+        path = os.path.join(self.app_dir(app_id), "backup")
+        if os.path.isdir(path):
+            shutil.rmtree(path)
 
     def restore(self, app_id: int, name: str, snap: dict) -> None:
         """Put back the unit and env file texts saved by snapshot."""
@@ -3659,6 +3700,17 @@ class DeployJob:
             else logging.INFO
         log(f"deployment.{state}", level, error=error, **self.ids)
 
+    def journal_new(self, *instances: dict) -> None:
+        """Record instances this job creates, before it creates them."""
+        journal = self.record.setdefault("journal", {"new": []})
+        journal["new"] += [copy.deepcopy(i) for i in instances]
+        self.save()
+
+    def journal_moved(self) -> None:
+        """Record that traffic has moved to the new version for good."""
+        self.record.setdefault("journal", {})["moved"] = True
+        self.save()
+
     def progress(self, event_name: str) -> None:
         """Store the record and send a callback without a state change."""
         self.refresh_view()
@@ -3681,6 +3733,8 @@ class DeployJob:
         self.record["steps"].append(entry)
         self.save()
         log("step.start", step=name, **self.ids)
+        if name == _CRASH_AT_STEP:
+            os.kill(os.getpid(), signal.SIGKILL)
         try:
             result = func(*args)
         except Exception as exc:
@@ -3717,6 +3771,13 @@ class DeployJob:
             log("deployment.crashed", logging.ERROR, exc_info=True,
                 error=str(exc), **self.ids)
             outcome, error = "failed", f"internal error: {exc}"
+        self.finish(outcome, error)
+
+    def finish(self, outcome: str, error: str | None) -> None:
+        """Drop the job's on-disk snapshots and store the terminal state."""
+        for runtime in self.op.runtimes.values():
+            with contextlib.suppress(OSError, AttributeError):
+                runtime.drop_backups(self.app_id)
         self.set_state(outcome, error)
 
 
@@ -3757,6 +3818,8 @@ class Strategies:
         plan = job.plan
         app = self.op.load_or_new_app(plan)
         job.record["action"] = "update" if app["instances"] else "create"
+        job.record["journal"] = {"app_before": copy.deepcopy(app),
+                                 "new": [], "moved": False}
         job.save()
         if plan["model"] == "instances":
             return InstanceSetDeploy(self, job, app).run()
@@ -3820,6 +3883,7 @@ class Strategies:
                            message=redact_url(plan["asset_url"]))
         instance = self._new_instance(plan, slot, release)
         snap = runtime.snapshot(job.app_id, slot)
+        job.journal_new(instance)
         moved = False
         try:
             job.step("write_unit", runtime.install, plan, instance, release,
@@ -3829,6 +3893,7 @@ class Strategies:
             instance.update(state="running", serving=True)
             job.step("switch_route", self._route, job, app, [instance],
                      message=f"{plan['domain']} -> port {instance['port']}")
+            job.journal_moved()
             moved = True
         except Exception as exc:
             self._undo_new(job, instance, snap)
@@ -3884,6 +3949,7 @@ class Strategies:
                            message=redact_url(plan["asset_url"] or ""))
         instance = self._new_instance(plan, slot, release)
         snap = runtime.snapshot(job.app_id, instance["name"])
+        job.journal_new(instance)
         try:
             job.step("write_unit", runtime.install, plan, instance, release,
                      message=instance["unit"])
@@ -3938,6 +4004,7 @@ class Strategies:
                                              exc, remove_canary)
         job.step("switch_route", self._route, job, app, canary,
                  message=f"100% to version {version}")
+        job.journal_moved()
         app["serving_version"] = version
         self.op.store.save_app(app)
         job.progress("deployment.canary_step")
@@ -3999,6 +4066,7 @@ class Strategies:
         slot = live["instance_id"]
         instance = self._new_instance(plan, slot, release)
         snap = runtime.snapshot(job.app_id, slot)
+        job.journal_new(instance)
         old = copy.deepcopy(live)
         try:
             job.step("write_unit", runtime.install, plan, instance, release,
@@ -4015,6 +4083,7 @@ class Strategies:
             instance.update(state="running", serving=True)
             job.step("switch_route", self._route, job, app, [instance],
                      message=f"{plan['domain']} -> port {instance['port']}")
+            job.journal_moved()
         except Exception as exc:
             return self._restore_in_place(job, app, old, snap, exc)
         app["instances"][slot] = instance
@@ -4107,6 +4176,9 @@ class InstanceSetDeploy:
     def _bring_up(self, members: list) -> None:
         """Write units, reload once, then start and check each member."""
         for member in members:
+            self.runtime.snapshot(self.job.app_id, member["name"])
+        self.job.journal_new(*members)
+        for member in members:
             self.job.step("write_unit", self.runtime.install, self.plan,
                           member, self.release, message=member["unit"])
         self.job.step("daemon_reload", self.op.systemd.daemon_reload)
@@ -4147,6 +4219,7 @@ class InstanceSetDeploy:
                 self._rolling_update(serving, instance_id)
         except Exception as exc:
             return self._rolling_restore(exc, self.active_id)
+        self.job.journal_moved()
         self._remove_unwanted(serving)
         return "succeeded", None
 
@@ -4259,6 +4332,7 @@ class InstanceSetDeploy:
                 self.job.step("rollback", self._remove_siblings, siblings,
                               message="remove siblings")
             return "failed", f"{exc}; the previous set keeps serving"
+        self.job.journal_moved()
         self._save(siblings, self.plan["version"])
         old = list(self.before.values())
         if old:

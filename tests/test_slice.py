@@ -470,15 +470,6 @@ def test_url_pointing_at_operator_rejected(operator, assets, callbacks):
     assert answer["errors"][0]["field"] == "$.callback_url"
 
 
-def test_unbuilt_endpoint_is_501(operator, callbacks):
-    body = {"app_id": 1, "team_id": "t", "environment_id": 1,
-            "callback_url": callbacks.url("/x"), "domain": "a.example.test",
-            "instance_id": "blue"}
-    status, _, answer = operator.request("POST", "/v1/app/stop", body)
-    assert status == 501
-    assert "not available" in answer["error"]
-
-
 def test_unknown_deployment_is_404(operator):
     status, _, _ = operator.request("GET",
                                     "/v1/app/instance/deploy/999999/status")
