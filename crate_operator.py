@@ -3415,9 +3415,9 @@ def member_parts(name: str) -> tuple:
 def _check_symlink_target(name: str, parts: tuple, target: str) -> None:
     """Raise unless ``target``, read from the link's directory, stays inside.
 
-    Every prefix of the target must stay inside, so ``a/../../x`` is rejected
-    even though it might end inside.  Chains of links are checked once the
-    whole archive is unpacked (_check_links_inside).
+    Every prefix of the target must stay inside, so ``../<release>/x`` is
+    rejected even though it ends inside again.  Chains of links are checked
+    once the whole archive is unpacked (_check_links_inside).
     """
     if not target:
         raise ArchiveError(name, "is a symlink with an empty target")
@@ -3906,8 +3906,8 @@ def unpack_asset(path: str, kind: str, dest: str,
 # the instance's port.  The operator resolves the port itself, instead of
 # writing ${PORT} for systemd to expand, so the unit shows the real port,
 # escape_unit_word needs no exception for "$", and the word stays one
-# argument whatever the environment holds.  NUL never occurs in a Procfile
-# line, which is checked.
+# argument whatever the environment contains.  procfile_web_command rejects
+# control characters, so a Procfile cannot contain the mark itself.
 PORT_MARK = "\x00PORT\x00"
 
 _SHELL_OPERATORS = ("&&", "||", ">>", "<<", "|", "&", ";", "<", ">", "(", ")")

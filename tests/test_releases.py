@@ -287,6 +287,24 @@ def test_zip_central_directory_too_large(tmp_path):
     assert os.listdir(tmp_path / "release") == []
 
 
+def test_zip64_directory_size_read(tmp_path):
+    # 65536 members need the Zip64 end record. Python writes the true size
+    # into the classic record too, so saturate it the way other tools do.
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for n in range(0x10000):
+            archive.writestr(str(n), b"")
+    data = bytearray(buffer.getvalue())
+    end = data.rfind(b"PK\x05\x06")
+    true_size = struct.unpack("<I", data[end + 12:end + 16])[0]
+    data[end + 12:end + 16] = b"\xff\xff\xff\xff"
+    path = tmp_path / "big.zip"
+    path.write_bytes(bytes(data))
+    assert co._zip_directory_size(str(path)) == true_size
+    with pytest.raises(co.ArchiveError, match="central directory"):
+        co.extract_zip(str(path), str(tmp_path), LIMITS)
+
+
 def test_writer_counts_bytes_actually_written(tmp_path):
     # Declared sizes can lie, so the copy itself stops at the limit.
     limits = co.ArchiveLimits(max_members=5, max_bytes=1000)
@@ -542,6 +560,16 @@ def test_download_4xx_not_retried(asset_server, tmp_path):
         co.download(asset_server.url("/dl/forbidden"), str(tmp_path / "a"),
                     1 << 20, 10, {})
     assert asset_server.count("/dl/forbidden") == 1
+
+
+def test_download_refused_connection_retried(tmp_path, caplog):
+    url = f"http://127.0.0.1:{harness.free_port()}/asset"
+    with caplog.at_level(logging.WARNING, logger="crate_operator"):
+        with pytest.raises(co.FetchError, match="after 3 attempts"):
+            co.download(url, str(tmp_path / "a"), 1 << 20, 10, {})
+    retries = [r for r in caplog.records
+               if r.getMessage() == "asset.download_retry"]
+    assert len(retries) == co.DOWNLOAD_ATTEMPTS
 
 
 @pytest.mark.parametrize("fault", [{"status": 503}, {"cut_after": 10}])
