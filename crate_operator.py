@@ -5,7 +5,8 @@ A hosting platform calls this daemon over HTTP (see ``GET /v1/openapi.json``).
 On its own host the daemon:
 
 * runs binary apps as systemd units (one unit per instance, an
-  EnvironmentFile per instance, releases under ``apps_dir``);
+  EnvironmentFile per instance, read-only releases unpacked from a raw
+  executable or a tar.gz, tar or zip archive under ``apps_dir``);
 * routes each app's domain to its serving instances through the Caddy
   admin API (one route per app, addressed by its ``@id``);
 * answers deploy, delete and lifecycle calls with 202, runs the work as a
@@ -25,9 +26,9 @@ Files it touches: ``state_dir`` (state and callback outbox), ``apps_dir``
 units only).  Sockets: the listen address, the Caddy admin API, the
 callback and asset URLs named in requests.
 
-Known limitations: the docker runtime, canary deployments, archives and
-lifecycle endpoints (start, stop, restart, delete, domain update) answer
-501 until they are built; see README.
+Known limitations: the docker runtime, canary deployments and lifecycle
+endpoints (start, stop, restart, delete, domain update) answer 501 until
+they are built; see README.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import errno
 import fcntl
 import fractions
 import functools
+import gzip
 import hashlib
 import hmac
 import http.client
@@ -55,17 +57,22 @@ import posixpath
 import random
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
 import stat
 import string
+import struct
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
 import urllib.parse
+import zipfile
+import zlib
 from typing import Any, Callable, NamedTuple
 
 __version__ = "0.1.0"
@@ -119,6 +126,13 @@ CONFIG_SPEC = {
                                 "given up"),
     "download_timeout_s": (600.0, float, "time limit of one asset download"),
     "max_asset_bytes": (1 << 30, int, "size limit of one asset"),
+    "max_unpacked_bytes": (4 << 30, int,
+                           "size limit of the files unpacked from one archive"),
+    "max_archive_members": (50000, int,
+                            "limit on the number of members of one archive"),
+    "release_retention": (3, int,
+                          "releases kept per app; the serving and previous "
+                          "releases are kept in addition"),
     "max_body_bytes": (1 << 20, int, "size limit of one request body"),
     "request_timeout_s": (30.0, float,
                           "socket timeout while reading a request"),
@@ -150,6 +164,25 @@ DEFAULT_CONFIG_PATH = "/etc/crate-operator/config.json"
 DOWNLOAD_ATTEMPTS = 3
 # Redirects followed for an asset URL.
 DOWNLOAD_MAX_REDIRECTS = 5
+# A download logs its progress each time this many more bytes arrived.
+DOWNLOAD_PROGRESS_BYTES = 64 << 20
+# A zip member larger than ARCHIVE_RATIO_MIN_BYTES may expand at most
+# ARCHIVE_MAX_RATIO times its compressed size.  Deflate reached 1028:1 on
+# 32 MiB of zeros (Python's zlib, level 6), while code, text and binaries
+# typically compress 2:1 to 10:1 (an estimate).
+ARCHIVE_MAX_RATIO = 100
+ARCHIVE_RATIO_MIN_BYTES = 1 << 20
+# Central directory bytes allowed per permitted zip member, which bounds the
+# memory zipfile needs to read the directory.
+# NOTE: 512 is an estimate.  An entry is 46 bytes plus its name and extra
+# fields, usually under 200 bytes.
+ZIP_DIRECTORY_BYTES_PER_MEMBER = 512
+# Size limit of a Procfile and of a symlink target read from a zip archive.
+PROCFILE_MAX_BYTES = 64 << 10
+LINK_TARGET_MAX_BYTES = 4096
+# Directories systemd searches for a program name without a slash
+# (systemd 252, systemd.service(5) "COMMAND LINES").
+EXEC_SEARCH_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Delivered callbacks kept in the outbox for inspection.
 OUTBOX_KEEP_DELIVERED = 1000
 # Time a health probe waits for one HTTP answer.
@@ -213,6 +246,23 @@ class SystemdError(StepError):
 
 class FetchError(StepError):
     """Raised when an asset cannot be downloaded or verified."""
+
+
+class ArchiveError(StepError):
+    """Raised when an archive or one of its members is unsafe or invalid.
+
+    ``member`` is the member's name as stored in the archive, or None when
+    the problem concerns the whole archive.
+    """
+
+    def __init__(self, member: str | None, reason: str):
+        if member is None:
+            message = f"archive rejected: {reason}"
+        else:
+            message = f"archive member {member!r} rejected: {reason}"
+        super().__init__(message)
+        self.member = member
+        self.reason = reason
 
 
 # === Logging ===
@@ -3228,18 +3278,30 @@ def _open_url(url: str, timeout_s: float):
     return conn, conn.getresponse()
 
 
+# HTTP statuses after which the same request may succeed later.  Every other
+# non-200 status fails the download at once.
+_TRANSIENT_HTTP_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+
+class _TransientHTTPError(FetchError):
+    """Raised when the asset server responds with a status worth retrying."""
+
+
 def download(url: str, dest: str, max_bytes: int, timeout_s: float,
              log_fields: dict) -> str:
     """Stream ``url`` into ``dest`` and return the hex SHA-256 of the bytes.
 
-    Follows a few redirects, stops at ``max_bytes`` and at ``timeout_s`` in
-    total, and retries a failed connection DOWNLOAD_ATTEMPTS times.
+    Follows a few redirects, stops at ``max_bytes`` and at ``timeout_s`` per
+    attempt.  A failed connection, a cut transfer and the statuses 408, 429
+    and 5xx are tried DOWNLOAD_ATTEMPTS times in total.  Any other non-200
+    status (a 404, a 403) fails at once, because repeating it cannot help.
     """
     last_error = None
     for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
         try:
             return _download_once(url, dest, max_bytes, timeout_s, log_fields)
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, http.client.HTTPException,
+                _TransientHTTPError) as exc:
             last_error = exc
             log("asset.download_retry", logging.WARNING, attempt=attempt,
                 error=str(exc), **log_fields)
@@ -3269,6 +3331,9 @@ def _download_once(url: str, dest: str, max_bytes: int, timeout_s: float,
                     raise FetchError(f"asset redirect to a non-HTTP URL "
                                      f"{redact_url(url)}")
                 continue
+            if resp.status in _TRANSIENT_HTTP_STATUSES:
+                raise _TransientHTTPError(f"asset {redact_url(url)} returned "
+                                          f"HTTP {resp.status}")
             if resp.status != 200:
                 raise FetchError(f"asset {redact_url(url)} answered HTTP "
                                  f"{resp.status}; check asset_url")
@@ -3280,15 +3345,26 @@ def _download_once(url: str, dest: str, max_bytes: int, timeout_s: float,
                      f"{DOWNLOAD_MAX_REDIRECTS} redirects")
 
 
-def _stream_to_file(resp, dest: str, max_bytes: int, deadline: float,
-                    url: str, log_fields: dict) -> str:
+def _declared_length(resp, url: str, max_bytes: int) -> int | None:
+    """Return the Content-Length of ``resp``; raise when it is over the limit."""
     declared = resp.getheader("Content-Length")
-    if declared and declared.isdigit() and int(declared) > max_bytes:
+    if not declared or not declared.isdigit():
+        return None
+    if int(declared) > max_bytes:
         raise FetchError(f"asset {redact_url(url)} is {declared} bytes, over "
                          f"the limit of {max_bytes} (max_asset_bytes)")
+    return int(declared)
+
+
+def _stream_to_file(resp, dest: str, max_bytes: int, deadline: float,
+                    url: str, log_fields: dict) -> str:
+    declared = _declared_length(resp, url, max_bytes)
+    started = time.monotonic()
+    log("asset.download_started", url=redact_url(url), bytes_total=declared,
+        **log_fields)
     digest = hashlib.sha256()
     size = 0
-    next_report = 64 << 20
+    next_report = DOWNLOAD_PROGRESS_BYTES
     with open(dest, "wb") as handle:
         while True:
             if time.monotonic() > deadline:
@@ -3304,35 +3380,806 @@ def _stream_to_file(resp, dest: str, max_bytes: int, deadline: float,
             digest.update(chunk)
             handle.write(chunk)
             if size >= next_report:
-                log("asset.download_progress", bytes=size, **log_fields)
-                next_report += 64 << 20
+                percent = round(100 * size / declared) if declared else None
+                log("asset.download_progress", bytes=size,
+                    bytes_total=declared, percent=percent, **log_fields)
+                next_report += DOWNLOAD_PROGRESS_BYTES
         handle.flush()
         os.fsync(handle.fileno())
-    if declared and declared.isdigit() and int(declared) != size:
+    if declared is not None and declared != size:
         raise OSError(errno.EIO, f"connection closed after {size} of "
                                  f"{declared} bytes")
+    log("asset.downloaded", bytes=size,
+        seconds=round(time.monotonic() - started, 3), **log_fields)
     return digest.hexdigest()
+
+
+# === Releases ===
+#
+# An asset becomes a release directory in three steps, all inside a fresh
+# staging directory that nothing else writes to: unpack (a raw executable is
+# renamed to "app", an archive is extracted member by member), seal (read-only
+# modes), then one rename to apps_dir/<app_id>/releases/<version>-<deployment>.
+# Archives are checked here rather than by tarfile's extraction filters,
+# because Debian 12's python3 (3.11.2) has no tarfile.data_filter, and the
+# filters of later 3.11 releases had symlink bypasses (CVE-2025-4517) until
+# 3.11.13.
+
+class ArchiveLimits(NamedTuple):
+    """Limits applied while an archive is unpacked."""
+
+    max_members: int
+    max_bytes: int
+    max_ratio: int = ARCHIVE_MAX_RATIO
+    ratio_min_bytes: int = ARCHIVE_RATIO_MIN_BYTES
+
+
+# Magic numbers of compressed formats this version does not unpack.
+_UNSUPPORTED_MAGIC = ((b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"),
+                      (b"\x28\xb5\x2f\xfd", "zstd"), (b"7z\xbc\xaf\x27\x1c", "7z"))
+
+
+def asset_kind(path: str) -> str:
+    """Return the kind of a downloaded asset, read from its first bytes.
+
+    The kinds are "executable" (ELF or ``#!`` script), "tar.gz", "tar" and
+    "zip".  The name of the asset is never consulted.
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(512)
+    if head.startswith(b"\x1f\x8b"):
+        return "tar.gz"
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return "zip"
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return "tar"
+    if head.startswith((b"\x7fELF", b"#!")):
+        return "executable"
+    for magic, name in _UNSUPPORTED_MAGIC:
+        if head.startswith(magic):
+            raise StepError(f"asset is a {name} file; use a raw executable, "
+                            f"a .tar.gz, .tar or .zip archive")
+    raise StepError("asset is neither an ELF executable, a script starting "
+                    "with #!, nor a .tar.gz, .tar or .zip archive")
+
+
+def member_parts(name: str) -> tuple:
+    """Split an archive member name into path components, or raise.
+
+    ``.`` and empty components are dropped; an absolute name or a ``..``
+    component raises ArchiveError.  The archive root itself gives ().
+    """
+    if name.startswith("/"):
+        raise ArchiveError(name, "has an absolute path")
+    if "\x00" in name:
+        raise ArchiveError(name, "contains a NUL character")
+    parts = tuple(part for part in name.split("/") if part not in ("", "."))
+    if ".." in parts:
+        raise ArchiveError(name, "has a '..' component")
+    return parts
+
+
+def _check_symlink_target(name: str, parts: tuple, target: str) -> None:
+    """Raise unless ``target``, read from the link's directory, stays inside.
+
+    Every prefix of the target must stay inside, so ``../<release>/x`` is
+    rejected even though it ends inside again.  Chains of links are checked
+    once the whole archive is unpacked (_check_links_inside).
+    """
+    if not target:
+        raise ArchiveError(name, "is a symlink with an empty target")
+    if target.startswith("/"):
+        raise ArchiveError(name, f"is a symlink to the absolute path "
+                                 f"{target!r}; only relative links that stay "
+                                 f"inside the release are allowed")
+    depth = len(parts) - 1
+    for part in target.split("/"):
+        if part in ("", "."):
+            continue
+        depth += -1 if part == ".." else 1
+        if depth < 0:
+            raise ArchiveError(name, f"is a symlink to {target!r}, which "
+                                     f"points outside the release")
+
+
+class _MemberBudget:
+    """Counts members and declared sizes against ArchiveLimits."""
+
+    def __init__(self, limits: ArchiveLimits):
+        self.limits = limits
+        self.members = 0
+        self.declared_bytes = 0
+
+    def count(self, name: str, declared_size: int) -> None:
+        """Count one member and its declared size, or raise ArchiveError."""
+        self.members += 1
+        if self.members > self.limits.max_members:
+            raise ArchiveError(name, f"is past the limit of "
+                                     f"{self.limits.max_members} members "
+                                     f"(max_archive_members)")
+        self.declared_bytes += max(0, declared_size)
+        if self.declared_bytes > self.limits.max_bytes:
+            raise ArchiveError(name, f"declares {declared_size} bytes, which "
+                                     f"takes the archive over the limit of "
+                                     f"{self.limits.max_bytes} unpacked bytes "
+                                     f"(max_unpacked_bytes)")
+
+
+class _ReleaseWriter:
+    """Write archive members below a new, empty directory, counting them.
+
+    Paths are opened one component at a time relative to a directory
+    descriptor, with O_NOFOLLOW, and files are created with O_EXCL.  So a
+    symlink unpacked earlier never redirects a later write, and no member
+    replaces another one.  Callers use count(), then add_directory(),
+    add_file(), add_symlink() or add_hardlink(), and stats() and close().
+    """
+
+    _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    _FILE_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                   | os.O_CLOEXEC)
+
+    def __init__(self, root: str, limits: ArchiveLimits):
+        self.limits = limits
+        self.budget = _MemberBudget(limits)
+        self.written_bytes = 0
+        self.files = set()
+        self._root_fd = os.open(root, self._DIR_FLAGS)
+
+    def close(self) -> None:
+        """Close the directory descriptor of the root."""
+        os.close(self._root_fd)
+
+    def count(self, name: str, declared_size: int) -> None:
+        """Count one member and its declared size against the limits."""
+        self.budget.count(name, declared_size)
+
+    def stats(self) -> dict:
+        """Return {"members", "bytes"} written so far."""
+        return {"members": self.budget.members, "bytes": self.written_bytes}
+
+    def _open_parent(self, name: str, parts: tuple) -> int:
+        """Return a descriptor of the directory that will hold ``parts``.
+
+        Missing directories are created; a component that is a symlink or a
+        file raises ArchiveError.
+        """
+        fd = os.dup(self._root_fd)
+        try:
+            for index, part in enumerate(parts[:-1]):
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o700, dir_fd=fd)
+                try:
+                    child = os.open(part, self._DIR_FLAGS, dir_fd=fd)
+                except OSError:
+                    shown = "/".join(parts[:index + 1])
+                    info = os.lstat(part, dir_fd=fd)
+                    what = "symlink" if stat.S_ISLNK(info.st_mode) \
+                        else "non-directory"
+                    raise ArchiveError(name, f"would be written through the "
+                                             f"{what} {shown!r}")
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def add_directory(self, name: str, parts: tuple) -> None:
+        """Create a directory member; an existing directory is kept."""
+        if not parts:
+            return
+        parent = self._open_parent(name, parts)
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(parts[-1], 0o700, dir_fd=parent)
+            info = os.lstat(parts[-1], dir_fd=parent)
+            if not stat.S_ISDIR(info.st_mode):
+                raise ArchiveError(name, "is a directory, but an earlier "
+                                         "member has the same path")
+        finally:
+            os.close(parent)
+
+    def add_file(self, name: str, parts: tuple, source,
+                 executable: bool | None) -> None:
+        """Copy a regular file member from the file object ``source``.
+
+        ``executable`` None means the archive has no mode for the member,
+        which is then executable when it starts like an ELF file or a
+        script.
+        """
+        if not parts:
+            raise ArchiveError(name, "is a file without a name")
+        parent = self._open_parent(name, parts)
+        try:
+            try:
+                fd = os.open(parts[-1], self._FILE_FLAGS, 0o600,
+                             dir_fd=parent)
+            except FileExistsError:
+                raise ArchiveError(name, "has the same path as an earlier "
+                                         "member")
+            with os.fdopen(fd, "wb") as handle:
+                head = self._copy(name, source, handle)
+                if executable is None:
+                    executable = head.startswith((b"\x7fELF", b"#!"))
+                if executable:
+                    os.fchmod(handle.fileno(), 0o700)
+        finally:
+            os.close(parent)
+        self.files.add(parts)
+
+    def _copy(self, name: str, source, handle) -> bytes:
+        """Copy ``source`` to ``handle`` under the byte limit; return the head."""
+        head = b""
+        while True:
+            chunk = source.read(1 << 16)
+            if not chunk:
+                return head
+            if not head:
+                head = chunk[:4]
+            self.written_bytes += len(chunk)
+            if self.written_bytes > self.limits.max_bytes:
+                raise ArchiveError(name, f"takes the unpacked files over the "
+                                         f"limit of {self.limits.max_bytes} "
+                                         f"bytes (max_unpacked_bytes)")
+            handle.write(chunk)
+
+    def add_symlink(self, name: str, parts: tuple, target: str) -> None:
+        """Create a symlink member whose target stays inside the release."""
+        if not parts:
+            raise ArchiveError(name, "is a symlink without a name")
+        _check_symlink_target(name, parts, target)
+        parent = self._open_parent(name, parts)
+        try:
+            os.symlink(target, parts[-1], dir_fd=parent)
+        except FileExistsError:
+            raise ArchiveError(name, "has the same path as an earlier member")
+        finally:
+            os.close(parent)
+
+    def add_hardlink(self, name: str, parts: tuple, target: str) -> None:
+        """Create a hard link to a regular file unpacked before it."""
+        if not parts:
+            raise ArchiveError(name, "is a hard link without a name")
+        try:
+            target_parts = member_parts(target)
+        except ArchiveError as exc:
+            raise ArchiveError(name, f"is a hard link to {target!r}, which is "
+                                     f"outside the release ({exc.reason})")
+        if target_parts not in self.files:
+            raise ArchiveError(name, f"is a hard link to {target!r}, which is "
+                                     f"not a regular file unpacked before it")
+        source_parent = self._open_parent(name, target_parts)
+        try:
+            parent = self._open_parent(name, parts)
+            try:
+                os.link(target_parts[-1], parts[-1],
+                        src_dir_fd=source_parent, dst_dir_fd=parent,
+                        follow_symlinks=False)
+            except FileExistsError:
+                raise ArchiveError(name, "has the same path as an earlier "
+                                         "member")
+            finally:
+                os.close(parent)
+        finally:
+            os.close(source_parent)
+        self.files.add(parts)
+
+
+class _CountingReader:
+    """File object that raises once more than ``limit`` bytes were read.
+
+    It bounds what tarfile decompresses and parses, pax headers included,
+    before any member size is known.
+    """
+
+    def __init__(self, raw, limit: int):
+        self.raw = raw
+        self.limit = limit
+        self.count = 0
+
+    def read(self, size: int = -1) -> bytes:
+        """Read from the wrapped file object, counting the bytes."""
+        data = self.raw.read(size)
+        self.count += len(data)
+        if self.count > self.limit:
+            raise ArchiveError(None, f"the tar stream is longer than "
+                                     f"{self.limit} bytes (max_unpacked_bytes "
+                                     f"plus headers)")
+        return data
+
+
+# Exceptions that reading or writing a damaged archive raises besides
+# ArchiveError.
+_READ_ERRORS = (OSError, EOFError, zlib.error, tarfile.TarError,
+                zipfile.BadZipFile, NotImplementedError, RuntimeError)
+
+
+def _unpack_member(func, writer, archive, member, name: str) -> None:
+    """Run ``func`` for one member; name the member in any error."""
+    try:
+        func(writer, archive, member)
+    except ArchiveError:
+        raise
+    except _READ_ERRORS as exc:
+        raise ArchiveError(name, f"could not be unpacked: {exc}")
+
+
+def _tar_member(writer: _ReleaseWriter, tar: tarfile.TarFile,
+                member: tarfile.TarInfo) -> None:
+    """Check one tar member and write it."""
+    name = member.name
+    parts = member_parts(name)
+    writer.count(name, member.size if member.isreg() else 0)
+    if member.mode & (stat.S_ISUID | stat.S_ISGID):
+        raise ArchiveError(name, f"has the setuid or setgid bit (mode "
+                                 f"{member.mode:04o}); clear it with "
+                                 f"chmod u-s,g-s before packing")
+    if member.isreg():
+        source = tar.extractfile(member)
+        writer.add_file(name, parts, source, bool(member.mode & 0o111))
+    elif member.isdir():
+        writer.add_directory(name, parts)
+    elif member.issym():
+        writer.add_symlink(name, parts, member.linkname)
+    elif member.islnk():
+        writer.add_hardlink(name, parts, member.linkname)
+    else:
+        raise ArchiveError(name, f"is a {_tar_type_name(member)}; only "
+                                 f"files, directories and links are allowed")
+
+
+def _tar_type_name(member: tarfile.TarInfo) -> str:
+    if member.ischr():
+        return "character device"
+    if member.isblk():
+        return "block device"
+    if member.isfifo():
+        return "FIFO"
+    return f"special file (tar type {member.type!r})"
+
+
+def extract_tar(path: str, dest: str, limits: ArchiveLimits,
+                compressed: bool) -> dict:
+    """Unpack a tar or tar.gz archive into the empty directory ``dest``.
+
+    The archive is read once, as a stream; each member is checked and
+    written before the next one is read.  Returns {"members", "bytes"}.
+    """
+    # Headers take 512 bytes per member, long names more.
+    stream_limit = limits.max_bytes + limits.max_members * 8192 + (1 << 20)
+    writer = _ReleaseWriter(dest, limits)
+    last = None
+    try:
+        with open(path, "rb") as raw:
+            source = gzip.GzipFile(fileobj=raw, mode="rb") if compressed \
+                else raw
+            reader = _CountingReader(source, stream_limit)
+            with tarfile.open(fileobj=reader, mode="r|") as tar:
+                for member in tar:
+                    last = member.name
+                    _unpack_member(_tar_member, writer, tar, member,
+                                   member.name)
+    except ArchiveError:
+        raise
+    except _READ_ERRORS as exc:
+        where = f" after member {last!r}" if last else ""
+        raise ArchiveError(None, f"the archive is damaged or not a tar "
+                                 f"archive{where}: {exc}")
+    finally:
+        writer.close()
+    return writer.stats()
+
+
+def _zip_directory_size(path: str) -> int:
+    """Return the size of a zip archive's central directory in bytes.
+
+    Read from the end-of-central-directory record (and its Zip64 variant),
+    so that a huge directory is rejected before zipfile reads it into
+    memory.  Returns 0 when no record is found; zipfile then reports the
+    damage.
+    """
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        length = handle.tell()
+        start = max(0, length - (22 + 0xFFFF))
+        handle.seek(start)
+        tail = handle.read()
+        found = tail.rfind(b"PK\x05\x06")
+        if found < 0 or len(tail) - found < 22:
+            return 0
+        size = struct.unpack("<I", tail[found + 12:found + 16])[0]
+        if size != 0xFFFFFFFF or found < 20:
+            return size
+        locator = tail[found - 20:found]
+        if not locator.startswith(b"PK\x06\x07"):
+            return size
+        handle.seek(struct.unpack("<Q", locator[8:16])[0])
+        record = handle.read(56)
+        if len(record) < 56 or not record.startswith(b"PK\x06\x06"):
+            return size
+        return struct.unpack("<Q", record[40:48])[0]
+
+
+def _zip_member_mode(info: zipfile.ZipInfo) -> int | None:
+    """Return the Unix mode of a zip member, or None when it has none."""
+    if info.create_system != 3:
+        return None
+    mode = info.external_attr >> 16
+    return mode or None
+
+
+def _zip_precheck(limits: ArchiveLimits, archive: zipfile.ZipFile) -> None:
+    """Check counts, declared sizes, ratios and encryption of every member.
+
+    Runs before the first byte is written, since the central directory
+    lists every member up front.
+    """
+    budget = _MemberBudget(limits)
+    for info in archive.infolist():
+        budget.count(info.filename, info.file_size)
+        if info.flag_bits & 0x1:
+            raise ArchiveError(info.filename, "is encrypted")
+        compressed = max(1, info.compress_size)
+        if info.file_size > limits.ratio_min_bytes and \
+                info.file_size > limits.max_ratio * compressed:
+            raise ArchiveError(info.filename, f"expands "
+                                              f"{info.file_size // compressed}"
+                                              f":1 ({info.compress_size} to "
+                                              f"{info.file_size} bytes), over "
+                                              f"the limit of "
+                                              f"{limits.max_ratio}:1")
+
+
+def _zip_member(writer: _ReleaseWriter, archive: zipfile.ZipFile,
+                info: zipfile.ZipInfo) -> None:
+    """Check one zip member and write it."""
+    name = info.filename
+    parts = member_parts(name)
+    writer.count(name, info.file_size)
+    mode = _zip_member_mode(info)
+    kind = stat.S_IFMT(mode) if mode else 0
+    if mode and mode & (stat.S_ISUID | stat.S_ISGID):
+        raise ArchiveError(name, f"has the setuid or setgid bit (mode "
+                                 f"{stat.S_IMODE(mode):04o}); clear it with "
+                                 f"chmod u-s,g-s before packing")
+    if kind == stat.S_IFLNK:
+        with archive.open(info) as source:
+            target = source.read(LINK_TARGET_MAX_BYTES + 1)
+        if len(target) > LINK_TARGET_MAX_BYTES:
+            raise ArchiveError(name, "is a symlink with an overlong target")
+        writer.add_symlink(name, parts, target.decode("utf-8", "replace"))
+    elif kind == stat.S_IFDIR or (not kind and info.is_dir()):
+        writer.add_directory(name, parts)
+    elif kind in (0, stat.S_IFREG):
+        executable = bool(mode & 0o111) if mode else None
+        with archive.open(info) as source:
+            writer.add_file(name, parts, source, executable)
+    else:
+        raise ArchiveError(name, f"is a special file (mode {mode:o}); only "
+                                 f"files, directories and links are allowed")
+
+
+def extract_zip(path: str, dest: str, limits: ArchiveLimits) -> dict:
+    """Unpack a zip archive into the empty directory ``dest``.
+
+    Every member is checked before anything is written (counts, declared
+    sizes, compression ratios), and again while it is written (bytes
+    actually produced).  Returns {"members", "bytes"}.
+    """
+    directory_limit = limits.max_members * ZIP_DIRECTORY_BYTES_PER_MEMBER
+    directory_size = _zip_directory_size(path)
+    if directory_size > directory_limit:
+        raise ArchiveError(None, f"its central directory is "
+                                 f"{directory_size} bytes, more than "
+                                 f"{limits.max_members} members need "
+                                 f"(max_archive_members)")
+    writer = _ReleaseWriter(dest, limits)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            _zip_precheck(limits, archive)
+            for info in archive.infolist():
+                _unpack_member(_zip_member, writer, archive, info,
+                               info.filename)
+    except ArchiveError:
+        raise
+    except _READ_ERRORS as exc:
+        raise ArchiveError(None, f"the zip archive is damaged: {exc}")
+    finally:
+        writer.close()
+    return writer.stats()
+
+
+def _check_links_inside(root: str) -> None:
+    """Raise when a symlink below ``root`` resolves outside it.
+
+    Each link was checked alone when it was written; this catches chains,
+    such as a link through another link followed by ``..``.
+    """
+    real_root = os.path.realpath(root)
+    for current, dirs, files in os.walk(root):
+        for entry in dirs + files:
+            path = os.path.join(current, entry)
+            if not os.path.islink(path):
+                continue
+            resolved = os.path.realpath(path)
+            if resolved != real_root and \
+                    not resolved.startswith(real_root + os.sep):
+                member = os.path.relpath(path, root)
+                raise ArchiveError(member, f"is a symlink that resolves to "
+                                           f"{resolved}, outside the release")
+
+
+def seal_tree(root: str) -> None:
+    """Make a release read-only: directories 0555, files 0444 or 0555.
+
+    A file with any executable bit becomes 0555, so the app user (not the
+    owner, root) may run it.  Symlinks are left alone.
+    """
+    for current, dirs, files in os.walk(root, topdown=False):
+        for entry in files + dirs:
+            path = os.path.join(current, entry)
+            info = os.lstat(path)
+            if stat.S_ISDIR(info.st_mode):
+                os.chmod(path, 0o555)
+            elif stat.S_ISREG(info.st_mode):
+                os.chmod(path, 0o555 if info.st_mode & 0o111 else 0o444)
+    os.chmod(root, 0o555)
+
+
+def unpack_asset(path: str, kind: str, dest: str,
+                 limits: ArchiveLimits) -> dict:
+    """Turn a downloaded asset into the tree of a release at ``dest``.
+
+    ``dest`` must be a new, empty directory.  A raw executable becomes
+    ``dest/app``; an archive is extracted.  Returns {"members", "bytes"}.
+    """
+    if kind == "executable":
+        size = os.path.getsize(path)
+        os.rename(path, os.path.join(dest, "app"))
+        os.chmod(os.path.join(dest, "app"), 0o555)
+        return {"members": 1, "bytes": size}
+    if kind == "zip":
+        stats = extract_zip(path, dest, limits)
+    else:
+        stats = extract_tar(path, dest, limits, compressed=kind == "tar.gz")
+    _check_links_inside(dest)
+    return stats
+
+
+# --- what to run
+
+# Marks where $PORT stood in a Procfile command.  install() replaces it with
+# the instance's port.  The operator resolves the port itself, instead of
+# writing ${PORT} for systemd to expand, so the unit shows the real port,
+# escape_unit_word needs no exception for "$", and the word stays one
+# argument whatever the environment contains.  procfile_web_command rejects
+# control characters, so a Procfile cannot contain the mark itself.
+PORT_MARK = "\x00PORT\x00"
+
+_SHELL_OPERATORS = ("&&", "||", ">>", "<<", "|", "&", ";", "<", ">", "(", ")")
+
+
+def _shell_error(lineno: int, line: str, problem: str) -> StepError:
+    shown = line if len(line) <= 200 else line[:200] + "..."
+    return StepError(f"Procfile line {lineno} ({shown!r}) {problem}; the web "
+                     f"command runs without a shell, so put shell syntax in "
+                     f"a script inside the release and start that script")
+
+
+def _dollar(command: str, index: int, lineno: int, line: str) -> tuple:
+    """Read a ``$`` reference at ``index``; return (replacement, next index)."""
+    rest = command[index + 1:]
+    if rest.startswith("{PORT}"):
+        return PORT_MARK, index + 7
+    if rest.startswith("PORT") and not re.match(r"[A-Za-z0-9_]", rest[4:5]):
+        return PORT_MARK, index + 5
+    if rest.startswith("("):
+        raise _shell_error(lineno, line, "uses command substitution '$('")
+    raise _shell_error(lineno, line, "uses a variable other than $PORT; write "
+                                     "a literal $ as \\$ or inside single "
+                                     "quotes")
+
+
+def _mark_port(command: str, lineno: int, line: str) -> str:
+    """Check a Procfile command for shell syntax and mark $PORT.
+
+    Follows POSIX sh quoting: nothing is special inside single quotes;
+    inside double quotes ``$`` and backquotes still are.  Returns the
+    command with PORT_MARK for each $PORT or ${PORT}, backslash escapes of
+    ``$`` and backquote inside double quotes removed (shlex keeps the
+    backslash there, sh does not), and a trailing comment cut off.
+    """
+    out = []
+    quote = None
+    index = 0
+    while index < len(command):
+        char = command[index]
+        if quote == "'":
+            quote = None if char == "'" else quote
+        elif char == "\\":
+            escaped = command[index + 1:index + 2]
+            if quote == '"' and escaped in ("$", "`"):
+                out.append(escaped)
+            else:
+                out.append(command[index:index + 2])
+            index += 2
+            continue
+        elif char == "`":
+            raise _shell_error(lineno, line, "uses command substitution '`'")
+        elif char == "$":
+            replacement, index = _dollar(command, index, lineno, line)
+            out.append(replacement)
+            continue
+        elif quote == '"':
+            quote = None if char == '"' else quote
+        elif char in "'\"":
+            quote = char
+        elif char == "#" and (not out or out[-1][-1:].isspace()):
+            break
+        else:
+            for operator in _SHELL_OPERATORS:
+                if command.startswith(operator, index):
+                    raise _shell_error(lineno, line, f"uses the shell "
+                                                     f"operator {operator!r}")
+        out.append(char)
+        index += 1
+    return "".join(out)
+
+
+def procfile_web_command(text: str) -> list:
+    """Return the words of the ``web:`` line of a Procfile.
+
+    Lines are ``name: command``; blank lines, ``#`` comments and other
+    process types are skipped.  The command is split like sh would split it
+    (shlex, POSIX mode) but nothing is expanded except $PORT and ${PORT},
+    which become PORT_MARK.  Shell operators, command substitution and other
+    variables raise StepError naming the line.
+    """
+    found = None
+    for lineno, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        name, sep, command = stripped.partition(":")
+        if not sep or name.strip() != "web":
+            continue
+        if found is not None:
+            raise StepError(f"Procfile has more than one web: line (lines "
+                            f"{found} and {lineno}); keep one")
+        found = lineno
+        if re.search(r"[\x00-\x08\x0a-\x1f\x7f]", command):
+            raise StepError(f"Procfile line {lineno} contains control "
+                            f"characters other than tab")
+        try:
+            words = shlex.split(_mark_port(command, lineno, line))
+        except ValueError as exc:
+            raise _shell_error(lineno, line, f"cannot be split ({exc})")
+        if not words:
+            raise StepError(f"Procfile line {lineno} has an empty web command")
+        if PORT_MARK in words[0]:
+            raise StepError(f"Procfile line {lineno}: the program cannot be "
+                            f"$PORT; name a file in the release")
+    if found is None:
+        raise StepError("Procfile has no web: line; add one such as "
+                        "'web: ./server --port $PORT'")
+    return words
+
+
+def _is_executable_file(path: str) -> bool:
+    """Return whether ``path`` is a regular file with an executable bit."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(info.st_mode) and bool(info.st_mode & 0o111)
+
+
+def _inside(path: str, root: str) -> str | None:
+    """Return ``path`` relative to ``root`` after resolving links, or None."""
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    if real == real_root or not real.startswith(real_root + os.sep):
+        return None
+    return os.path.relpath(real, real_root)
+
+
+def resolve_program(root: str, program: str) -> str:
+    """Return the absolute path of the program named on a Procfile web line.
+
+    A relative path with a slash is resolved inside the release and must
+    stay inside; an absolute path is a program of the host; a bare name is
+    looked up in systemd's search path, like ExecStart= does.
+    """
+    if program.startswith("/"):
+        if not _is_executable_file(program):
+            raise StepError(f"Procfile web program {program} is not an "
+                            f"executable file on this host")
+        return program
+    if "/" not in program:
+        found = shutil.which(program, path=EXEC_SEARCH_PATH)
+        if not found:
+            raise StepError(f"Procfile web program {program!r} was not found "
+                            f"in {EXEC_SEARCH_PATH}; write ./{program} for a "
+                            f"file in the release")
+        return found
+    relative = _inside(os.path.join(root, program), root)
+    if relative is None:
+        raise StepError(f"Procfile web program {program!r} points outside "
+                        f"the release")
+    path = os.path.join(root, relative)
+    if not _is_executable_file(path):
+        raise StepError(f"Procfile web program {program!r} is not an "
+                        f"executable file in the release (missing, a "
+                        f"directory, or without an executable bit)")
+    return path
+
+
+def _top_level_listing(root: str) -> str:
+    """Describe the top level of a release for an error message."""
+    names = sorted(os.listdir(root))
+    shown = []
+    for name in names[:20]:
+        path = os.path.join(root, name)
+        if os.path.islink(path):
+            shown.append(name + "@")
+        elif os.path.isdir(path):
+            shown.append(name + "/")
+        elif _is_executable_file(path):
+            shown.append(name + "*")
+        else:
+            shown.append(name)
+    more = f" and {len(names) - 20} more" if len(names) > 20 else ""
+    return (", ".join(shown) + more) if shown else "nothing"
+
+
+def release_command(root: str) -> list:
+    """Return the argv that runs the release unpacked at ``root``.
+
+    A Procfile at the top wins; else the single executable file at the top
+    level.  Words of a Procfile may contain PORT_MARK.
+    """
+    procfile = os.path.join(root, "Procfile")
+    if os.path.lexists(procfile):
+        relative = _inside(procfile, root)
+        if relative is None or not os.path.isfile(procfile):
+            raise StepError("Procfile is not a regular file inside the "
+                            "release")
+        with open(procfile, "rb") as handle:
+            data = handle.read(PROCFILE_MAX_BYTES + 1)
+        if len(data) > PROCFILE_MAX_BYTES:
+            raise StepError(f"Procfile is larger than {PROCFILE_MAX_BYTES} "
+                            f"bytes")
+        words = procfile_web_command(data.decode("utf-8", "replace"))
+        return [resolve_program(root, words[0])] + words[1:]
+    candidates = [name for name in sorted(os.listdir(root))
+                  if _inside(os.path.join(root, name), root) is not None
+                  and _is_executable_file(os.path.join(root, name))]
+    if len(candidates) == 1:
+        return [os.path.join(root, candidates[0])]
+    problem = "no executable file" if not candidates else \
+        f"{len(candidates)} executable files"
+    raise StepError(f"the release has no Procfile and {problem} at its top "
+                    f"level, so what to run is unclear; found: "
+                    f"{_top_level_listing(root)}. Add a Procfile with a web: "
+                    f"line")
 
 
 # === Binary runtime ===
 
-# Magic numbers of archive formats: an archive is not run as an executable.
-_ARCHIVE_MAGIC = ((b"\x1f\x8b", "gzip"), (b"PK\x03\x04", "zip"),
-                  (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"))
-
-
-def _archive_kind(path: str) -> str | None:
-    with open(path, "rb") as handle:
-        head = handle.read(512)
-    for magic, kind in _ARCHIVE_MAGIC:
-        if head.startswith(magic):
-            return kind
-    if len(head) >= 262 and head[257:262] == b"ustar":
-        return "tar"
-    return None
-
-
 def _port_in_use(port: int) -> bool:
+    """Return whether an app could not bind 127.0.0.1:port now.
+
+    A listener on any address and a connection that holds the port as its
+    local end both make bind fail; SO_REUSEADDR (which Python's and most
+    servers set) lets a port that is only in TIME_WAIT count as free.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(1.0)
         return sock.connect_ex(("127.0.0.1", port)) == 0
@@ -3373,14 +4220,18 @@ class BinaryRuntime:
     """Prepare, start, stop, check and remove binary instances.
 
     One systemd unit per instance, an EnvironmentFile next to it, and a
-    read-only release directory per version and deployment.
+    read-only release directory per version and deployment.  Releases
+    older than the newest release_retention are pruned, except those that
+    an instance of the app still points at.
     """
 
     kind = "binary"
 
-    def __init__(self, config: Config, systemd: Systemd):
+    def __init__(self, config: Config, systemd: Systemd,
+                 store: Store | None = None):
         self.config = config
         self.systemd = systemd
+        self.store = store
 
     # --- paths
 
@@ -3392,56 +4243,192 @@ class BinaryRuntime:
         """Return the EnvironmentFile path of the instance named ``name``."""
         return os.path.join(self.app_dir(app_id), "env", f"{name}.env")
 
+    def releases_dir(self, app_id: int) -> str:
+        """Return the directory holding every release of one app."""
+        return os.path.join(self.app_dir(app_id), "releases")
+
     def release_path(self, app_id: int, version: str, deployment_id) -> str:
         """Return the release directory of one version and deployment."""
         return os.path.join(self.app_dir(app_id), "releases",
                             f"{version}-{deployment_id}")
 
+    def _record_path(self, app_id: int, name: str) -> str:
+        # Release records live in a dot directory, which no release name
+        # can clash with because versions start with a letter or digit.
+        return os.path.join(self.releases_dir(app_id), ".meta", f"{name}.json")
+
+    def archive_limits(self) -> ArchiveLimits:
+        """Return the unpacking limits from the configuration."""
+        return ArchiveLimits(max_members=self.config.max_archive_members,
+                             max_bytes=self.config.max_unpacked_bytes)
+
     # --- prepare
 
     def prepare(self, plan: dict) -> dict:
-        """Download the asset and install it as a read-only release."""
+        """Return the release of a plan as {"release", "sha256", "argv"}.
+
+        A retained release of the same version and asset_url (and
+        asset_sha256, when given) is reused.  Otherwise the asset is
+        downloaded, verified and unpacked into a new release.  Old releases
+        are pruned afterwards.  ``argv`` may contain PORT_MARK.
+        """
         app_id = plan["app_id"]
+        os.makedirs(self.releases_dir(app_id), mode=0o755, exist_ok=True)
+        os.chmod(self.app_dir(app_id), 0o755)
+        release = self._reusable_release(plan)
+        if release is None:
+            release = self._new_release(plan)
+        self.prune_releases(app_id, os.path.basename(release["release"]))
+        return release
+
+    def _new_release(self, plan: dict) -> dict:
+        """Download, verify and unpack the asset of ``plan`` into a release."""
+        app_id = plan["app_id"]
+        ids = {"app_id": app_id, "deployment_id": plan["deployment_id"]}
+        releases = self.releases_dir(app_id)
         release = self.release_path(app_id, plan["version"],
                                     plan["deployment_id"])
-        releases = os.path.dirname(release)
-        os.makedirs(releases, mode=0o755, exist_ok=True)
-        os.chmod(self.app_dir(app_id), 0o755)
         staging = tempfile.mkdtemp(prefix=".staging-", dir=releases)
+        tree = os.path.join(staging, "tree")
         try:
-            target = os.path.join(staging, "app")
-            digest = download(plan["asset_url"], target,
+            # The digest is checked before a single member is unpacked.
+            asset = os.path.join(staging, "asset")
+            digest = download(plan["asset_url"], asset,
                               self.config.max_asset_bytes,
-                              self.config.download_timeout_s,
-                              {"app_id": app_id,
-                               "deployment_id": plan["deployment_id"]})
-            self._check_asset(plan, target, digest)
-            os.chmod(target, 0o555)
-            os.chmod(staging, 0o555)
-            if os.path.exists(release):
-                _remove_tree(release)
-            os.rename(staging, release)
-            fsync_dir(releases)
-        except BaseException:
-            _remove_tree(staging)
-            raise
-        return {"release": release, "sha256": digest,
-                "argv": [os.path.join(release, "app")]}
+                              self.config.download_timeout_s, ids)
+            self._check_digest(plan, digest)
 
-    def _check_asset(self, plan: dict, path: str, digest: str) -> None:
+            kind = asset_kind(asset)
+            os.mkdir(tree, 0o700)
+            stats = unpack_asset(asset, kind, tree, self.archive_limits())
+            seal_tree(tree)
+            command = release_command(tree)
+
+            if os.path.lexists(release):
+                _remove_tree(release)
+            os.rename(tree, release)
+            fsync_dir(releases)
+        finally:
+            _remove_tree(staging)
+        if command[0].startswith(tree + os.sep):
+            command[0] = release + command[0][len(tree):]
+
+        name = os.path.basename(release)
+        now = time.time()
+        self._write_record(app_id, {
+            "name": name, "version": plan["version"],
+            "deployment_id": plan["deployment_id"],
+            "asset_url_sha256": _url_digest(plan["asset_url"]),
+            "sha256": digest, "kind": kind, "created_at": now,
+            "used_at": now})
+        log("release.unpacked", release=name, asset_kind=kind,
+            members=stats["members"], bytes=stats["bytes"], **ids)
+        return {"release": release, "sha256": digest, "argv": command}
+
+    def _check_digest(self, plan: dict, digest: str) -> None:
         expected = plan.get("asset_sha256")
         if expected and not hmac.compare_digest(expected, digest):
             raise FetchError(f"asset sha256 is {digest}, but asset_sha256 "
                              f"expects {expected}; check the asset")
-        kind = _archive_kind(path)
-        if kind:
-            raise StepError(f"asset is a {kind} archive; this version runs "
-                            f"only a raw executable")
-        with open(path, "rb") as handle:
-            head = handle.read(4)
-        if head != b"\x7fELF" and not head.startswith(b"#!"):
-            raise StepError("asset is neither an ELF executable nor a script "
-                            "starting with #!")
+
+    # --- release records, reuse and pruning
+
+    def _write_record(self, app_id: int, record: dict) -> None:
+        path = self._record_path(app_id, record["name"])
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        atomic_write_json(path, record, 0o600)
+
+    def release_records(self, app_id: int) -> list:
+        """Return the records of the app's releases whose directory exists."""
+        meta_dir = os.path.dirname(self._record_path(app_id, "x"))
+        records = []
+        with contextlib.suppress(FileNotFoundError):
+            for entry in sorted(os.listdir(meta_dir)):
+                if not entry.endswith(".json") or entry.startswith("."):
+                    continue
+                try:
+                    record = read_json(os.path.join(meta_dir, entry))
+                except ValueError:
+                    continue
+                name = record.get("name") if isinstance(record, dict) else None
+                if name != entry[:-len(".json")]:
+                    continue
+                if os.path.isdir(os.path.join(self.releases_dir(app_id),
+                                              name)):
+                    records.append(record)
+        return records
+
+    def _reusable_release(self, plan: dict) -> dict | None:
+        """Return a retained release that matches ``plan``, or None."""
+        app_id = plan["app_id"]
+        expected = plan.get("asset_sha256")
+        url_digest = _url_digest(plan["asset_url"])
+        matches = [record for record in self.release_records(app_id)
+                   if record.get("version") == plan["version"]
+                   and record.get("asset_url_sha256") == url_digest
+                   and (not expected or record.get("sha256") == expected)]
+        if not matches:
+            return None
+        record = max(matches, key=lambda item: item.get("used_at", 0))
+        path = os.path.join(self.releases_dir(app_id), record["name"])
+        argv = release_command(path)
+        record["used_at"] = time.time()
+        self._write_record(app_id, record)
+        log("release.reused", release=record["name"],
+            version=plan["version"], app_id=app_id,
+            deployment_id=plan["deployment_id"])
+        return {"release": path, "sha256": record["sha256"], "argv": argv}
+
+    def _releases_in_use(self, app_id: int) -> set:
+        """Return the release names that an instance of the app points at.
+
+        They include the serving release and the previous one, which a
+        failed deployment restores.
+        """
+        if self.store is None:
+            return set()
+        app = self.store.app(app_id) or {}
+        return {os.path.basename(instance["release"])
+                for instance in app.get("instances", {}).values()
+                if instance.get("release")}
+
+    def prune_releases(self, app_id: int, current: str) -> None:
+        """Delete releases past release_retention, never ones in use.
+
+        The newest releases (by last deployment) are kept, plus ``current``
+        and every release an instance points at.  Staging directories left
+        by an interrupted deployment are deleted too; one job at a time
+        runs per app, so none of them is in use.  Errors are logged, never
+        raised: a failed prune must not fail a deployment.
+        """
+        try:
+            self._prune(app_id, {current} | self._releases_in_use(app_id))
+        except OSError as exc:
+            log("release.prune_failed", logging.WARNING, error=str(exc),
+                app_id=app_id)
+
+    def _prune(self, app_id: int, keep: set) -> None:
+        releases = self.releases_dir(app_id)
+        used = {record["name"]: record.get("used_at", 0)
+                for record in self.release_records(app_id)}
+        names = []
+        for name in os.listdir(releases):
+            path = os.path.join(releases, name)
+            if name.startswith(".staging-"):
+                _remove_tree(path)
+            elif not name.startswith(".") and os.path.isdir(path) \
+                    and not os.path.islink(path):
+                names.append(name)
+        names.sort(key=lambda name: used.get(name) or
+                   os.lstat(os.path.join(releases, name)).st_mtime,
+                   reverse=True)
+        for name in names[self.config.release_retention:]:
+            if name in keep:
+                continue
+            _remove_tree(os.path.join(releases, name))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._record_path(app_id, name))
+            log("release.pruned", release=name, app_id=app_id)
 
     # --- install, start, stop
 
@@ -3528,10 +4515,12 @@ class BinaryRuntime:
         os.makedirs(os.path.dirname(env_path), mode=0o700, exist_ok=True)
         text = render_env_file(self.instance_env(plan, instance))
         atomic_write(env_path, text.encode("utf-8"), 0o600)
+        port = str(instance["port"])
+        argv = [word.replace(PORT_MARK, port) for word in release["argv"]]
         unit = render_unit({
             "app_id": app_id, "instance_id": instance["instance_id"],
             "version": plan["version"], "deployment_id": plan["deployment_id"],
-            "exec_argv": release["argv"], "workdir": release["release"],
+            "exec_argv": argv, "workdir": release["release"],
             "env_file": env_path, "app_user": self.config.app_user,
             "stop_timeout_s": self.config.stop_timeout_s,
             "restart_sec_s": self.config.restart_sec_s,
@@ -3603,6 +4592,14 @@ def _remove_app_dir(runtime, app_id: int) -> list:
         return []
     _remove_tree(path)
     return [f"directory {path}"]
+
+
+def _url_digest(url: str) -> str:
+    """Return the SHA-256 of an asset URL, stored instead of the URL.
+
+    The query string may carry a token, which must not land on disk.
+    """
+    return hashlib.sha256(url.encode("utf-8")).hexdigest()
 
 
 def _remove_tree(path: str) -> None:
@@ -3767,6 +4764,11 @@ class DeployJob:
         self.set_state("running")
         try:
             outcome, error = self.execute()
+        except StepError as exc:
+            # Steps outside a strategy's rollback scope (fetch_asset) run
+            # before anything on the host changes, and their message names
+            # what failed and why, so it is reported as it is.
+            outcome, error = "failed", str(exc)
         except Exception as exc:  # the one catch-all of a job
             log("deployment.crashed", logging.ERROR, exc_info=True,
                 error=str(exc), **self.ids)
@@ -4838,7 +5840,8 @@ class Operator:
         self.caddy = CaddyClient(config.caddy_admin, config.caddy_server,
                                  config.caddy_listen,
                                  config.caddy_automatic_https)
-        self.runtimes = {"binary": BinaryRuntime(config, self.systemd)}
+        self.runtimes = {"binary": BinaryRuntime(config, self.systemd,
+                                                 self.store)}
         self.strategies = Strategies(self)
         self.runner = JobRunner()
         self.outbox = CallbackOutbox(self.store, config)

@@ -165,13 +165,34 @@ def test_grow_to_four_then_shrink_to_two(operator, caddy, assets, callbacks,
             assert sock.connect_ex(("127.0.0.1", port)) != 0
 
 
+def bindable(port):
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_run(length):
+    """Return the first port of ``length`` bindable ports in a row.
+
+    The search stays below Linux's ephemeral range (32768 and up), where
+    outgoing connections would take ports at random.
+    """
+    for low in range(21000, 32000, 7):
+        if all(bindable(low + n) for n in range(length)):
+            return low
+    raise AssertionError("no free run of ports found")
+
+
 def test_bluegreen_on_free_ports_skips_held_port(operator_factory, caddy,
                                                  assets, callbacks,
                                                  shared_dir):
+    low = free_run(3)
     held = socket.socket()
-    held.bind(("127.0.0.1", 0))
+    held.bind(("127.0.0.1", low))
     held.listen()
-    low = held.getsockname()[1]
     try:
         operator = operator_factory({"port_range_min": low,
                                      "port_range_max": low + 2})
@@ -202,10 +223,10 @@ def test_bluegreen_on_free_ports_skips_held_port(operator_factory, caddy,
 
 def test_bluegreen_fails_when_range_is_full(operator_factory, assets,
                                             callbacks):
+    port = free_run(1)
     held = socket.socket()
-    held.bind(("127.0.0.1", 0))
+    held.bind(("127.0.0.1", port))
     held.listen()
-    port = held.getsockname()[1]
     try:
         operator = operator_factory({"port_range_min": port,
                                      "port_range_max": port})

@@ -9,6 +9,10 @@ Serves HTTP/1.1 on 127.0.0.1:$PORT with the standard library only:
                 named by SAMPLE_HEALTH_FILE exists and contains "fail", or
                 when SAMPLE_FAIL_HEALTH_INSTANCE equals CRATE_INSTANCE_ID
   GET /whoami   200 JSON {"uid", "gid", "euid"}
+  GET /argv     200 JSON list of the command-line arguments
+
+The port comes from "--port N" (or "--port=N") on the command line when
+given, else from $PORT (for Procfile tests).
 
 SAMPLE_EXIT_CODE=N makes the process exit with status N before it binds the
 port (for crash-loop tests). SAMPLE_START_DELAY_S=N waits N seconds before it
@@ -29,7 +33,7 @@ BUILD = "dev"
 
 
 class SampleHandler(http.server.BaseHTTPRequestHandler):
-    """Handle the four GET paths listed in the module docstring."""
+    """Handle the GET paths listed in the module docstring."""
 
     protocol_version = "HTTP/1.1"
     server_version = "crate-sample"
@@ -49,6 +53,8 @@ class SampleHandler(http.server.BaseHTTPRequestHandler):
                 self._send_text(500, "fail\n")
             else:
                 self._send_text(200, "ok\n")
+        elif path == "/argv":
+            self._send_json(200, sys.argv[1:])
         elif path == "/whoami":
             ids = {"uid": os.getuid(), "gid": os.getgid(), "euid": os.geteuid()}
             self._send_json(200, ids)
@@ -101,22 +107,33 @@ def health_failing() -> bool:
         return False
 
 
+def port_argument(argv: list[str]) -> str | None:
+    """Return the value of --port N or --port=N in argv, or None."""
+    for index, word in enumerate(argv):
+        if word == "--port" and index + 1 < len(argv):
+            return argv[index + 1]
+        if word.startswith("--port="):
+            return word[len("--port="):]
+    return None
+
+
 def handle_sigterm(signum: int, frame: object) -> None:
     """Exit with status 0, as a well-behaved service does on SIGTERM."""
     sys.exit(0)
 
 
 def main() -> int:
-    """Start the server on 127.0.0.1:$PORT and serve until SIGTERM."""
+    """Start the server on 127.0.0.1 (--port or $PORT) and serve until SIGTERM."""
     exit_code = os.environ.get("SAMPLE_EXIT_CODE")
     if exit_code:
         sys.stderr.write("SAMPLE_EXIT_CODE=%s, exiting\n" % exit_code)
         return int(exit_code)
     # A slow start: the port refuses connections until the delay has passed.
     time.sleep(float(os.environ.get("SAMPLE_START_DELAY_S") or 0))
-    port_text = os.environ.get("PORT")
+    port_text = port_argument(sys.argv[1:]) or os.environ.get("PORT")
     if not port_text:
-        sys.stderr.write("PORT is not set; set it to the TCP port to serve on\n")
+        sys.stderr.write("PORT is not set and no --port was given; "
+                         "set one to the TCP port to serve on\n")
         return 2
 
     signal.signal(signal.SIGTERM, handle_sigterm)
