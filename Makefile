@@ -44,7 +44,7 @@ lint:
 	if [ -n "$$output" ]; then echo "$$output" >&2; exit 1; fi
 
 deb:
-	PYTHON=$(PYTHON) OUT_DIR=$(CURDIR)/$(BUILD_DIR) sh packaging/deb/build-deb.sh
+	PYTHON=$(PYTHON) OUT_DIR=$(abspath $(BUILD_DIR)) sh packaging/deb/build-deb.sh
 
 install:
 	$(PYTHON) crate_operator.py install
