@@ -4584,9 +4584,9 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
 
 # === Host installation ===
 
-# Where an installed operator lives. The Debian package owns
-# PACKAGE_PROGRAM and puts the unit in /lib/systemd/system; `install` uses
-# LOCAL_PROGRAM and SYSTEM_UNIT_DIR, which no package manager touches.
+# Paths of an installed operator. The Debian package owns PACKAGE_PROGRAM
+# and puts the unit in /lib/systemd/system. `install` uses LOCAL_PROGRAM and
+# SYSTEM_UNIT_DIR, which no package manager touches.
 SERVICE_NAME = "crate-operator.service"
 PACKAGE_PROGRAM = "/usr/bin/crate-operator"
 LOCAL_PROGRAM = "/usr/local/bin/crate-operator"
@@ -4595,7 +4595,7 @@ SYSTEM_UNIT_DIR = "/etc/systemd/system"
 # because an interpreter under /root or /home is hidden by ProtectHome=.
 UNIT_PYTHON = "/usr/bin/python3"
 CONFIG_DIR = os.path.dirname(DEFAULT_CONFIG_PATH)
-# The secrets live in files of their own, so config.json holds no secret and
+# The secrets are files of their own, so config.json contains no secret and
 # the Debian package can ship it as a conffile that no script rewrites.
 SECRET_FILES = {
     "token_file": os.path.join(CONFIG_DIR, "token"),
@@ -4604,12 +4604,12 @@ SECRET_FILES = {
 SECRET_BYTES = 32
 DEFAULT_PORT = parse_listen(CONFIG_SPEC["listen"][0])[1]
 
-# Hardening of the operator's own unit. It runs as root because it writes
-# unit files and talks to PID 1 (over /run/systemd/private), so the
-# directives limit what root may do: write only the unit dir, its state dir
-# and apps_dir, keep no capability except CAP_DAC_OVERRIDE (needed to
-# connect to a Caddy admin or docker socket owned by another user), and use
-# only the system calls of an ordinary service.
+# Hardening of the operator's own unit. The operator runs as root because
+# it writes unit files and talks to PID 1 over /run/systemd/private. So the
+# directives limit root: it may write only the unit dir, its state dir and
+# apps_dir, and use only the system calls of an ordinary service. Its one
+# capability, CAP_DAC_OVERRIDE, lets it connect to a Caddy admin or docker
+# socket that another user owns.
 OPERATOR_UNIT_HARDENING = """\
 CapabilityBoundingSet=CAP_DAC_OVERRIDE
 NoNewPrivileges=yes
@@ -4617,6 +4617,7 @@ ProtectSystem=strict
 ProtectHome=yes
 PrivateTmp=yes
 PrivateDevices=yes
+PrivateMounts=yes
 ProtectKernelTunables=yes
 ProtectKernelModules=yes
 ProtectKernelLogs=yes
@@ -4760,10 +4761,12 @@ def _check_install_host() -> None:
     """Raise InstallError when this host cannot run the installed service."""
     if os.geteuid() != 0:
         raise InstallError("install must run as root, because it writes "
-                           "/usr/local/bin, /etc and the state dir")
+                           "/usr/local/bin, /etc and /var/lib; run it with "
+                           "sudo")
     if not os.path.isdir("/run/systemd/system"):
         raise InstallError("systemd is not running on this host (no "
-                           "/run/systemd/system); crate-operator needs it")
+                           "/run/systemd/system); crate-operator runs only "
+                           "under systemd as PID 1")
     if not os.access(UNIT_PYTHON, os.X_OK):
         raise InstallError(f"{UNIT_PYTHON} is missing; install python3 "
                            f"(3.9 or newer)")
@@ -4860,7 +4863,7 @@ def uninstall_host(purge: bool = False) -> list:
     the list of changes.
     """
     if os.geteuid() != 0:
-        raise InstallError("uninstall must run as root")
+        raise InstallError("uninstall must run as root; run it with sudo")
     unit_path = os.path.join(SYSTEM_UNIT_DIR, SERVICE_NAME)
     if os.path.exists(PACKAGE_PROGRAM) and not os.path.exists(unit_path):
         raise InstallError(f"{PACKAGE_PROGRAM} belongs to the Debian "

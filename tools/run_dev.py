@@ -13,7 +13,7 @@ The operator never writes outside DIR: the host's systemd does not read
 DIR/units, so deployed apps are not started. Where systemd is not PID 1,
 systemctl is replaced by a command that fails with a message, and deploys
 stop at their first systemctl call. The Caddy server the operator creates
-(when a Caddy admin API answers on 127.0.0.1:2019) listens on
+(when a Caddy admin API responds on 127.0.0.1:2019) listens on
 127.0.0.1:8080 only, and the docker socket path points into DIR.
 """
 
@@ -62,7 +62,7 @@ def new_config(directory: str) -> dict:
 
 
 def write_config(path: str, config: dict) -> None:
-    """Create path with mode 0600, because it holds the token."""
+    """Create path with mode 0600, because it contains the token."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         json.dump(config, handle, indent=1, sort_keys=True)

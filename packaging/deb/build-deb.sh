@@ -40,7 +40,7 @@ install -m 0755 "$PROGRAM" "$STAGE/usr/bin/crate-operator"
 "$PYTHON" "$PROGRAM" unit --program /usr/bin/crate-operator \
   >"$STAGE/lib/systemd/system/crate-operator.service"
 chmod 0644 "$STAGE/lib/systemd/system/crate-operator.service"
-# The conffile holds no secret, but an administrator may put the token in
+# The conffile contains no secret, but an administrator may put the token in
 # it, so only root may read it.
 install -m 0600 "$HERE/config.json" "$STAGE/etc/crate-operator/config.json"
 gzip -9n <"$HERE/crate-operator.1" >"$STAGE/usr/share/man/man1/crate-operator.1.gz"

@@ -11,10 +11,11 @@
 #
 # Stage 1 (argument "systemd") builds the overlay root and moves into it
 # with pivot_root. It then runs ns-init.sh unchanged, so every isolation
-# step of the normal sandbox still applies, and asks ns-init.sh to run stage
-# 2 (argument "boot") in place of systemd. Stage 2 undoes only the two
-# read-only remounts that ns-init.sh makes for / and the vendor unit dir,
-# because in this sandbox they are copy-on-write, and execs systemd.
+# step of the normal sandbox still applies, with stage 2 (argument "boot")
+# as the command that ns-init.sh runs in place of systemd. Stage 2 undoes
+# only the two read-only remounts that ns-init.sh makes for / and the vendor
+# unit dir, because in this sandbox both are copy-on-write, and then execs
+# systemd.
 set -eu
 
 S=${SBX_DIR:?SBX_DIR is not set}
