@@ -308,6 +308,8 @@ def root_box(packages):
             harness.remove_shared_dir(shared)
     assert left == [], "processes of the sandbox are still running"
     assert mounts == [], "mounts are left below the shared dir"
+    with open("/proc/self/mountinfo", encoding="utf-8") as handle:
+        assert "sbx-root" not in handle.read()
     assert not os.path.exists(box.cgroup)
     assert host_paths_present() == []
 
@@ -624,6 +626,15 @@ def test_install_twice_then_uninstall_twice(root_box):
     assert box.unit_property(UNIT, "MainPID") == main_pid
     config = json.loads(read_inside(box, "/etc/crate-operator/config.json"))
     assert config["listen"] == f"127.0.0.1:{port}"
+
+    # Restart=on-failure: a killed operator comes back after RestartSec.
+    box.systemctl("kill", "--signal=SIGKILL", UNIT)
+    deadline = time.monotonic() + 30
+    while box.unit_property(UNIT, "NRestarts") != "1" or \
+            box.unit_property(UNIT, "ActiveState") != "active":
+        assert time.monotonic() < deadline, box.journal(UNIT)[-3000:]
+        time.sleep(0.2)
+    assert box.unit_property(UNIT, "MainPID") != main_pid
 
     first = box.run(co.LOCAL_PROGRAM, "uninstall", check=False)
     assert first.returncode == 0, first.stdout + first.stderr
