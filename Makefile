@@ -1,8 +1,14 @@
 # Developer entry points. `make test` needs root for the real-sandbox tests
-# (they skip with a reason otherwise).
+# (they skip with a reason otherwise); `make install` needs root.
 PYTHON ?= python3
+BUILD_DIR := build
+# Runs vermin, the minimum Python version checker, from $(PYTHON).
+VERMIN := $(PYTHON) -c 'import sys, vermin; sys.exit(vermin.main())'
+SHELL_SCRIPTS := .ci/run tests/sandbox/ns-init.sh \
+	tests/sandbox/ns-init-overlay.sh packaging/deb/build-deb.sh \
+	packaging/deb/postinst packaging/deb/prerm packaging/deb/postrm
 
-.PHONY: test demo clean
+.PHONY: test demo run lint deb install clean
 
 test:
 	@$(PYTHON) -c 'import pytest, hypothesis' 2>/dev/null \
@@ -14,6 +20,35 @@ test:
 demo:
 	$(PYTHON) tests/demo.py
 
+# The operator in the foreground with a development config under
+# build/dev (written on first use; see tools/run_dev.py).
+run:
+	$(PYTHON) tools/run_dev.py $(BUILD_DIR)/dev
+
+# ruff with ruff.toml, the Python 3.9 floor of the runtime code, shellcheck
+# and systemd-analyze verify (which exits 0 on warnings, so any output fails).
+lint:
+	@$(PYTHON) -m ruff --version >/dev/null 2>&1 \
+		|| $(PYTHON) -m pip install ruff
+	$(PYTHON) -m ruff check .
+	@$(PYTHON) -c 'import vermin' 2>/dev/null || $(PYTHON) -m pip install vermin
+	$(VERMIN) --target=3.9- --violations --eval-annotations --no-tips \
+		crate_operator.py tools/run_dev.py
+	@command -v shellcheck >/dev/null \
+		|| { echo "shellcheck is missing: apt-get install shellcheck" >&2; exit 1; }
+	shellcheck $(SHELL_SCRIPTS)
+	@command -v systemd-analyze >/dev/null \
+		|| { echo "systemd-analyze is missing: apt-get install systemd" >&2; exit 1; }
+	@echo "systemd-analyze verify crate-operator.service"; \
+	output=$$(systemd-analyze verify ./crate-operator.service 2>&1); \
+	if [ -n "$$output" ]; then echo "$$output" >&2; exit 1; fi
+
+deb:
+	PYTHON=$(PYTHON) OUT_DIR=$(abspath $(BUILD_DIR)) sh packaging/deb/build-deb.sh
+
+install:
+	$(PYTHON) crate_operator.py install
+
 clean:
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
-	rm -rf .pytest_cache .hypothesis
+	rm -rf .pytest_cache .hypothesis .ruff_cache $(BUILD_DIR)

@@ -43,6 +43,7 @@ import errno
 import fcntl
 import fractions
 import functools
+import grp
 import gzip
 import hashlib
 import hmac
@@ -54,6 +55,7 @@ import logging
 import math
 import os
 import posixpath
+import pwd
 import random
 import re
 import secrets
@@ -6588,6 +6590,376 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     }
 
 
+# === Host installation ===
+
+# Paths of an installed operator. The Debian package owns PACKAGE_PROGRAM
+# and puts the unit in /lib/systemd/system. `install` uses LOCAL_PROGRAM and
+# SYSTEM_UNIT_DIR, which no package manager touches.
+SERVICE_NAME = "crate-operator.service"
+PACKAGE_PROGRAM = "/usr/bin/crate-operator"
+LOCAL_PROGRAM = "/usr/local/bin/crate-operator"
+SYSTEM_UNIT_DIR = "/etc/systemd/system"
+# The unit names Debian's interpreter instead of the first python3 in PATH,
+# because an interpreter under /root or /home is hidden by ProtectHome=.
+UNIT_PYTHON = "/usr/bin/python3"
+CONFIG_DIR = os.path.dirname(DEFAULT_CONFIG_PATH)
+# The secrets are files of their own, so config.json contains no secret and
+# the Debian package can ship it as a conffile that no script rewrites.
+SECRET_FILES = {
+    "token_file": os.path.join(CONFIG_DIR, "token"),
+    "callback_secret_file": os.path.join(CONFIG_DIR, "callback_secret"),
+}
+SECRET_BYTES = 32
+DEFAULT_PORT = parse_listen(CONFIG_SPEC["listen"][0])[1]
+
+# Hardening of the operator's own unit. The operator runs as root because
+# it writes unit files and talks to PID 1 over /run/systemd/private. So the
+# directives limit root: it may write only the unit dir, its state dir and
+# apps_dir, and use only the system calls of an ordinary service. Its one
+# capability, CAP_DAC_OVERRIDE, lets it connect to a Caddy admin or docker
+# socket that another user owns.
+OPERATOR_UNIT_HARDENING = """\
+CapabilityBoundingSet=CAP_DAC_OVERRIDE
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+PrivateDevices=yes
+PrivateMounts=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+ProtectProc=invisible
+ProcSubset=pid
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+SystemCallErrorNumber=EPERM
+"""
+
+
+class InstallError(OperatorError):
+    """Raised when install or uninstall cannot go on."""
+
+
+def render_operator_unit(program: str = PACKAGE_PROGRAM) -> str:
+    """Render the systemd unit that runs ``program serve`` as a service."""
+    if not _UNIT_SAFE_PATH.fullmatch(program):
+        raise InstallError(f"program path {program!r} must be absolute and "
+                           f"consist of [A-Za-z0-9/_.+-]")
+    # StateDirectory= names a directory below /var/lib, where the default
+    # state_dir is.
+    state_name = os.path.basename(CONFIG_SPEC["state_dir"][0])
+    writable = [CONFIG_SPEC["unit_dir"][0], "-" + CONFIG_SPEC["apps_dir"][0]]
+    return (
+        "# crate-operator: deploys apps as systemd units and routes their\n"
+        "# domains through Caddy. Written by `crate-operator unit`; change\n"
+        "# settings with `systemctl edit crate-operator`, not in this file.\n"
+        "[Unit]\n"
+        "Description=crate-operator host agent\n"
+        "Wants=network-online.target\n"
+        "After=network-online.target docker.service caddy.service "
+        "caddy-api.service\n"
+        "\n[Service]\n"
+        "Type=notify\n"
+        f"ExecStart={UNIT_PYTHON} -I {program} serve "
+        f"--config {DEFAULT_CONFIG_PATH}\n"
+        "SyslogIdentifier=crate-operator\n"
+        "Restart=on-failure\n"
+        "RestartSec=2s\n"
+        "# A running deploy step gets 20 s to finish after SIGTERM, and\n"
+        "# KillMode=mixed leaves the systemctl calls of that step alone.\n"
+        "TimeoutStopSec=60s\n"
+        "KillMode=mixed\n"
+        "# Writable: its state dir, app units and apps_dir. When config.json\n"
+        "# moves state_dir or apps_dir, add them to ReadWritePaths= too.\n"
+        f"StateDirectory={state_name}\n"
+        "StateDirectoryMode=0700\n"
+        f"ReadWritePaths={' '.join(writable)}\n"
+        "# Releases must stay readable for the app user.\n"
+        "UMask=0022\n"
+        f"{OPERATOR_UNIT_HARDENING}"
+        "\n[Install]\n"
+        "WantedBy=multi-user.target\n"
+    )
+
+
+def initial_config(port: int = DEFAULT_PORT) -> bytes:
+    """Return the config.json of a new installation (no secret in it)."""
+    config = dict(listen=f"127.0.0.1:{port}", **SECRET_FILES)
+    return (json.dumps(config, indent=1, sort_keys=True) + "\n").encode()
+
+
+def _write_if_changed(path: str, data: bytes, mode: int) -> bool:
+    """Write ``path`` unless it has this content and mode; return whether."""
+    try:
+        with open(path, "rb") as handle:
+            same = handle.read() == data
+        same = same and stat.S_IMODE(os.stat(path).st_mode) == mode
+    except FileNotFoundError:
+        same = False
+    if same:
+        return False
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    atomic_write(path, data, mode)
+    return True
+
+
+def _write_new_file(path: str, data: bytes, mode: int) -> bool:
+    """Create ``path`` with ``data``; leave an existing file alone."""
+    if os.path.lexists(path):
+        return False
+    atomic_write(path, data, mode)
+    return True
+
+
+def _run_tool(argv: list) -> str:
+    """Run a command (never through a shell); return its stdout."""
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True,
+                                stdin=subprocess.DEVNULL, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise InstallError(f"{' '.join(argv)} failed: {exc}") from exc
+    if result.returncode != 0:
+        output = (result.stderr or result.stdout).strip()
+        raise InstallError(f"{' '.join(argv)} exited {result.returncode}: "
+                           f"{output[:1000]}")
+    return result.stdout
+
+
+def _ensure_app_user(name: str) -> bool:
+    """Create the system user the app units run as; return whether."""
+    try:
+        pwd.getpwnam(name)
+        return False
+    except KeyError:
+        pass
+    argv = ["useradd", "--system", "--no-create-home",
+            "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin",
+            "--comment", "crate-operator apps"]
+    try:
+        grp.getgrnam(name)
+        argv += ["--gid", name]
+    except KeyError:
+        argv.append("--user-group")
+    _run_tool(argv + [name])
+    return True
+
+
+def _installed_settings() -> dict:
+    """Return app_user, state_dir and apps_dir of the config on disk."""
+    settings = {key: CONFIG_SPEC[key][0]
+                for key in ("app_user", "state_dir", "apps_dir")}
+    if os.path.exists(DEFAULT_CONFIG_PATH):
+        values = _read_config_file(DEFAULT_CONFIG_PATH)
+        settings.update({key: values[key] for key in settings if key in values})
+    return settings
+
+
+def _check_install_host() -> None:
+    """Raise InstallError when this host cannot run the installed service."""
+    if os.geteuid() != 0:
+        raise InstallError("install must run as root, because it writes "
+                           "/usr/local/bin, /etc and /var/lib; run it with "
+                           "sudo")
+    if not os.path.isdir("/run/systemd/system"):
+        raise InstallError("systemd is not running on this host (no "
+                           "/run/systemd/system); crate-operator runs only "
+                           "under systemd as PID 1")
+    if not os.access(UNIT_PYTHON, os.X_OK):
+        raise InstallError(f"{UNIT_PYTHON} is missing; install python3 "
+                           f"(3.9 or newer)")
+    if os.path.exists(PACKAGE_PROGRAM):
+        raise InstallError(f"{PACKAGE_PROGRAM} exists, so the Debian package "
+                           f"is installed; upgrade it with the package")
+
+
+def _install_files(port: int) -> tuple:
+    """Write the program, the unit, the config and the secrets.
+
+    Returns (changes, restart_needed): the list of what changed, and
+    whether a running service must restart to use the new program or unit.
+    """
+    changes = []
+    with open(os.path.abspath(__file__), "rb") as handle:
+        program = handle.read()
+    unit_path = os.path.join(SYSTEM_UNIT_DIR, SERVICE_NAME)
+    restart = False
+    if _write_if_changed(LOCAL_PROGRAM, program, 0o755):
+        changes.append(f"wrote {LOCAL_PROGRAM}")
+        restart = True
+    unit = render_operator_unit(LOCAL_PROGRAM).encode()
+    if _write_if_changed(unit_path, unit, 0o644):
+        changes.append(f"wrote {unit_path}")
+        restart = True
+
+    os.makedirs(CONFIG_DIR, mode=0o755, exist_ok=True)
+    if _write_new_file(DEFAULT_CONFIG_PATH, initial_config(port), 0o600):
+        changes.append(f"wrote {DEFAULT_CONFIG_PATH}")
+    for path in SECRET_FILES.values():
+        secret = secrets.token_hex(SECRET_BYTES) + "\n"
+        if _write_new_file(path, secret.encode(), 0o600):
+            changes.append(f"generated {path}")
+    return changes, restart
+
+
+def _install_host_setup(settings: dict) -> list:
+    """Create the app user, the state dir and apps_dir when missing."""
+    changes = []
+    if settings["app_user"] != "dynamic" and \
+            _ensure_app_user(settings["app_user"]):
+        changes.append(f"created system user {settings['app_user']}")
+    for key, mode in (("state_dir", 0o700), ("apps_dir", 0o755)):
+        path = settings[key]
+        if not os.path.isdir(path):
+            os.makedirs(path, mode=mode)
+            os.chmod(path, mode)
+            changes.append(f"created {path}")
+        if path != CONFIG_SPEC[key][0]:
+            print(f"note: {DEFAULT_CONFIG_PATH} sets {key} to {path}; add it "
+                  f"to ReadWritePaths= with `systemctl edit crate-operator`")
+    return changes
+
+
+def install_host(port: int = DEFAULT_PORT) -> list:
+    """Install this file as the crate-operator service and start it.
+
+    Every step first checks whether its result is already there, so a
+    second run changes nothing. An existing config.json or secret file is
+    never overwritten. Returns the list of changes.
+    """
+    _check_install_host()
+    if not 0 < port < 65536:
+        raise InstallError(f"--port {port} must be between 1 and 65535")
+    settings = _installed_settings()
+    changes, restart = _install_files(port)
+    changes += _install_host_setup(settings)
+    _run_tool([UNIT_PYTHON, "-I", LOCAL_PROGRAM, "check-config",
+               "--config", DEFAULT_CONFIG_PATH])
+
+    systemd = Systemd(["systemctl"], SYSTEM_UNIT_DIR)
+    if restart:
+        systemd.run("daemon-reload")
+    if systemd.run("is-enabled", "--quiet", SERVICE_NAME,
+                   check=False).returncode != 0:
+        systemd.run("enable", SERVICE_NAME)
+        changes.append(f"enabled {SERVICE_NAME}")
+    if systemd.run("is-active", "--quiet", SERVICE_NAME,
+                   check=False).returncode != 0:
+        systemd.run("start", SERVICE_NAME)
+        changes.append(f"started {SERVICE_NAME}")
+    elif restart:
+        systemd.run("restart", SERVICE_NAME)
+        changes.append(f"restarted {SERVICE_NAME}")
+    return changes
+
+
+def uninstall_host(purge: bool = False) -> list:
+    """Stop and disable the service, delete its unit and program.
+
+    With ``purge`` it also deletes CONFIG_DIR and the default state dir.
+    Deployed apps (their units and apps_dir) and the app user stay. Returns
+    the list of changes.
+    """
+    if os.geteuid() != 0:
+        raise InstallError("uninstall must run as root; run it with sudo")
+    unit_path = os.path.join(SYSTEM_UNIT_DIR, SERVICE_NAME)
+    if os.path.exists(PACKAGE_PROGRAM) and not os.path.exists(unit_path):
+        raise InstallError(f"{PACKAGE_PROGRAM} belongs to the Debian "
+                           f"package; remove it with apt-get remove "
+                           f"crate-operator (purge to delete its config)")
+    changes = []
+    # Without a running systemd (a chroot) only the files are removed.
+    systemd = None
+    if os.path.isdir("/run/systemd/system"):
+        systemd = Systemd(["systemctl"], SYSTEM_UNIT_DIR)
+    if os.path.exists(unit_path):
+        if systemd is not None:
+            systemd.run("disable", "--now", SERVICE_NAME)
+            changes.append(f"stopped and disabled {SERVICE_NAME}")
+        os.unlink(unit_path)
+        changes.append(f"removed {unit_path}")
+        if systemd is not None:
+            systemd.run("daemon-reload")
+            systemd.run("reset-failed", SERVICE_NAME, check=False)
+    if os.path.exists(LOCAL_PROGRAM):
+        os.unlink(LOCAL_PROGRAM)
+        changes.append(f"removed {LOCAL_PROGRAM}")
+    if purge:
+        for path in (CONFIG_DIR, CONFIG_SPEC["state_dir"][0]):
+            if os.path.lexists(path):
+                shutil.rmtree(path)
+                changes.append(f"deleted {path}")
+    return changes
+
+
+def cmd_unit(args: argparse.Namespace) -> int:
+    """Print the unit for ``--program``."""
+    sys.stdout.write(render_operator_unit(args.program))
+    return 0
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    """Run install_host and print what changed."""
+    changes = install_host(args.port)
+    for change in changes:
+        print(change)
+    if not changes:
+        print("crate-operator is already installed and running; "
+              "nothing changed")
+    print(f"crate-operator runs as {SERVICE_NAME}; the bearer token is in "
+          f"{SECRET_FILES['token_file']}")
+    return 0
+
+
+def cmd_uninstall(args: argparse.Namespace) -> int:
+    """Run uninstall_host and print what changed."""
+    changes = uninstall_host(args.purge)
+    for change in changes:
+        print(change)
+    if not changes:
+        print("crate-operator is not installed; nothing changed")
+    elif not args.purge:
+        print(f"kept {CONFIG_DIR} and {CONFIG_SPEC['state_dir'][0]}; "
+              f"uninstall --purge deletes them")
+    return 0
+
+
+HOST_COMMANDS = {"unit": cmd_unit, "install": cmd_install,
+                 "uninstall": cmd_uninstall}
+
+
+def add_host_commands(sub) -> None:
+    """Add the unit, install and uninstall subcommands to ``sub``."""
+    unit = sub.add_parser("unit", help="print the systemd unit of the "
+                                       "operator")
+    unit.add_argument("--program", metavar="PATH", default=PACKAGE_PROGRAM,
+                      help=f"path of the installed program (default "
+                           f"{PACKAGE_PROGRAM})")
+    install = sub.add_parser(
+        "install", help=f"install this file as {LOCAL_PROGRAM} with a "
+                        f"systemd service and start it (root)")
+    install.add_argument("--port", type=int, default=DEFAULT_PORT,
+                         help=f"TCP port on 127.0.0.1 for the API, used "
+                              f"only when config.json is new (default "
+                              f"{DEFAULT_PORT})")
+    uninstall = sub.add_parser(
+        "uninstall", help="stop the service, remove its unit and program "
+                          "(root)")
+    uninstall.add_argument("--purge", action="store_true",
+                           help=f"also delete {CONFIG_DIR} and "
+                                f"{CONFIG_SPEC['state_dir'][0]}")
+
+
 # === CLI and main ===
 
 def _notify_systemd(message: str) -> None:
@@ -6672,6 +7044,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--listen", metavar="HOST:PORT",
                          help="override the listen address")
     sub.add_parser("version", help="print the version")
+    add_host_commands(sub)
     return parser
 
 
@@ -6681,6 +7054,12 @@ def main(argv: list | None = None) -> int:
     if args.command == "version":
         print(__version__)
         return 0
+    if args.command in HOST_COMMANDS:
+        try:
+            return HOST_COMMANDS[args.command](args)
+        except (OperatorError, OSError) as exc:
+            print(f"crate-operator: {exc}", file=sys.stderr)
+            return 1
     try:
         overrides = _parse_sets(args.set)
         if args.listen:

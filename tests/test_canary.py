@@ -11,7 +11,6 @@ import collections
 import http.client
 import json
 import os
-import threading
 import time
 
 import pytest
