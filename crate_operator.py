@@ -5373,6 +5373,9 @@ class InstanceSetDeploy:
 
 # === Lifecycle: start, stop, restart, delete ===
 
+LIFECYCLE_ACTIONS = ("start", "stop", "restart", "delete")
+
+
 class LifecycleJob(DeployJob):
     """A start, stop, restart or delete of an app's instances.
 
@@ -5517,6 +5520,118 @@ class LifecycleJob(DeployJob):
         self.op.store.delete_app(self.app_id)
         removed.append(f"app record {self.app_id}")
         return removed
+
+
+# === Recovery after a restart ===
+
+class RecoveryJob(DeployJob):
+    """Finish or roll back a job that an earlier process left running.
+
+    A deploy whose journal says traffic moved for good is finished (the
+    old version is stopped or removed); any other deploy is rolled back
+    to the app record it started from, using the on-disk snapshots of the
+    unit and env files it replaced.  Lifecycle jobs are run again, since
+    start, stop, restart and delete are safe to repeat.
+    """
+
+    def run(self) -> None:
+        """Bring the record to a terminal state; never raises."""
+        try:
+            outcome, error = self.execute()
+        except Exception as exc:  # the one catch-all of a recovery job
+            log("recovery.crashed", logging.ERROR, exc_info=True,
+                error=str(exc), **self.ids)
+            outcome, error = "failed", (f"recovery after an operator "
+                                        f"restart failed: {exc}")
+        self.finish(outcome, error)
+
+    def execute(self) -> tuple:
+        """Choose between finishing, rolling back and running again."""
+        steps = self.record.get("steps") or []
+        self.last = steps[-1]["name"] if steps else "none"
+        log("recovery.start", step=self.last, **self.ids)
+        if self.record["action"] in LIFECYCLE_ACTIONS:
+            job = LifecycleJob(self.op, self.record, self.plan)
+            return job.execute()
+        journal = self.record.get("journal") or {}
+        if "app_before" not in journal:
+            return "failed", (f"the operator stopped at step {self.last} "
+                              f"before the deployment changed anything; "
+                              f"post it again with a new deployment_id")
+        before = journal["app_before"]
+        self.plan.update(health_check_path=before.get("health_check_path"),
+                         domain=self.record.get("domain"))
+        if journal.get("moved"):
+            return self._finish_forward(journal)
+        return self._roll_back(journal)
+
+    def _ensure_running(self, runtime, instance: dict) -> None:
+        if runtime.problem(instance):
+            runtime.start(instance)
+            self.op.wait_healthy(self.plan, instance)
+
+    def _roll_back(self, journal: dict) -> tuple:
+        before = journal["app_before"]
+        app = copy.deepcopy(before)
+        runtime = self.op.runtime_for(self.record["kind"])
+
+        def undo():
+            for instance in journal.get("new", []):
+                runtime.stop(instance)
+                if not runtime.restore_backup(self.app_id, instance["name"]):
+                    runtime.remove(instance)
+            self.op.systemd.daemon_reload()
+            serving = [i for _, i in sorted(before["instances"].items())
+                       if i.get("serving")]
+            for instance in serving:
+                self._ensure_running(runtime, instance)
+            if serving:
+                self.op.strategies._route(self, app, serving)
+            else:
+                self.op.caddy.delete_app_route(self.app_id)
+                app["allocations"] = []
+            self.op.store.save_app(app)
+
+        self.step("rollback", undo,
+                  message=f"after an operator restart at step {self.last}")
+        touched = {"stop_old", "switch_route", "canary_step"}
+        moved = any(s["name"] in touched for s in self.record["steps"])
+        reason = (f"the operator restarted during step {self.last}; the "
+                  f"previous version was restored")
+        return ("rolled_back" if moved else "failed"), reason
+
+    def _finish_forward(self, journal: dict) -> tuple:
+        before = journal["app_before"]
+        new = [dict(i, state="running", serving=True)
+               for i in journal.get("new", [])]
+        runtime = self.op.runtime_for(self.record["kind"])
+        app = copy.deepcopy(before)
+        new_units = {i["unit"] for i in new}
+        old = [i for _, i in sorted(before["instances"].items())
+               if i["unit"] not in new_units]
+
+        def forward():
+            for instance in new:
+                self._ensure_running(runtime, instance)
+            self.op.strategies._route(self, app, new)
+            kept = {}
+            for instance in old:
+                if self.record["model"] == "slots":
+                    runtime.stop(instance)
+                    kept[instance["instance_id"]] = dict(
+                        instance, state="stopped", serving=False)
+                else:
+                    runtime.remove(instance)
+            self.op.systemd.daemon_reload()
+            kept.update({i["instance_id"]: i for i in new})
+            app["instances"] = kept
+            app["serving_version"] = self.record["target_version"]
+            self.op.store.save_app(app)
+
+        self.step("stop_old", forward,
+                  message=f"finish after an operator restart at step "
+                          f"{self.last}")
+        return "succeeded", None
 
 
 # === Job runner and callbacks ===
@@ -5855,24 +5970,37 @@ class Operator:
     # --- start-up
 
     def recover(self) -> None:
-        """End deployments that an earlier process left unfinished."""
+        """Finish, roll back or end the jobs an earlier process left.
+
+        Runs before the listener serves, so each recovery job is queued
+        ahead of any new request for its app.
+        """
         for record in self.store.deployments():
-            if record.get("state") in STATES_TERMINAL:
+            state = record.get("state")
+            if state in STATES_TERMINAL:
                 continue
-            steps = record.get("steps") or []
-            last = steps[-1]["name"] if steps else "none"
-            record["state"] = "failed"
-            record["finished_at"] = utc_now()
-            record["error"] = (
-                f"the operator stopped while this deployment was "
-                f"{'queued' if not steps else 'at step ' + last}; the "
-                f"request body is not kept, so post the deployment again "
-                f"with a new deployment_id")
-            self.store.save_deployment(record)
-            self.outbox.emit(record, "deployment.failed")
-            log("deployment.interrupted", logging.WARNING, step=last,
-                app_id=record.get("app_id"),
-                deployment_id=record.get("deployment_id"))
+            ids = {"app_id": record.get("app_id"),
+                   "deployment_id": record.get("deployment_id")}
+            plan = dict(record.get("plan") or {}, app_id=record["app_id"],
+                        deployment_id=str(record["deployment_id"]))
+            if state == "running":
+                log("recovery.queued", logging.WARNING, **ids)
+                self.runner.submit(record["app_id"],
+                                   RecoveryJob(self, record, plan))
+            elif record.get("action") in LIFECYCLE_ACTIONS:
+                log("recovery.requeued", logging.WARNING, **ids)
+                self.runner.submit(record["app_id"],
+                                   LifecycleJob(self, record, plan))
+            else:
+                record["state"] = "failed"
+                record["finished_at"] = utc_now()
+                record["error"] = (
+                    "the operator stopped before this deployment started; "
+                    "the request body is not kept, so post the deployment "
+                    "again with a new deployment_id")
+                self.store.save_deployment(record)
+                self.outbox.emit(record, "deployment.failed")
+                log("deployment.interrupted", logging.WARNING, **ids)
 
     # --- helpers used by strategies
 
@@ -6125,10 +6253,11 @@ class Operator:
             log("lifecycle.domain_differs", request_domain=value["domain"],
                 route_domain=app["domain"], app_id=value["app_id"],
                 deployment_id=key)
-        self.store.save_deployment(record)
         self.outbox.emit(record, "deployment.queued")
         plan = {"app_id": value["app_id"], "instance_id": instance_id,
                 "deployment_id": key, "domain": app.get("domain")}
+        record["plan"] = plan
+        self.store.save_deployment(record)
         log(f"{action}.accepted", instance_id=instance_id,
             app_id=value["app_id"], deployment_id=key)
         self.runner.submit(value["app_id"], LifecycleJob(self, record, plan))
@@ -6166,6 +6295,8 @@ class Operator:
         plan = {"app_id": value["app_id"], "deployment_id": key,
                 "instance_ids": value["instance_ids"],
                 "domain": app.get("domain") if app else None}
+        record["plan"] = plan
+        self.store.save_deployment(record)
         log("delete.accepted", instance_ids=value["instance_ids"],
             app_id=value["app_id"], deployment_id=key)
         self.runner.submit(value["app_id"], LifecycleJob(self, record, plan))
