@@ -41,9 +41,39 @@ def next_id() -> int:
     return next(_ids)
 
 
+# === Fixtures ===
+
+@pytest.fixture(scope="module")
+def caddy(shared_dir, packages):
+    """A Caddy for this module only.
+
+    test_harness expects the session Caddy to have no servers, and the
+    deploys here would add one.
+    """
+    if "caddy" in packages:
+        pytest.skip("caddy is not installed and cannot be installed without root")
+    process = harness.CaddyProcess(shared_dir, name="caddy-docker")
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="module")
+def operator(shared_dir, sandbox, caddy):
+    """An operator of this module, routing through this module's Caddy."""
+    process = harness.OperatorProcess(shared_dir, sandbox, caddy)
+    try:
+        process.start()
+        yield process
+    finally:
+        process.stop()
+
+
 # === Test images ===
 
-INDEX_CGI_HEADER = 'echo "Content-Type: application/octet-stream"\necho ""\n'
+CGI_HEADER = 'echo "Content-Type: application/octet-stream"\necho ""\n'
 CGI_SCRIPTS = {
     "environ": "exec /bin/busybox cat /proc/1/environ\n",
     "cmdline": "exec /bin/busybox cat /proc/1/cmdline\n",
@@ -82,7 +112,7 @@ def build_image(dockerd, tag: str, text: str, healthcheck: str = "") -> None:
     for name, script in CGI_SCRIPTS.items():
         path = os.path.join(www, "cgi-bin", name)
         with open(path, "w", encoding="utf-8") as handle:
-            handle.write("#!/bin/busybox sh\n" + INDEX_CGI_HEADER + script)
+            handle.write("#!/bin/busybox sh\n" + CGI_HEADER + script)
         os.chmod(path, 0o755)
     with open(os.path.join(context, "Dockerfile"), "w") as handle:
         handle.write(DOCKERFILE.format(healthcheck=healthcheck))
@@ -597,6 +627,21 @@ def test_password_with_base64_specials_pulls_f5(operator, caddy, registry,
     body = docker_body(registry, images, app_id, next_id(), callbacks)
     assert deploy(operator, body)["state"] == "succeeded"
     assert get(caddy, body["domain"]) == (200, b"web v1\n")
+
+
+def test_resend_differing_in_password_is_duplicate(operator, registry,
+                                                   images, callbacks):
+    body = docker_body(registry, images, next_id(), next_id(), callbacks)
+    assert deploy(operator, body)["state"] == "succeeded"
+    other_password = dict(body, registry_credentials={
+        "username": registry.username, "password": "another-password"})
+    status, _, answer = operator.request("POST", DEPLOY, other_password)
+    assert status == 202, answer
+    assert answer["duplicate"] is True
+    other_user = dict(body, registry_credentials={
+        "username": "someone-else", "password": registry.password})
+    status, _, answer = operator.request("POST", DEPLOY, other_user)
+    assert status == 409, answer
 
 
 def test_private_image_without_credentials_fails_f5(operator, registry,
