@@ -4277,12 +4277,32 @@ class DockerRuntime:
         """Do nothing: dockerd reads a container's config when it is created."""
 
     def start(self, instance: dict) -> None:
-        """Start an instance's container; its port must be free."""
+        """Start an instance's container; its port must be free.
+
+        Other running containers of the same instance are removed first.
+        None of them serves: the strategies stop the serving container of
+        an instance before starting its replacement, so such a container
+        is left over from a deployment that the operator did not finish.
+        """
+        self._remove_leftovers(instance)
         if _port_in_use(instance["port"]):
             raise StepError(f"port {instance['port']} of instance "
                             f"{instance['instance_id']} is already in use by "
                             f"another process; free it or choose another port")
         self.client.start_container(instance["unit"])
+
+    def _remove_leftovers(self, instance: dict) -> None:
+        details = self.client.inspect_container(instance["unit"]) or {}
+        labels = (details.get("Config") or {}).get("Labels") or {}
+        if LABEL_APP not in labels:
+            return
+        for name, state in self._containers(int(labels[LABEL_APP]),
+                                            instance["instance_id"]):
+            if name != instance["unit"] and state == "running":
+                self.client.remove_container(name)
+                log("docker.container_removed", logging.WARNING,
+                    container=name, reason="left running by an unfinished "
+                    "deployment", app_id=labels[LABEL_APP])
 
     def stop(self, instance: dict) -> None:
         """Stop a container (stop_timeout_s, then SIGKILL); it stays stopped."""

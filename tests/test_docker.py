@@ -231,8 +231,12 @@ def inspect(dockerd, name):
     return details
 
 
-def create_container(dockerd, registry, image, name, labels):
-    """Pull image with credentials and create (not start) a container."""
+def create_container(dockerd, registry, image, name, labels, env=(),
+                     port=None):
+    """Pull image with credentials and create (not start) a container.
+
+    With port, the container publishes that port on 127.0.0.1.
+    """
     header = harness.registry_auth_header(registry.username,
                                           registry.password, registry.address)
     repository, tag = image.rsplit(":", 1)
@@ -241,9 +245,14 @@ def create_container(dockerd, registry, image, name, labels):
             {"fromImage": repository, "tag": tag}),
         headers={"X-Registry-Auth": header})
     assert status == 200, body
+    config = {"Image": image, "Labels": labels, "Env": list(env),
+              "User": NOBODY}
+    if port:
+        config["ExposedPorts"] = {f"{port}/tcp": {}}
+        config["HostConfig"] = {"PortBindings": {f"{port}/tcp": [
+            {"HostIp": "127.0.0.1", "HostPort": port}]}}
     status, created = dockerd.api(
-        "POST", "/containers/create?name=" + name,
-        {"Image": image, "Labels": labels})
+        "POST", "/containers/create?name=" + name, config)
     assert status == 201, created
     return created["Id"]
 
@@ -584,6 +593,27 @@ def test_crashing_container_fails_with_exit_code(operator, caddy, registry,
     assert doc["state"] == "failed", doc
     assert "exit code 7" in doc["error"]
     assert get(caddy, first["domain"]) == (200, b"web v1\n")
+
+
+def test_container_left_running_on_idle_port_is_replaced(
+        operator, caddy, dockerd, registry, images, callbacks):
+    app_id = next_id()
+    first = docker_body(registry, images, app_id, next_id(), callbacks)
+    assert deploy(operator, first)["state"] == "succeeded"
+    green_port = str(first["slots"]["green"]["port"])
+    leftover = f"crate-{app_id}-green-{next_id()}"
+    create_container(dockerd, registry, images["web"] + ":v1", leftover,
+                     {"crate.managed": "1", "crate.app_id": str(app_id),
+                      "crate.instance_id": "green"},
+                     env=[f"PORT={green_port}"], port=green_port)
+    status, answer = dockerd.api("POST", f"/containers/{leftover}/start")
+    assert status == 204, answer
+
+    second = redeploy(first, image_tag="v2", deployment_strategy="bluegreen")
+    doc = deploy(operator, second)
+    assert doc["state"] == "succeeded", doc
+    assert get(caddy, first["domain"]) == (200, b"web v2\n")
+    assert leftover not in containers_of(dockerd, app_id)
 
 
 # === Registry credentials ===
