@@ -7,6 +7,9 @@ On its own host the daemon:
 * runs binary apps as systemd units (one unit per instance, an
   EnvironmentFile per instance, read-only releases unpacked from a raw
   executable or a tar.gz, tar or zip archive under ``apps_dir``);
+* runs docker apps as containers of a local dockerd, reached over the
+  Engine API at ``docker_socket``. Each instance and deployment gets one
+  labelled container that publishes its port on 127.0.0.1 only;
 * routes each app's domain to its serving instances through the Caddy
   admin API (one route per app, addressed by its ``@id``);
 * answers deploy, delete and lifecycle calls with 202, runs the work as a
@@ -22,13 +25,14 @@ SIGINT stop the listener, let running jobs finish their current step and
 exit.
 
 Files it touches: ``state_dir`` (state and callback outbox), ``apps_dir``
-(releases and environment files), ``unit_dir`` (``crate-app-*.service``
-units only).  Sockets: the listen address, the Caddy admin API, the
-callback and asset URLs named in requests.
+(releases, environment files and docker bind-mount data), ``unit_dir``
+(``crate-app-*.service`` units only), dockerd's containers and volumes
+named ``crate-*`` with the label ``crate.managed=1``.  Sockets: the listen
+address, the Caddy admin API, dockerd's socket, the callback and asset URLs
+named in requests.
 
-Known limitations: the docker runtime, canary deployments and lifecycle
-endpoints (start, stop, restart, delete, domain update) answer 501 until
-they are built; see README.
+Known limitations: the docker instances model (``POST
+/v1/app/docker/deploy``) answers 501 until it is built; see README.
 """
 
 from __future__ import annotations
@@ -106,6 +110,7 @@ CONFIG_SPEC = {
     "caddy_automatic_https": (True, bool,
                               "leave Caddy's automatic HTTPS on for app routes"),
     "docker_socket": ("/var/run/docker.sock", str, "dockerd Engine API socket"),
+    "docker_pull_timeout_s": (600.0, float, "time limit of one image pull"),
     "callback_secret": (None, str, "HMAC-SHA256 key for X-Crate-Signature"),
     "callback_secret_file": (None, str, "file holding callback_secret"),
     "app_user": ("crate-app", str,
@@ -191,6 +196,23 @@ OUTBOX_KEEP_DELIVERED = 1000
 HEALTH_PROBE_TIMEOUT_S = 2.0
 # Prefix of every unit this program writes; nothing else is touched.
 UNIT_PREFIX = "crate-app-"
+# Newest Engine API this program speaks (docker 20.10); newer daemons are
+# asked for this version.
+DOCKER_API_MAX = (1, 41)
+# Oldest Engine API that has HostConfig.Mounts, which bind mounts rely on.
+DOCKER_API_MIN = (1, 25)
+# Time limit of one Engine API call other than pulls and stops.
+DOCKER_CALL_TIMEOUT_S = 60.0
+# Added to a container's stop timeout to bound the HTTP call that waits
+# for the stop.
+DOCKER_STOP_MARGIN_S = 30.0
+# Size limits of a container's json-file log (dockerd's own units).
+DOCKER_LOG_MAX_SIZE = "10m"
+DOCKER_LOG_MAX_FILES = "3"
+# Owner of app data directories and user of containers when app_user is
+# "dynamic": nobody:nogroup on Debian.
+NOBODY_UID = 65534
+NOBODY_GID = 65534
 
 # Test-only: the name of a deploy step at which the process kills itself
 # with SIGKILL, so that the tests can crash it at every step.
@@ -265,6 +287,17 @@ class ArchiveError(StepError):
         super().__init__(message)
         self.member = member
         self.reason = reason
+
+
+class DockerError(StepError):
+    """Raised when dockerd rejects a call, cannot be reached or a pull fails.
+
+    ``http_status`` is dockerd's HTTP status, or None without a response.
+    """
+
+    def __init__(self, message: str, http_status: int | None = None):
+        super().__init__(message)
+        self.http_status = http_status
 
 
 # === Logging ===
@@ -756,6 +789,10 @@ _INSTANCE_STATE = _object({
     "state": {"type": "string"},
     "unit": dict(
         _NULLABLE_TEXT, description="systemd unit or docker container name."),
+}, {
+    "image": dict(_NULLABLE_TEXT, description="Docker image (docker only)."),
+    "tag": dict(_NULLABLE_TEXT,
+                description="Image tag or sha256 digest (docker only)."),
 }, description="State of one instance on this host.")
 
 _TRAFFIC_ALLOCATION = _object({
@@ -2407,6 +2444,369 @@ class Systemd:
             if sep:
                 values[key] = value
         return values
+
+
+# === Host adapter: Docker Engine API ===
+
+# serveraddress that the docker CLI sends with Docker Hub credentials.
+DOCKER_HUB_AUTH_SERVER = "https://index.docker.io/v1/"
+# Maximum length of one line of a pull stream; progress lines are far
+# shorter.
+DOCKER_STREAM_LINE_MAX = 1 << 20
+
+
+def image_registry(image: str) -> str | None:
+    """Return the registry host[:port] that an image names, or None for Hub.
+
+    Docker's rule (splitDockerDomain in distribution/reference): the first
+    path component is a registry only when more components follow and it
+    contains "." or ":" or is "localhost". So the ":5000" of
+    ``registry.example.test:5000/team/app`` is a port, never a tag.
+    """
+    first, slash, _rest = image.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        return first
+    return None
+
+
+def image_reference(image: str, tag: str) -> str:
+    """Return the reference of one tag (app:v1) or digest (app@sha256:...)."""
+    if tag.startswith("sha256:"):
+        return f"{image}@{tag}"
+    return f"{image}:{tag}"
+
+
+def registry_auth_header(credentials: dict, image: str) -> str:
+    """Return the X-Registry-Auth value for registry credentials.
+
+    dockerd decodes the header as URL-safe base64 with padding. A standard
+    base64 value that contains "+" or "/" fails to decode, and dockerd 20.10
+    then pulls without credentials as if none were sent.
+    serveraddress defaults to the image's registry, or Docker Hub.
+    """
+    server = (credentials.get("serveraddress") or image_registry(image)
+              or DOCKER_HUB_AUTH_SERVER)
+    document = {"username": credentials["username"],
+                "password": credentials["password"],
+                "serveraddress": server}
+    raw = json.dumps(document).encode("utf-8")
+    return base64.urlsafe_b64encode(raw).decode("ascii")
+
+
+def hide_secrets(text: str, hidden: list) -> str:
+    """Return text with every non-empty string of hidden replaced by ***."""
+    for secret in hidden:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _docker_body(raw: bytes):
+    """Parse an Engine API answer: JSON, else text, else None when empty."""
+    if not raw.strip():
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw.decode("utf-8", "replace")
+
+
+def _docker_message(value) -> str:
+    """Return the error text of an Engine API answer ({"message": ...})."""
+    if isinstance(value, dict) and value.get("message"):
+        return str(value["message"])
+    if value is None:
+        return "(empty answer)"
+    return str(value)[:500]
+
+
+def _stream_error(message) -> str | None:
+    """Return the error of one pull stream object, or None."""
+    if not isinstance(message, dict):
+        return None
+    detail = message.get("errorDetail")
+    if message.get("error"):
+        return str(message["error"])
+    if isinstance(detail, dict) and detail.get("message"):
+        return str(detail["message"])
+    return None
+
+
+def _api_version_tuple(text) -> tuple:
+    match = re.fullmatch(r"([0-9]{1,4})\.([0-9]{1,4})", str(text or ""))
+    if not match:
+        raise DockerError(f"dockerd reported an unreadable API version "
+                          f"{text!r} in GET /version")
+    return int(match.group(1)), int(match.group(2))
+
+
+class DockerClient:
+    """Engine API calls over dockerd's unix socket, one connection each.
+
+    Callers use version, pull, inspect_image, create_container,
+    start_container, stop_container, restart_container, remove_container,
+    inspect_container and list_containers. Every answer is read to its end.
+    The API version comes from GET /version once: the server's version,
+    but at most DOCKER_API_MAX.
+    """
+
+    def __init__(self, socket_path: str, pull_timeout_s: float):
+        self.socket_path = socket_path
+        self.pull_timeout_s = pull_timeout_s
+        self._version: str | None = None
+        self._version_lock = threading.Lock()
+
+    # --- transport
+
+    def _send(self, method: str, path: str, query: dict | None, body,
+              headers: dict | None, timeout_s: float) -> tuple:
+        """Send one request and return (connection, response)."""
+        target = path
+        if query:
+            target += "?" + urllib.parse.urlencode(query)
+        all_headers = dict(headers or {})
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode("utf-8")
+            all_headers["Content-Type"] = "application/json"
+        conn = UnixHTTPConnection(self.socket_path, timeout=timeout_s)
+        try:
+            conn.request(method, target, body=data, headers=all_headers)
+            return conn, conn.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise DockerError(f"dockerd at {self.socket_path} did not respond "
+                              f"to {method} {path}: {exc}") from None
+
+    def _read_answer(self, conn, resp, method: str, path: str):
+        try:
+            return _docker_body(resp.read())
+        except (OSError, http.client.HTTPException) as exc:
+            raise DockerError(f"reading dockerd's response to {method} "
+                              f"{path} failed: {exc}") from None
+        finally:
+            conn.close()
+
+    def version(self) -> str:
+        """Return the negotiated API version, such as "1.41"."""
+        with self._version_lock:
+            if self._version is None:
+                self._version = self._negotiate()
+            return self._version
+
+    def _negotiate(self) -> str:
+        conn, resp = self._send("GET", "/version", None, None, None,
+                                DOCKER_CALL_TIMEOUT_S)
+        value = self._read_answer(conn, resp, "GET", "/version")
+        if resp.status != 200 or not isinstance(value, dict):
+            raise DockerError(f"GET /version failed with HTTP {resp.status}: "
+                              f"{_docker_message(value)}", resp.status)
+        chosen = min(_api_version_tuple(value.get("ApiVersion")),
+                     DOCKER_API_MAX)
+        if chosen < DOCKER_API_MIN:
+            raise DockerError(
+                f"dockerd speaks Engine API {value.get('ApiVersion')}, older "
+                f"than the {DOCKER_API_MIN[0]}.{DOCKER_API_MIN[1]} this "
+                f"program needs; upgrade docker")
+        return f"{chosen[0]}.{chosen[1]}"
+
+    def call(self, method: str, path: str, query: dict | None = None,
+             body=None, headers: dict | None = None,
+             timeout_s: float = DOCKER_CALL_TIMEOUT_S) -> tuple:
+        """Send one call of the negotiated version; return (status, value).
+
+        value is the parsed JSON answer, its text, or None when empty.
+        Raises DockerError when dockerd does not answer.
+        """
+        versioned = f"/v{self.version()}{path}"
+        conn, resp = self._send(method, versioned, query, body, headers,
+                                timeout_s)
+        return resp.status, self._read_answer(conn, resp, method, path)
+
+    def _expect(self, statuses: tuple, what: str, method: str, path: str,
+                **kwargs):
+        status, value = self.call(method, path, **kwargs)
+        if status not in statuses:
+            raise DockerError(f"{what} failed with HTTP {status}: "
+                              f"{_docker_message(value)}", status)
+        return status, value
+
+    # --- images
+
+    def pull(self, image: str, tag: str, auth_header: str | None,
+             hidden: list) -> str:
+        """Pull exactly one tag or digest of image; return the last status.
+
+        auth_header is the X-Registry-Auth value, or None to send no
+        credentials. Fails on an HTTP error, on an error object inside the
+        200 stream, on a stream that breaks off, and after
+        pull_timeout_s. Error texts never contain the strings in hidden.
+        """
+        if not tag:
+            # dockerd pulls every tag of the repository for an empty tag.
+            raise DockerError(f"refusing to pull {image} without a tag")
+        reference = image_reference(image, tag)
+        headers = {"X-Registry-Auth": auth_header} if auth_header else None
+        deadline = time.monotonic() + self.pull_timeout_s
+        path = f"/v{self.version()}/images/create"
+        conn, resp = self._send("POST", path, {"fromImage": image, "tag": tag},
+                                None, headers, self.pull_timeout_s)
+        try:
+            if resp.status != 200:
+                value = self._read_answer(conn, resp, "POST", path)
+                raise DockerError(hide_secrets(
+                    f"pull of {reference} failed with HTTP {resp.status}: "
+                    f"{_docker_message(value)}", hidden), resp.status)
+            return self._read_pull_stream(resp, reference, deadline, hidden)
+        finally:
+            conn.close()
+
+    def _read_pull_stream(self, resp, reference: str, deadline: float,
+                          hidden: list) -> str:
+        """Read a pull's JSON lines to the end and raise on any error."""
+        last_status = ""
+        for text in self._stream_lines(resp, reference, deadline):
+            try:
+                message = json.loads(text)
+            except ValueError:
+                fragment = hide_secrets(
+                    text[:200].decode("utf-8", "replace"), hidden)
+                raise DockerError(
+                    f"pull of {reference} stopped before it finished: "
+                    f"dockerd sent an incomplete line {fragment!r}") from None
+            error = _stream_error(message)
+            if error:
+                raise DockerError(hide_secrets(
+                    f"pull of {reference} failed: {error}", hidden))
+            if isinstance(message, dict) and message.get("status"):
+                last_status = str(message["status"])
+        return last_status
+
+    def _stream_lines(self, resp, reference: str, deadline: float):
+        """Yield the non-empty lines of a streamed answer.
+
+        Raises DockerError when the stream breaks off. HTTPResponse.readline
+        cannot be used: on a chunked body that ends without its last chunk
+        it returns b"" as at a clean end (CPython 3.11).
+        """
+        pending = b""
+        while True:
+            if time.monotonic() > deadline:
+                raise DockerError(f"pull of {reference} timed out after "
+                                  f"{self.pull_timeout_s:g}s "
+                                  f"(docker_pull_timeout_s)")
+            try:
+                data = resp.read1(1 << 16)
+            except (OSError, http.client.HTTPException) as exc:
+                raise DockerError(
+                    f"pull of {reference} stopped before it finished: the "
+                    f"stream from dockerd broke off "
+                    f"({type(exc).__name__})") from None
+            if not data:
+                break
+            lines = (pending + data).split(b"\n")
+            pending = lines.pop()
+            if len(pending) > DOCKER_STREAM_LINE_MAX:
+                raise DockerError(f"pull of {reference}: dockerd sent a line "
+                                  f"longer than {DOCKER_STREAM_LINE_MAX} bytes")
+            yield from (line.strip() for line in lines if line.strip())
+        if resp.length:
+            raise DockerError(f"pull of {reference} stopped before it "
+                              f"finished: {resp.length} bytes were missing")
+        if pending.strip():
+            yield pending.strip()
+
+    def inspect_image(self, reference: str) -> dict | None:
+        """Return the image's inspect document, or None when it is absent."""
+        path = "/images/" + urllib.parse.quote(reference, safe="/:@") + "/json"
+        status, value = self.call("GET", path)
+        if status == 404:
+            return None
+        if status != 200 or not isinstance(value, dict):
+            raise DockerError(f"inspecting image {reference} failed with HTTP "
+                              f"{status}: {_docker_message(value)}", status)
+        return value
+
+    # --- containers
+
+    @staticmethod
+    def _container_path(name: str, action: str = "") -> str:
+        path = "/containers/" + urllib.parse.quote(name, safe="")
+        return path + ("/" + action if action else "")
+
+    def create_container(self, name: str, config: dict) -> str:
+        """Create (not start) a container and return its id."""
+        _, value = self._expect((201,), f"creating container {name}", "POST",
+                                "/containers/create", query={"name": name},
+                                body=config)
+        return value["Id"]
+
+    def start_container(self, name: str) -> None:
+        """Start a container; one that already runs is fine (304)."""
+        self._expect((204, 304), f"starting container {name}", "POST",
+                     self._container_path(name, "start"))
+
+    def stop_container(self, name: str, timeout_s: float) -> None:
+        """Stop a container: its stop signal, then SIGKILL after timeout_s.
+
+        A stopped (304) or absent (404) container is fine. The HTTP call
+        waits DOCKER_STOP_MARGIN_S longer than the stop itself may take.
+        """
+        seconds = int(math.ceil(timeout_s))
+        self._expect((204, 304, 404), f"stopping container {name}", "POST",
+                     self._container_path(name, "stop"),
+                     query={"t": seconds},
+                     timeout_s=seconds + DOCKER_STOP_MARGIN_S)
+
+    def restart_container(self, name: str, timeout_s: float) -> None:
+        """Stop (as stop_container does) and start a container again."""
+        seconds = int(math.ceil(timeout_s))
+        self._expect((204,), f"restarting container {name}", "POST",
+                     self._container_path(name, "restart"),
+                     query={"t": seconds},
+                     timeout_s=seconds + DOCKER_STOP_MARGIN_S)
+
+    def remove_container(self, name: str) -> None:
+        """Remove a container (killed first) and its anonymous volumes.
+
+        Named volumes stay. An absent container is fine.
+        """
+        self._expect((204, 404), f"removing container {name}", "DELETE",
+                     self._container_path(name), query={"force": 1, "v": 1})
+
+    def inspect_container(self, name: str) -> dict | None:
+        """Return the inspect document of a container, or None when absent."""
+        status, value = self.call("GET", self._container_path(name, "json"))
+        if status == 404:
+            return None
+        if status != 200 or not isinstance(value, dict):
+            raise DockerError(f"inspecting container {name} failed with HTTP "
+                              f"{status}: {_docker_message(value)}", status)
+        return value
+
+    def list_volumes(self, labels: dict) -> list:
+        """Return the names of the volumes carrying all labels."""
+        filters = {"label": [f"{key}={value}"
+                             for key, value in sorted(labels.items())]}
+        _, value = self._expect((200,), "listing volumes", "GET", "/volumes",
+                                query={"filters": json.dumps(filters)})
+        volumes = (value or {}).get("Volumes") or []
+        return sorted(v["Name"] for v in volumes if v.get("Name"))
+
+    def remove_volume(self, name: str) -> None:
+        """Remove a named volume; an absent one is fine."""
+        self._expect((204, 404), f"removing volume {name}", "DELETE",
+                     f"/volumes/{urllib.parse.quote(name, safe='')}")
+
+    def list_containers(self, labels: dict) -> list:
+        """Return every container (running or not) carrying all labels."""
+        filters = {"label": [f"{key}={value}"
+                             for key, value in sorted(labels.items())]}
+        _, value = self._expect((200,), "listing containers", "GET",
+                                "/containers/json",
+                                query={"all": 1,
+                                       "filters": json.dumps(filters)})
+        return value if isinstance(value, list) else []
 
 
 # === Caddy admin API ===
@@ -4218,6 +4618,19 @@ def probe_tcp(port: int) -> tuple:
     return False, "connection refused"
 
 
+def instance_environment(plan: dict, instance: dict) -> dict:
+    """Return the environment of one instance: env_vars, PORT, CRATE_*."""
+    env = dict(plan["env_vars"])
+    env.update({
+        "PORT": str(instance["port"]),
+        "CRATE_APP_ID": str(plan["app_id"]),
+        "CRATE_INSTANCE_ID": instance["instance_id"],
+        "CRATE_VERSION": plan["version"],
+        "CRATE_DEPLOYMENT_ID": str(plan["deployment_id"]),
+    })
+    return env
+
+
 class BinaryRuntime:
     """Prepare, start, stop, check and remove binary instances.
 
@@ -4436,15 +4849,7 @@ class BinaryRuntime:
 
     def instance_env(self, plan: dict, instance: dict) -> dict:
         """Return the environment of one instance: env_vars, PORT, CRATE_*."""
-        env = dict(plan["env_vars"])
-        env.update({
-            "PORT": str(instance["port"]),
-            "CRATE_APP_ID": str(plan["app_id"]),
-            "CRATE_INSTANCE_ID": instance["instance_id"],
-            "CRATE_VERSION": plan["version"],
-            "CRATE_DEPLOYMENT_ID": str(plan["deployment_id"]),
-        })
-        return env
+        return instance_environment(plan, instance)
 
     def snapshot(self, app_id: int, name: str) -> dict:
         """Return the current unit and env file texts, for a later restore.
@@ -4561,6 +4966,26 @@ class BinaryRuntime:
                 f"(result {props.get('Result')}, {how} {status}, "
                 f"{props.get('NRestarts', '0')} restarts)")
 
+    # --- names and checks used by the strategies
+
+    def describe_source(self, plan: dict) -> str:
+        """Return what prepare fetches, for the step log (no query string)."""
+        return redact_url(plan["asset_url"])
+
+    def instance_name(self, plan: dict, instance_id: str) -> str:
+        """Return the unit name of one instance."""
+        return unit_name(plan["app_id"], instance_id)
+
+    def reload(self) -> None:
+        """Load the unit files that install wrote (a coalesced reload)."""
+        self.systemd.daemon_reload()
+
+    def probe(self, instance: dict, path: str | None) -> tuple:
+        """Return (ready, detail): the HTTP path answers, or the port accepts."""
+        if path:
+            return probe_http(instance["port"], path)
+        return probe_tcp(instance["port"])
+
     def remove_app(self, app_id: int) -> list:
         """Delete what is left of an app: releases, env files, data.
 
@@ -4623,6 +5048,472 @@ def _remove_tree(path: str) -> None:
     shutil.rmtree(path, onerror=make_writable)
 
 
+# === Docker runtime ===
+
+# Labels on every container (and named volume) this program creates. A
+# container without LABEL_MANAGED=1 is never removed or changed.
+LABEL_MANAGED = "crate.managed"
+LABEL_APP = "crate.app_id"
+LABEL_INSTANCE = "crate.instance_id"
+LABEL_DEPLOYMENT = "crate.deployment_id"
+LABEL_VERSION = "crate.version"
+LABEL_TEAM = "crate.team_id"
+LABEL_ENVIRONMENT = "crate.environment_id"
+CONTAINER_PREFIX = "crate-"
+# Time a probe connection through docker-proxy must stay open to count as
+# accepted by the container.
+DOCKER_PROXY_PROBE_S = 0.3
+# Container states in which an instance counts as down.
+_CONTAINER_DOWN = ("created", "restarting", "paused", "exited", "dead",
+                   "removing")
+
+
+def container_name(app_id: int, instance_id: str, deployment_id) -> str:
+    """Return the container name of one instance of one deployment."""
+    return f"{CONTAINER_PREFIX}{int(app_id)}-{instance_id}-{deployment_id}"
+
+
+def volume_name(app_id: int, name: str) -> str:
+    """Return the docker volume name of an app's named volume."""
+    return f"{CONTAINER_PREFIX}{int(app_id)}-{name}"
+
+
+def split_volume_spec(spec: str) -> tuple:
+    """Return (source, target, read_only) of a validated SRC:DST[:ro|rw]."""
+    parts = spec.split(":")
+    read_only = len(parts) == 3 and parts[2] == "ro"
+    return parts[0], _volume_target(parts[1]), read_only
+
+
+def probe_published_port(port: int) -> tuple:
+    """Return (ready, detail) for a port that docker-proxy publishes.
+
+    docker-proxy accepts every connection and closes it at once when
+    nothing listens in the container, so an accepted connection proves
+    nothing. The port counts as ready when the connection stays open for
+    DOCKER_PROXY_PROBE_S or the container sends data first.
+    """
+    try:
+        sock = socket.create_connection(("127.0.0.1", port),
+                                        timeout=HEALTH_PROBE_TIMEOUT_S)
+    except ConnectionRefusedError:
+        return False, "connection refused"
+    except OSError as exc:
+        return False, f"{type(exc).__name__}: {exc}"
+    with sock:
+        sock.settimeout(DOCKER_PROXY_PROBE_S)
+        try:
+            data = sock.recv(1)
+        except socket.timeout:
+            return True, "port accepts connections"
+        except OSError as exc:
+            return False, f"connection reset ({type(exc).__name__})"
+    if data:
+        return True, "port accepts connections"
+    return False, "connection closed at once (nothing listens in the container)"
+
+
+def _resolved_inside(base: str, source: str) -> str | None:
+    """Return the real path of base/source when it is strictly inside base.
+
+    Symlinks are resolved, also in parts that exist already, so a link that
+    an app wrote into its data directory cannot point a mount elsewhere.
+    """
+    real_base = os.path.realpath(base)
+    resolved = os.path.realpath(os.path.join(real_base, source))
+    if resolved != real_base and \
+            os.path.commonpath([real_base, resolved]) == real_base:
+        return resolved
+    return None
+
+
+class DockerRuntime:
+    """Prepare, start, stop, check and remove docker instances.
+
+    One container per instance and deployment (container_name), labelled
+    with its ids and publishing its port on 127.0.0.1 only. The interface is
+    BinaryRuntime's; nothing here depends on the request model. Containers
+    run as app_user's uid:gid, or 65534:65534 when app_user is "dynamic",
+    and the data directories of bind mounts belong to the same ids.
+    """
+
+    kind = "docker"
+
+    def __init__(self, config: Config, client: DockerClient):
+        self.config = config
+        self.client = client
+
+    # --- paths, names and identity
+
+    def data_dir(self, app_id: int) -> str:
+        """Return the directory that relative bind sources start from."""
+        return os.path.join(self.config.apps_dir, str(int(app_id)), "data")
+
+    def identity(self) -> tuple:
+        """Return (uid, gid) that containers run as and data dirs belong to.
+
+        A DynamicUser has no fixed uid that a container could share, so
+        app_user "dynamic" maps to nobody:nogroup (65534:65534).
+        """
+        if self.config.app_user == "dynamic":
+            return NOBODY_UID, NOBODY_GID
+        try:
+            entry = pwd.getpwnam(self.config.app_user)
+        except KeyError:
+            raise StepError(f"app_user {self.config.app_user!r} does not exist "
+                            f"on this host; create it or set app_user to "
+                            f"dynamic") from None
+        return entry.pw_uid, entry.pw_gid
+
+    def describe_source(self, plan: dict) -> str:
+        """Return the image reference that prepare pulls."""
+        return image_reference(plan["image"], plan["image_tag"])
+
+    def instance_name(self, plan: dict, instance_id: str) -> str:
+        """Return the container name of one instance of this deployment."""
+        return container_name(plan["app_id"], instance_id,
+                              plan["deployment_id"])
+
+    def _labels(self, app_id: int, instance_id: str) -> dict:
+        return {LABEL_MANAGED: "1", LABEL_APP: str(int(app_id)),
+                LABEL_INSTANCE: instance_id}
+
+    # --- request checks
+
+    def check_plan(self, plan: dict) -> None:
+        """Reject bind sources that leave the app data directory.
+
+        Runs before a deployment is accepted, so such a request is a 400
+        with nothing created; install checks again before each mount.
+        """
+        errors = []
+        for index, spec in enumerate(plan.get("volumes") or []):
+            source = split_volume_spec(spec)[0]
+            if "/" not in source:
+                continue
+            if _resolved_inside(self.data_dir(plan["app_id"]), source) is None:
+                errors.append({
+                    "field": f"$.volumes[{index}]",
+                    "reason": ("source must stay inside the app data "
+                               "directory once symlinks are resolved")})
+        if errors:
+            raise RequestError("invalid request", errors)
+
+    # --- prepare
+
+    def prepare(self, plan: dict) -> dict:
+        """Pull the image tag or digest with the request's credentials."""
+        image, tag = plan["image"], plan["image_tag"]
+        credentials = plan.get("registry_credentials")
+        header, hidden = None, []
+        if credentials:
+            header = registry_auth_header(credentials, image)
+            hidden = [credentials["password"], header]
+        reference = image_reference(image, tag)
+        log("docker.pull", image=image, tag=tag,
+            credentials=bool(credentials), app_id=plan["app_id"],
+            deployment_id=plan["deployment_id"])
+        self.client.pull(image, tag, header, hidden)
+        details = self.client.inspect_image(reference)
+        if details is None:
+            raise DockerError(f"pull of {reference} ended without an error, "
+                              f"but dockerd has no such image afterwards")
+        return {"release": reference, "image": image, "tag": tag,
+                "image_id": details.get("Id")}
+
+    # --- snapshot and restore
+
+    def _containers(self, app_id: int, instance_id: str) -> list:
+        """Return (name, state) of this program's containers of an instance."""
+        found = []
+        for item in self.client.list_containers(
+                self._labels(app_id, instance_id)):
+            names = item.get("Names") or ["/" + item.get("Id", "")]
+            found.append((names[0].lstrip("/"), item.get("State")))
+        return sorted(found)
+
+    def snapshot(self, app_id: int, instance_id: str) -> dict:
+        """Return the names of the instance's containers, for restore."""
+        return {"containers": [name for name, _ in
+                               self._containers(app_id, instance_id)]}
+
+    def restore(self, app_id: int, instance_id: str, snap: dict) -> None:
+        """Remove the instance's containers created after the snapshot."""
+        for name, _state in self._containers(app_id, instance_id):
+            if name not in snap["containers"]:
+                self.client.remove_container(name)
+                log("docker.container_removed", container=name,
+                    reason="rollback", app_id=app_id)
+
+    # --- install, start, stop
+
+    def install(self, plan: dict, instance: dict, release: dict) -> None:
+        """Create the instance's container (not started) and its mounts."""
+        mounts = self._mounts(plan)
+        self._remove_stopped(plan["app_id"], instance["instance_id"])
+        config = self._container_config(plan, instance, release, mounts)
+        name = instance["unit"]
+        try:
+            self.client.create_container(name, config)
+            return
+        except DockerError as exc:
+            if exc.http_status != 409:
+                raise
+        self._clear_name(name)
+        self.client.create_container(name, config)
+
+    def _remove_stopped(self, app_id: int, instance_id: str) -> None:
+        """Remove stopped containers of earlier deployments of an instance.
+
+        They never serve again: the instance is about to get a new
+        container, and a running one (the live version during an in-place
+        update) is kept.
+        """
+        for name, state in self._containers(app_id, instance_id):
+            if state != "running":
+                self.client.remove_container(name)
+                log("docker.container_removed", container=name,
+                    reason="replaced", state=state, app_id=app_id)
+
+    def _clear_name(self, name: str) -> None:
+        """Free a container name that another container holds, if it is ours.
+
+        Only a stopped container with this program's label is removed; any
+        other holder stays, and the deployment fails with a clear message.
+        """
+        details = self.client.inspect_container(name)
+        if details is None:
+            return
+        labels = (details.get("Config") or {}).get("Labels") or {}
+        state = (details.get("State") or {}).get("Status")
+        if labels.get(LABEL_MANAGED) != "1":
+            raise StepError(
+                f"container name {name} is taken by a container that "
+                f"crate-operator did not create (no {LABEL_MANAGED}=1 "
+                f"label); it was left alone. Remove or rename it, then "
+                f"deploy again")
+        if state == "running":
+            raise StepError(
+                f"container {name} from an earlier attempt of this "
+                f"deployment is still running; stop it or deploy with a new "
+                f"deployment_id")
+        self.client.remove_container(name)
+        log("docker.container_removed", container=name, reason="stale",
+            state=state)
+
+    def _mounts(self, plan: dict) -> list:
+        """Return HostConfig.Mounts, creating missing data directories."""
+        app_id = plan["app_id"]
+        mounts = []
+        for spec in plan.get("volumes") or []:
+            source, target, read_only = split_volume_spec(spec)
+            if "/" in source:
+                mounts.append({"Type": "bind", "Target": target,
+                               "Source": self._bind_source(app_id, source),
+                               "ReadOnly": read_only})
+                continue
+            mounts.append({
+                "Type": "volume", "Source": volume_name(app_id, source),
+                "Target": target, "ReadOnly": read_only,
+                "VolumeOptions": {"Labels": {LABEL_MANAGED: "1",
+                                             LABEL_APP: str(int(app_id))}},
+            })
+        return mounts
+
+    def _bind_source(self, app_id: int, source: str) -> str:
+        """Return the real host path of a bind source, creating it if missing.
+
+        Missing directories are created here with the container's uid and
+        gid. dockerd would not create them, because a bind Mount with a
+        missing source fails (and Binds would create them owned by root).
+        The check runs again after creating, because the app may add
+        symlinks to its data directory at any time.
+        NOTE: a container that replaces a checked directory with a symlink
+        between this check and dockerd's mount can still redirect the
+        mount; only a container of the same app can write there.
+        """
+        base = self.data_dir(app_id)
+        uid, gid = self.identity()
+        os.makedirs(os.path.dirname(base), mode=0o755, exist_ok=True)
+        self._make_owned_dir(base, uid, gid)
+        resolved = _resolved_inside(base, source)
+        if resolved is None:
+            raise StepError(f"volume source {source!r} leaves the app data "
+                            f"directory once symlinks are resolved")
+        current = os.path.realpath(base)
+        for part in os.path.relpath(resolved, current).split(os.sep):
+            current = os.path.join(current, part)
+            self._make_owned_dir(current, uid, gid)
+        if _resolved_inside(base, source) != resolved:
+            raise StepError(f"volume source {source!r} changed while its "
+                            f"directories were created; deploy again")
+        return resolved
+
+    @staticmethod
+    def _make_owned_dir(path: str, uid: int, gid: int) -> None:
+        """Create a directory owned by uid:gid, mode 0750, unless it exists."""
+        try:
+            os.mkdir(path, 0o750)
+        except FileExistsError:
+            return
+        os.chown(path, uid, gid)
+
+    def _container_config(self, plan: dict, instance: dict, release: dict,
+                          mounts: list) -> dict:
+        """Return the body of POST /containers/create for one instance."""
+        port_key = f"{instance['port']}/tcp"
+        env = instance_environment(plan, instance)
+        uid, gid = self.identity()
+        labels = self._labels(plan["app_id"], instance["instance_id"])
+        labels.update({
+            LABEL_DEPLOYMENT: str(plan["deployment_id"]),
+            LABEL_VERSION: plan["version"],
+            LABEL_TEAM: plan["team_id"],
+            LABEL_ENVIRONMENT: str(plan["environment_id"]),
+        })
+        config = {
+            "Image": release["release"],
+            "Env": [f"{name}={env[name]}" for name in sorted(env)],
+            "Labels": labels,
+            "User": f"{uid}:{gid}",
+            # dockerd publishes only ports listed here; PortBindings alone
+            # are ignored without an error.
+            "ExposedPorts": {port_key: {}},
+            "StopTimeout": int(math.ceil(self.config.stop_timeout_s)),
+            "HostConfig": {
+                "PortBindings": {port_key: [
+                    {"HostIp": "127.0.0.1", "HostPort": str(instance["port"])}
+                ]},
+                "RestartPolicy": {"Name": "unless-stopped"},
+                "LogConfig": {"Type": "json-file", "Config": {
+                    "max-size": DOCKER_LOG_MAX_SIZE,
+                    "max-file": DOCKER_LOG_MAX_FILES}},
+                "Mounts": mounts,
+                "SecurityOpt": ["no-new-privileges"],
+            },
+        }
+        if plan.get("docker_command"):
+            config["Cmd"] = list(plan["docker_command"])
+        return config
+
+    def reload(self) -> None:
+        """Do nothing: dockerd reads a container's config when it is created."""
+
+    def start(self, instance: dict) -> None:
+        """Start an instance's container; its port must be free.
+
+        Other running containers of the same instance are removed first.
+        None of them serves: the strategies stop the serving container of
+        an instance before starting its replacement, so such a container
+        is left over from a deployment that the operator did not finish.
+        """
+        self._remove_leftovers(instance)
+        if _port_in_use(instance["port"]):
+            raise StepError(f"port {instance['port']} of instance "
+                            f"{instance['instance_id']} is already in use by "
+                            f"another process; free it or choose another port")
+        self.client.start_container(instance["unit"])
+
+    def _remove_leftovers(self, instance: dict) -> None:
+        details = self.client.inspect_container(instance["unit"]) or {}
+        labels = (details.get("Config") or {}).get("Labels") or {}
+        if LABEL_APP not in labels:
+            return
+        for name, state in self._containers(int(labels[LABEL_APP]),
+                                            instance["instance_id"]):
+            if name != instance["unit"] and state == "running":
+                self.client.remove_container(name)
+                log("docker.container_removed", logging.WARNING,
+                    container=name, reason="left running by an unfinished "
+                    "deployment", app_id=labels[LABEL_APP])
+
+    def stop(self, instance: dict) -> None:
+        """Stop a container (stop_timeout_s, then SIGKILL); it stays stopped."""
+        self.client.stop_container(instance["unit"],
+                                   self.config.stop_timeout_s)
+
+    def restore_backup(self, app_id: int, name: str) -> bool:
+        """Containers keep no file snapshots; recovery removes new ones."""
+        return False
+
+    def drop_backups(self, app_id: int) -> None:
+        """Containers keep no file snapshots, so there is nothing to drop."""
+
+    def remove_app(self, app_id: int) -> list:
+        """Remove every container and named volume this program made for
+        an app; the data directory goes with the app directory."""
+        removed = []
+        labels = {LABEL_MANAGED: "1", LABEL_APP: str(int(app_id))}
+        for item in self.client.list_containers(labels):
+            name = (item.get("Names") or ["/" + item.get("Id", "")])[0]
+            self.client.remove_container(name.lstrip("/"))
+            removed.append(f"container {name.lstrip('/')}")
+        for name in self.client.list_volumes(labels):
+            self.client.remove_volume(name)
+            removed.append(f"volume {name}")
+        return removed
+
+    def remove(self, instance: dict) -> None:
+        """Stop and remove an instance's container; named volumes stay."""
+        self.stop(instance)
+        self.client.remove_container(instance["unit"])
+
+    # --- health
+
+    def problem(self, instance: dict) -> str | None:
+        """Return why an instance is not running, or None when it runs."""
+        name = instance["unit"]
+        details = self.client.inspect_container(name)
+        if details is None:
+            return f"container {name} does not exist"
+        state = details.get("State") or {}
+        status = state.get("Status")
+        health = state.get("Health") or {}
+        if status == "running":
+            if health.get("Status") == "unhealthy":
+                return (f"container {name} is unhealthy according to its "
+                        f"image's HEALTHCHECK: {_last_health_output(health)}")
+            return None
+        if status not in _CONTAINER_DOWN:
+            return None
+        notes = [f"exit code {state.get('ExitCode')}",
+                 f"{details.get('RestartCount', 0)} restarts"]
+        if state.get("OOMKilled"):
+            notes.append("killed for lack of memory")
+        if state.get("Error"):
+            notes.append(f"error: {state['Error']}")
+        return f"container {name} is {status} ({', '.join(notes)})"
+
+    def probe(self, instance: dict, path: str | None) -> tuple:
+        """Return (ready, detail): HTTP path or port check, then HEALTHCHECK.
+
+        With a HEALTHCHECK in the image the container must also report
+        healthy; without one State.Running is enough (problem checks it).
+        """
+        if path:
+            ready, detail = probe_http(instance["port"], path)
+        else:
+            ready, detail = probe_published_port(instance["port"])
+        if not ready:
+            return ready, detail
+        details = self.client.inspect_container(instance["unit"]) or {}
+        health = (details.get("State") or {}).get("Health") or {}
+        if health and health.get("Status") != "healthy":
+            return False, (f"{detail}, but the image's HEALTHCHECK reports "
+                           f"{health.get('Status')}")
+        return True, detail
+
+
+def _last_health_output(health: dict) -> str:
+    """Return the output of the last HEALTHCHECK run, shortened."""
+    entries = health.get("Log") or []
+    if not entries:
+        return "no check has finished yet"
+    last = entries[-1]
+    output = str(last.get("Output") or "").strip()[:300]
+    return f"exit code {last.get('ExitCode')}: {output or '(no output)'}"
+
+
 # === Deploy engine ===
 
 # Every step a deploy job can record, in the order they run.  Recovery and
@@ -4630,7 +5521,7 @@ def _remove_tree(path: str) -> None:
 STEP_NAMES = (
     "fetch_asset",
     "write_unit",
-    "daemon_reload",
+    "daemon_reload",  # runtime.reload(): a no-op for docker
     "start_instance",
     "health_check",
     "switch_route",
@@ -4655,9 +5546,11 @@ def status_document(record: dict) -> dict:
 
 
 def instance_view(instance: dict) -> dict:
-    """Return the public fields of one instance."""
-    return {key: instance.get(key) for key in
-            ("instance_id", "slot", "port", "version", "state", "unit")}
+    """Return the public fields of one instance (image and tag for docker)."""
+    keys = ["instance_id", "slot", "port", "version", "state", "unit"]
+    if instance.get("kind") == "docker":
+        keys += ["image", "tag"]
+    return {key: instance.get(key) for key in keys}
 
 
 class DeployJob:
@@ -4761,6 +5654,14 @@ class DeployJob:
 
     def run(self) -> None:
         """Run the deployment to a terminal state; never raises."""
+        try:
+            self._run()
+        finally:
+            # Registry credentials exist only in this in-memory plan, and no
+            # step needs them after the job.
+            self.plan.pop("registry_credentials", None)
+
+    def _run(self) -> None:
         if self.cancelled or self.record["state"] != "queued":
             return
         self.set_state("running")
@@ -4786,23 +5687,27 @@ class DeployJob:
 
 
 def new_instance(plan: dict, instance_id: str, name: str, port: int,
-                 release: dict) -> dict:
+                 release: dict, runtime) -> dict:
     """Return the record of an instance about to run ``release``.
 
     ``name`` is the unit stem: the slot in the slots model, and
     "<instance_id>.<color>" in the instances model, where a bluegreen
     sibling runs beside the old instance under the other color.
     """
-    return {
+    instance = {
         "instance_id": instance_id, "app_id": plan["app_id"],
         "kind": plan["kind"], "name": name,
         "slot": instance_id if plan["model"] == "slots" else None,
         "port": port, "version": plan["version"],
         "deployment_id": plan["deployment_id"],
         "release": release["release"],
-        "unit": unit_name(plan["app_id"], name),
+        "unit": runtime.instance_name(plan, name),
         "state": "starting", "serving": False,
     }
+    for key in ("image", "tag"):
+        if key in release:
+            instance[key] = release[key]
+    return instance
 
 
 class Strategies:
@@ -4843,7 +5748,9 @@ class Strategies:
     # --- helpers
 
     def _new_instance(self, plan: dict, slot: str, release: dict) -> dict:
-        return new_instance(plan, slot, slot, plan["targets"][slot], release)
+        runtime = self.op.runtime_for(plan["kind"])
+        return new_instance(plan, slot, slot, plan["targets"][slot], release,
+                            runtime)
 
     def _start_and_check(self, job: DeployJob, instance: dict) -> None:
         runtime = self.op.runtime_for(job.plan["kind"])
@@ -4884,7 +5791,7 @@ class Strategies:
         plan = job.plan
         runtime = self.op.runtime_for(plan["kind"])
         release = job.step("fetch_asset", runtime.prepare, plan,
-                           message=redact_url(plan["asset_url"]))
+                           message=runtime.describe_source(plan))
         instance = self._new_instance(plan, slot, release)
         snap = runtime.snapshot(job.app_id, slot)
         job.journal_new(instance)
@@ -4892,7 +5799,7 @@ class Strategies:
         try:
             job.step("write_unit", runtime.install, plan, instance, release,
                      message=instance["unit"])
-            job.step("daemon_reload", self.op.systemd.daemon_reload)
+            job.step("daemon_reload", runtime.reload)
             self._start_and_check(job, instance)
             instance.update(state="running", serving=True)
             job.step("switch_route", self._route, job, app, [instance],
@@ -4936,7 +5843,7 @@ class Strategies:
         def undo():
             runtime.stop(instance)
             runtime.restore(job.app_id, instance["name"], snap)
-            self.op.systemd.daemon_reload()
+            runtime.reload()
 
         with contextlib.suppress(Exception):
             job.step("rollback", undo, message=f"stop {instance['unit']}")
@@ -4957,7 +5864,7 @@ class Strategies:
         try:
             job.step("write_unit", runtime.install, plan, instance, release,
                      message=instance["unit"])
-            job.step("daemon_reload", self.op.systemd.daemon_reload)
+            job.step("daemon_reload", runtime.reload)
             self._start_and_check(job, instance)
         except Exception as exc:
             self._undo_new(job, instance, snap)
@@ -4968,7 +5875,7 @@ class Strategies:
         def remove_canary():
             runtime.stop(instance)
             runtime.restore(job.app_id, instance["name"], snap)
-            self.op.systemd.daemon_reload()
+            runtime.reload()
 
         def promote():
             stable.update(serving=False)
@@ -5027,8 +5934,7 @@ class Strategies:
             for instance in canary:
                 problem = runtime.problem(instance)
                 if problem is None:
-                    ready, detail = probe_http(instance["port"], path) \
-                        if path else probe_tcp(instance["port"])
+                    ready, detail = runtime.probe(instance, path)
                     if not ready:
                         problem = f"health check answered {detail}"
                 if problem:
@@ -5066,7 +5972,7 @@ class Strategies:
         plan = job.plan
         runtime = self.op.runtime_for(plan["kind"])
         release = job.step("fetch_asset", runtime.prepare, plan,
-                           message=redact_url(plan["asset_url"]))
+                           message=runtime.describe_source(plan))
         slot = live["instance_id"]
         instance = self._new_instance(plan, slot, release)
         snap = runtime.snapshot(job.app_id, slot)
@@ -5075,11 +5981,11 @@ class Strategies:
         try:
             job.step("write_unit", runtime.install, plan, instance, release,
                      message=instance["unit"])
-            job.step("daemon_reload", self.op.systemd.daemon_reload)
+            job.step("daemon_reload", runtime.reload)
         except Exception as exc:
             runtime.restore(job.app_id, slot, snap)
             with contextlib.suppress(Exception):
-                self.op.systemd.daemon_reload()
+                runtime.reload()
             return "failed", f"{exc}; the previous version keeps serving"
         try:
             job.step("stop_old", runtime.stop, old, message=old["unit"])
@@ -5102,7 +6008,7 @@ class Strategies:
         def restore():
             runtime.stop(old)
             runtime.restore(job.app_id, old["name"], snap)
-            self.op.systemd.daemon_reload()
+            runtime.reload()
             runtime.start(old)
             self.op.wait_healthy(job.plan, old)
             self._route(job, app, [old])
@@ -5169,7 +6075,7 @@ class InstanceSetDeploy:
 
     def _member(self, instance_id: str, port: int, color: str) -> dict:
         return new_instance(self.plan, instance_id, f"{instance_id}.{color}",
-                            port, self.release)
+                            port, self.release, self.runtime)
 
     def _route(self, serving: dict) -> None:
         members = [serving[key] for key in sorted(serving)]
@@ -5185,7 +6091,7 @@ class InstanceSetDeploy:
         for member in members:
             self.job.step("write_unit", self.runtime.install, self.plan,
                           member, self.release, message=member["unit"])
-        self.job.step("daemon_reload", self.op.systemd.daemon_reload)
+        self.job.step("daemon_reload", self.runtime.reload)
         for member in members:
             self.active_id = member["instance_id"]
             self.strategies._start_and_check(self.job, member)
@@ -5208,7 +6114,7 @@ class InstanceSetDeploy:
                               message=member["unit"])
             except Exception:  # recorded by step(); the new set serves
                 pass
-        self.op.systemd.daemon_reload()
+        self.runtime.reload()
 
     # --- immediate: rolling update, one instance at a time
 
@@ -5273,7 +6179,7 @@ class InstanceSetDeploy:
             for old, snap in restore:
                 self.runtime.stop(old)
                 self.runtime.restore(self.job.app_id, old["name"], snap)
-            self.op.systemd.daemon_reload()
+            self.runtime.reload()
             for old, _snap in restore:
                 self.runtime.start(old)
                 self.op.wait_healthy(self.plan, old)
@@ -5324,7 +6230,7 @@ class InstanceSetDeploy:
     def _remove_siblings(self, siblings: dict) -> None:
         for member in siblings.values():
             self.runtime.remove(member)
-        self.op.systemd.daemon_reload()
+        self.runtime.reload()
 
     def _bluegreen(self) -> tuple:
         siblings = self._siblings()
@@ -5498,7 +6404,7 @@ class LifecycleJob(DeployJob):
                 removed.append(f"instance {instance['instance_id']} "
                                f"({instance['unit']})")
                 del app["instances"][instance["instance_id"]]
-            self.step("daemon_reload", self.op.systemd.daemon_reload)
+            self.step("daemon_reload", runtime.reload)
         if app is not None and not app["instances"]:
             removed += self._delete_app(app)
         elif app is not None:
@@ -5515,8 +6421,9 @@ class LifecycleJob(DeployJob):
         if self.step("remove_route", self.op.caddy.delete_app_route,
                      self.app_id):
             removed.append(f"route {caddy_route_id(self.app_id)}")
-        for runtime in self.op.runtimes.values():
-            removed += runtime.remove_app(self.app_id)
+        if app.get("kind") == "docker":
+            removed += self.op.runtime_for("docker").remove_app(self.app_id)
+        removed += self.op.runtime_for("binary").remove_app(self.app_id)
         self.op.store.delete_app(self.app_id)
         removed.append(f"app record {self.app_id}")
         return removed
@@ -5580,7 +6487,7 @@ class RecoveryJob(DeployJob):
                 runtime.stop(instance)
                 if not runtime.restore_backup(self.app_id, instance["name"]):
                     runtime.remove(instance)
-            self.op.systemd.daemon_reload()
+            runtime.reload()
             serving = [i for _, i in sorted(before["instances"].items())
                        if i.get("serving")]
             for instance in serving:
@@ -5622,7 +6529,7 @@ class RecoveryJob(DeployJob):
                         instance, state="stopped", serving=False)
                 else:
                     runtime.remove(instance)
-            self.op.systemd.daemon_reload()
+            runtime.reload()
             kept.update({i["instance_id"]: i for i in new})
             app["instances"] = kept
             app["serving_version"] = self.record["target_version"]
@@ -5957,8 +6864,11 @@ class Operator:
         self.caddy = CaddyClient(config.caddy_admin, config.caddy_server,
                                  config.caddy_listen,
                                  config.caddy_automatic_https)
+        self.docker = DockerClient(config.docker_socket,
+                                   config.docker_pull_timeout_s)
         self.runtimes = {"binary": BinaryRuntime(config, self.systemd,
-                                                 self.store)}
+                                                 self.store),
+                         "docker": DockerRuntime(config, self.docker)}
         self.strategies = Strategies(self)
         self.runner = JobRunner()
         self.outbox = CallbackOutbox(self.store, config)
@@ -6051,7 +6961,7 @@ class Operator:
         return picked
 
     def runtime_for(self, kind: str):
-        """Return the runtime of an app kind ("binary")."""
+        """Return the runtime of an app kind ("binary" or "docker")."""
         return self.runtimes[kind]
 
     def wait_healthy(self, plan: dict, instance: dict) -> None:
@@ -6066,10 +6976,7 @@ class Operator:
             if problem:
                 raise StepError(f"instance {instance['instance_id']} stopped "
                                 f"during its health check: {problem}")
-            if path:
-                ready, detail = probe_http(instance["port"], path)
-            else:
-                ready, detail = probe_tcp(instance["port"])
+            ready, detail = runtime.probe(instance, path)
             if ready:
                 break
             if time.monotonic() > deadline:
@@ -6122,8 +7029,7 @@ class Operator:
         with another body it is a conflict.  Runs under one lock so that two
         identical requests arriving together start one job.
         """
-        digest = self.store.request_digest({"endpoint": endpoint,
-                                            "body": value})
+        digest = self.store.request_digest(idempotency_view(endpoint, value))
         key = str(value["deployment_id"])
         with self._accept_lock:
             existing = self.store.deployment(key)
@@ -6375,8 +7281,29 @@ def plan_from_instances_request(value: dict, kind: str) -> dict:
     return plan
 
 
+def idempotency_view(endpoint: str, value: dict) -> dict:
+    """Return the part of a request that its idempotency digest covers.
+
+    The registry password is left out. Telling two passwords apart would
+    need something derived from each password on disk, and the digest key
+    lies in the same state_dir, so anyone who can read the digests could
+    test password guesses offline. The cost: a resend of a deployment_id
+    that differs only in the password counts as a duplicate, not a 409.
+    """
+    body = copy.deepcopy(value)
+    credentials = body.get("registry_credentials")
+    if isinstance(credentials, dict):
+        credentials.pop("password", None)
+    return {"endpoint": endpoint, "body": body}
+
+
 def plan_from_slots_request(value: dict, kind: str) -> dict:
-    """Normalise a validated slots-model request into a deploy plan."""
+    """Normalise a validated slots-model request into a deploy plan.
+
+    Docker fields are None for binary requests and the asset fields None
+    for docker requests. registry_credentials stays in memory only: the
+    plan is never stored, and the job drops it when it ends.
+    """
     return {
         "kind": kind, "model": "slots", "app_id": value["app_id"],
         "team_id": value["team_id"], "environment_id": value["environment_id"],
@@ -6388,6 +7315,11 @@ def plan_from_slots_request(value: dict, kind: str) -> dict:
         "version": value["target_version"],
         "asset_url": value.get("asset_url"),
         "asset_sha256": value.get("asset_sha256"),
+        "image": value.get("image"),
+        "image_tag": value.get("image_tag"),
+        "docker_command": value.get("docker_command"),
+        "volumes": value.get("volumes") or [],
+        "registry_credentials": value.get("registry_credentials"),
         "targets": {slot: spec["port"] for slot, spec in value["slots"].items()},
         "callback_url": value["callback_url"],
         "canary": value.get("canary"),
@@ -6418,8 +7350,6 @@ _ROUTE_PATTERNS = [(method, re.compile(pattern + r"\Z"), name, auth)
 
 # Endpoints whose behaviour is not built yet: validated, then 501.
 NOT_IMPLEMENTED = {
-    "deploy_docker_slots": "docker deployments are not available in this "
-                           "version",
     "deploy_docker_instances": "docker deployments are not available in this "
                                "version",
 }
@@ -6644,6 +7574,15 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         plan = plan_from_slots_request(value, "binary")
         return op.accept_deploy("deploy_binary_slots", value, ignored, plan)
 
+    def handle_deploy_docker_slots(self, body, params):
+        """POST /v1/app/instance/docker/deploy."""
+        op = self.server.operator
+        value, ignored = self._validated("deploy_docker_slots", body)
+        op.check_urls(value)
+        plan = plan_from_slots_request(value, "docker")
+        op.runtime_for("docker").check_plan(plan)
+        return op.accept_deploy("deploy_docker_slots", value, ignored, plan)
+
     def handle_deploy_binary_instances(self, body, params):
         """POST /v1/app/binary/deploy (the instances model)."""
         op = self.server.operator
@@ -6710,6 +7649,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         "healthz": handle_healthz,
         "openapi": handle_openapi,
         "deploy_binary_slots": handle_deploy_binary_slots,
+        "deploy_docker_slots": handle_deploy_docker_slots,
         "deploy_binary_instances": handle_deploy_binary_instances,
         "start": handle_start,
         "stop": handle_stop,

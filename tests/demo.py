@@ -8,7 +8,12 @@ crate_operator.py, and then:
 2. shows responses through Caddy for Host demo.example.test,
 3. deploys build "v2" (deployment 1002, strategy bluegreen) while a request
    loop runs, and shows how the responses switched from v1 to v2,
-4. prints the final status document and the callbacks received.
+4. prints the final status document and the callbacks received,
+5. starts dockerd (a unit of the sandbox) and a private registry, and
+   pushes two tags of a busybox image with credentials,
+6. deploys them as docker app 2 in the same way: tag 1 (deployment 2001,
+   immediate), then tag 2 (deployment 2002, bluegreen) under a request
+   loop for Host docker.example.test.
 
 Everything it started is stopped and removed at the end. The exit code is
 1 when any step failed or any request through Caddy failed.
@@ -20,13 +25,19 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness  # noqa: E402  (needs the sys.path entry above)
 
 DOMAIN = "demo.example.test"
+DOCKER_DOMAIN = "docker.example.test"
+BINARY_DEPLOY = "/v1/app/instance/binary/deploy"
+DOCKER_DEPLOY = "/v1/app/instance/docker/deploy"
+# The harness image runs httpd on 8080; the app must listen on $PORT.
+DOCKER_COMMAND = ["/bin/busybox", "sh", "-c",
+                  'exec /bin/busybox httpd -f -p "$PORT" -h /www']
 FINAL_STATES = ("succeeded", "failed", "rolled_back")
 DEPLOY_TIMEOUT_S = 90
 
@@ -69,6 +80,9 @@ class Demo:
         self.assets: harness.AssetServer | None = None
         self.callbacks: harness.CallbackReceiver | None = None
         self.operator: harness.OperatorProcess | None = None
+        self.dockerd: harness.DockerDaemon | None = None
+        self.registry: harness.RegistryProcess | None = None
+        self.image = ""
         self.ports: dict[str, int] = {}
         self.urls: dict[str, str] = {}
         self.failed_requests = 0
@@ -97,7 +111,8 @@ class Demo:
             harness.build_asset(build, asset_path)
             self.urls[build] = self.assets.url("/sample-" + build)
             say("asset %s: %s" % (build, self.urls[build]))
-        self.ports = {"blue": harness.free_port(), "green": harness.free_port()}
+        self.ports = {name: harness.free_port() for name in
+                      ("blue", "green", "docker-blue", "docker-green")}
 
         step("2. starting crate_operator.py")
         self.operator = harness.OperatorProcess(self.shared_dir, self.sandbox,
@@ -111,7 +126,7 @@ class Demo:
 
     def deploy(self, deployment_id: int, build: str, strategy: str) -> dict:
         """POST a binary deploy of build, wait for a final state, return the status."""
-        assert self.operator is not None and self.callbacks is not None
+        assert self.callbacks is not None
         body = {
             "app_id": 1, "team_id": "demo-team", "environment_id": 1,
             "deployment_id": deployment_id, "deployment_strategy": strategy,
@@ -121,11 +136,57 @@ class Demo:
             "env_vars": {"GREETING": "hello"}, "health_check_path": "/healthz",
             "callback_url": self.callbacks.url(),
         }
-        say("POST /v1/app/instance/binary/deploy (deployment %d, %s, %s)"
-            % (deployment_id, build, strategy))
+        return self.post_deploy(BINARY_DEPLOY, body)
+
+    def start_docker(self) -> None:
+        """Start dockerd and the registry, then push tags 1 and 2 of an image."""
+        assert self.sandbox is not None and self.shared_dir is not None
+        self.dockerd = harness.DockerDaemon(self.sandbox)
+        self.dockerd.start()
+        self.registry = harness.RegistryProcess(self.shared_dir)
+        self.registry.start()
+        say("dockerd: %s, registry: %s (user %s)"
+            % (self.dockerd.socket_path, self.registry.address,
+               self.registry.username))
+        self.image = "%s/demo/web" % self.registry.address
+        login = self.dockerd.docker("login", "-u", self.registry.username,
+                                    "--password-stdin", self.registry.address,
+                                    input_text=self.registry.password)
+        if login.returncode != 0:
+            raise DemoError("docker login failed: %s" % login.stderr)
+        for tag in ("1", "2"):
+            self.dockerd.build_busybox_image(
+                "%s:%s" % (self.image, tag), "docker web %s\n" % tag)
+            self.dockerd.docker("push", "%s:%s" % (self.image, tag))
+            self.dockerd.docker("rmi", "-f", "%s:%s" % (self.image, tag))
+            say("pushed %s:%s" % (self.image, tag))
+
+    def deploy_docker(self, deployment_id: int, tag: str, strategy: str) -> dict:
+        """POST a docker deploy of image tag, wait for a final state, return it."""
+        assert self.callbacks is not None and self.registry is not None
+        body = {
+            "app_id": 2, "team_id": "demo-team", "environment_id": 1,
+            "deployment_id": deployment_id, "deployment_strategy": strategy,
+            "domain": DOCKER_DOMAIN, "image": self.image, "image_tag": tag,
+            "target_version": "tag-" + tag, "docker_command": DOCKER_COMMAND,
+            "registry_credentials": {"username": self.registry.username,
+                                     "password": self.registry.password},
+            "slots": {"blue": {"port": self.ports["docker-blue"]},
+                      "green": {"port": self.ports["docker-green"]}},
+            "env_vars": {"GREETING": "hello"}, "health_check_path": "/",
+            "callback_url": self.callbacks.url(),
+        }
+        return self.post_deploy(DOCKER_DEPLOY, body)
+
+    def post_deploy(self, path: str, body: dict) -> dict:
+        """POST a deploy body, wait for a final state, return the status."""
+        assert self.operator is not None
+        deployment_id = body["deployment_id"]
+        say("POST %s (deployment %d, %s, %s)"
+            % (path, deployment_id, body["target_version"],
+               body["deployment_strategy"]))
         try:
-            status, _, reply = self.operator.request(
-                "POST", "/v1/app/instance/binary/deploy", body)
+            status, _, reply = self.operator.request("POST", path, body)
         except OSError as exc:
             raise DemoError("the deploy request failed: %r. The operator log ends "
                             "with:\n%s" % (exc, self.operator.log_tail())) from None
@@ -147,11 +208,11 @@ class Demo:
                                             self.operator.log_tail()))
         return document
 
-    def show_responses(self, count: int = 3) -> None:
+    def show_responses(self, domain: str = DOMAIN, count: int = 3) -> None:
         """GET / through Caddy a few times and print status and body."""
         assert self.caddy is not None
         url = "http://127.0.0.1:%d/" % self.caddy.listen_port
-        loop = harness.RequestLoop(url, DOMAIN)
+        loop = harness.RequestLoop(url, domain)
         failed = 0
         for _ in range(count):
             status, body, failure = loop.request_once()
@@ -159,22 +220,26 @@ class Demo:
             if failure:
                 outcome += "  FAILED: " + failure
                 failed += 1
-            say("GET %s Host: %s -> %s" % (url, DOMAIN, outcome))
+            say("GET %s Host: %s -> %s" % (url, domain, outcome))
         self.failed_requests += failed
         if failed:
             http_config = pretty(self.caddy.get_config("apps/http"))
             raise DemoError("%d of %d requests through caddy failed. Caddy's http app "
                             "config is:\n%s" % (failed, count, http_config))
 
-    def switch_under_load(self) -> dict:
-        """Deploy v2 blue/green while a RequestLoop runs; print the switch."""
+    def switch_under_load(self, domain: str = DOMAIN,
+                          deploy: Callable[[], dict] | None = None) -> dict:
+        """Run deploy (v2 blue/green) under a RequestLoop; print the switch."""
         assert self.caddy is not None
         url = "http://127.0.0.1:%d/" % self.caddy.listen_port
-        loop = harness.RequestLoop(url, DOMAIN)
+        loop = harness.RequestLoop(url, domain)
         loop.start()
         try:
             loop.wait_requests(20)
-            document = self.deploy(1002, "v2", "bluegreen")
+            if deploy is None:
+                document = self.deploy(1002, "v2", "bluegreen")
+            else:
+                document = deploy()
             time.sleep(1.0)
         finally:
             summary = loop.stop()
@@ -210,7 +275,8 @@ class Demo:
 
     def stop_parts(self) -> None:
         """Stop everything in reverse order and delete the shared dir."""
-        for part in (self.operator, self.caddy, self.assets, self.callbacks):
+        for part in (self.operator, self.caddy, self.assets, self.callbacks,
+                     self.registry, self.dockerd):
             if part is not None:
                 try:
                     part.stop()
@@ -241,6 +307,21 @@ def run_demo(demo: Demo) -> None:
     step("7. callbacks")
     demo.show_callbacks()
 
+    step("8. starting dockerd and a registry, pushing image tags 1 and 2")
+    demo.start_docker()
+
+    step("9. deploying docker tag 1 (deployment 2001, immediate)")
+    demo.deploy_docker(2001, "1", "immediate")
+    demo.show_responses(DOCKER_DOMAIN)
+
+    step("10. deploying docker tag 2 (deployment 2002, bluegreen) under a "
+         "request loop")
+    document = demo.switch_under_load(
+        DOCKER_DOMAIN, lambda: demo.deploy_docker(2002, "2", "bluegreen"))
+
+    step("11. final status of deployment 2002")
+    say(pretty(document))
+
 
 def main() -> int:
     """Run the demo and return the process exit code."""
@@ -270,7 +351,8 @@ def main() -> int:
     if demo.failed_requests:
         say("\nDEMO FAILED: %d requests through caddy failed" % demo.failed_requests)
         return 1
-    say("\ndemo passed: v1 and v2 deployed, zero failed requests")
+    say("\ndemo passed: binary v1 and v2 and docker tags 1 and 2 deployed, "
+        "zero failed requests")
     return 0
 
 

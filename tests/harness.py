@@ -1507,10 +1507,17 @@ class DockerDaemon:
 
     def unit_text(self) -> str:
         """Return the unit file of dockerd."""
+        # A bridge without a set MAC takes the lowest MAC of its ports, so it
+        # changes whenever a container starts or stops, and running
+        # containers keep sending to the old MAC for seconds. dockerd sets a
+        # fixed MAC on the bridges it creates itself; this one needs its own.
+        digest = hashlib.sha256(self.bridge.encode()).hexdigest()
+        mac = "02:" + ":".join(digest[i:i + 2] for i in range(0, 10, 2))
         setup_bridge = ("ip link show {br} >/dev/null 2>&1 || "
                         "ip link add {br} type bridge; "
+                        "ip link set {br} address {mac}; "
                         "ip addr replace {addr} dev {br}; ip link set {br} up"
-                        ).format(br=self.bridge, addr=self.bridge_addr)
+                        ).format(br=self.bridge, addr=self.bridge_addr, mac=mac)
         dockerd = " ".join([
             "/usr/sbin/dockerd",
             "--data-root %s/data" % self.dir,
