@@ -365,7 +365,7 @@ def utc_now(timestamp: float | None = None) -> str:
 # === Metrics ===
 #
 # A small registry rendered in the Prometheus text exposition format 0.0.4.
-# Every metric is declared once with its type and help text; inc, set and
+# Every metric is declared once with its type and help text.  inc, set and
 # observe raise KeyError for an undeclared name, so a typo fails loudly
 # instead of creating a new series.  Label values come from bounded sets
 # (endpoint names, kinds, strategies, states), never from request paths.

@@ -1,7 +1,7 @@
 """Operability: GET /metrics, GET /v1/app/logs, GET /v1/events, history.
 
 The end-to-end tests run the operator against the real systemd sandbox,
-Caddy, asset server and callback receiver; the others call the metrics
+Caddy, asset server and callback receiver.  The others call the metrics
 registry, the query validation and history pruning directly.
 """
 
@@ -165,6 +165,14 @@ def test_registry_rejects_misuse():
     registry.set("g", None, 7)
     registry.inc("g", None, -2)
     assert registry.value("g") == 5
+
+
+def test_adapter_errors_counted():
+    labels = {"adapter": "caddy"}
+    before = co.METRICS.value("crate_adapter_errors_total", labels)
+    co.CaddyError("admin API unreachable", status=503)
+    after = co.METRICS.value("crate_adapter_errors_total", labels)
+    assert after == before + 1
 
 
 def test_journalctl_command_derived():
@@ -472,6 +480,7 @@ def test_log_has_no_secret_values(operator_factory, asset_url, callbacks):
     text = op.log_text()
     assert f"deployment_id\": {deployment_id}" in text or \
         f"\"deployment_id\": \"{deployment_id}\"" in text
+    assert '"instance_id": "blue"' in text
     assert secret_value not in text
     assert op.callback_secret not in text
     assert op.token not in text
