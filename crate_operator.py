@@ -2838,7 +2838,9 @@ class CaddyError(OperatorError):
     def __init__(self, message: str, status: int = 502) -> None:
         super().__init__(message)
         self.status = status
-        METRICS.inc("crate_adapter_errors_total", {"adapter": "caddy"})
+        # A 404 or 409 reports the state of the routes, not a failed call.
+        if status >= 500:
+            METRICS.inc("crate_adapter_errors_total", {"adapter": "caddy"})
 
 
 class DomainTakenError(CaddyError):
@@ -6721,15 +6723,19 @@ class Operator:
         argv = journalctl_command(self.config.systemctl) + [
             "--no-pager", "--quiet", "--output", "short-iso",
             "--lines", str(lines), "--unit", instance["unit"]]
+        ids = {"app_id": app_id, "instance_id": instance_id}
         try:
             result = subprocess.run(argv, stdin=subprocess.DEVNULL,
                                     capture_output=True,
                                     timeout=JOURNAL_TIMEOUT_S)
         except (OSError, subprocess.TimeoutExpired) as exc:
+            log("instance.logs_failed", logging.ERROR, error=str(exc), **ids)
             raise OperatorError(f"journalctl failed for unit "
                                 f"{instance['unit']}: {exc}")
         if result.returncode != 0:
             error = result.stderr.decode("utf-8", "replace").strip()[:500]
+            log("instance.logs_failed", logging.ERROR, error=error,
+                exit_status=result.returncode, **ids)
             raise OperatorError(f"journalctl failed for unit "
                                 f"{instance['unit']} with exit status "
                                 f"{result.returncode}: {error}")

@@ -173,6 +173,9 @@ def test_adapter_errors_counted():
     co.CaddyError("admin API unreachable", status=503)
     after = co.METRICS.value("crate_adapter_errors_total", labels)
     assert after == before + 1
+    co.DomainTakenError("shop.example.test", "crate-app-1", "crate",
+                        "crate-app-2")
+    assert co.METRICS.value("crate_adapter_errors_total", labels) == after
 
 
 def test_journalctl_command_derived():
