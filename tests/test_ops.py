@@ -7,6 +7,7 @@ registry, the query validation and history pruning directly.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -487,3 +488,39 @@ def test_log_has_no_secret_values(operator_factory, asset_url, callbacks):
     assert secret_value not in text
     assert op.callback_secret not in text
     assert op.token not in text
+
+
+def test_status_reads_while_pruning(operator_factory):
+    op = operator_factory({"history_max_records": 50,
+                           "history_prune_interval_s": 3600}, start=False)
+    records_dir = os.path.join(op.state_dir, "deployments")
+    os.makedirs(records_dir, mode=0o700)
+    base = time.time() - 3000
+    first = 690000
+    count = 1500
+    for index in range(count):
+        deployment_id = first + index
+        created = co.utc_now(base + index)
+        record = {"deployment_id": deployment_id, "app_id": 690000,
+                  "state": "succeeded", "created_at": created,
+                  "finished_at": created, "steps": []}
+        path = os.path.join(records_dir, f"{deployment_id}.json")
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(record, handle)
+    newest = first + count - 1
+    op.start()
+    # The first prune starts with the operator; reads of the newest record
+    # must keep answering 200 while it runs.
+    statuses = set()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        statuses.add(op.request("GET", op.status_path(newest))[0])
+        if len(os.listdir(records_dir)) <= 50:
+            break
+    assert statuses == {200}
+    assert len(os.listdir(records_dir)) == 50
+    status, _, _ = op.request("GET", op.status_path(first))
+    assert status == 404
+    status, _, document = op.request("GET", op.status_path(newest - 49))
+    assert status == 200
+    assert document["state"] == "succeeded"
