@@ -154,6 +154,19 @@ CONFIG_SPEC = {
     "canary_pause_s": (60.0, float,
                        "time each canary step lasts while the canary is "
                        "watched"),
+    "metrics_public": (False, bool,
+                       "serve GET /metrics without the bearer token"),
+    "events_retention": (1000, int,
+                         "delivered or given-up callback events kept in the "
+                         "outbox for GET /v1/events"),
+    "history_max_records": (1000, int,
+                            "finished deployment records kept; older ones "
+                            "are removed in the background"),
+    "history_max_age_s": (30 * 86400.0, float,
+                          "finished deployment records older than this are "
+                          "removed in the background"),
+    "history_prune_interval_s": (300.0, float,
+                                 "pause between two runs of history pruning"),
 }
 
 # Time a domain update waits for the app's running job before it answers
@@ -190,8 +203,15 @@ LINK_TARGET_MAX_BYTES = 4096
 # Directories systemd searches for a program name without a slash
 # (systemd 252, systemd.service(5) "COMMAND LINES").
 EXEC_SEARCH_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# Delivered callbacks kept in the outbox for inspection.
-OUTBOX_KEEP_DELIVERED = 1000
+# Time limit of one journalctl call of GET /v1/app/logs.
+JOURNAL_TIMEOUT_S = 10.0
+# Byte limit of the log lines one GET /v1/app/logs returns.
+LOGS_MAX_BYTES = 256 << 10
+# Line limits of GET /v1/app/logs and page size limit of GET /v1/events.
+LOGS_DEFAULT_LINES = 100
+LOGS_MAX_LINES = 1000
+EVENTS_DEFAULT_LIMIT = 100
+EVENTS_MAX_LIMIT = 1000
 # Time a health probe waits for one HTTP answer.
 HEALTH_PROBE_TIMEOUT_S = 2.0
 # Prefix of every unit this program writes; nothing else is touched.
@@ -265,7 +285,11 @@ class StepError(OperatorError):
 
 
 class SystemdError(StepError):
-    """Raised when a systemctl call fails."""
+    """Raised when a systemctl call fails; counted as an adapter error."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        METRICS.inc("crate_adapter_errors_total", {"adapter": "systemd"})
 
 
 class FetchError(StepError):
@@ -369,6 +393,189 @@ def utc_now(timestamp: float | None = None) -> str:
     moment = datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + \
         f"{moment.microsecond // 1000:03d}Z"
+
+
+# === Metrics ===
+#
+# A small registry rendered in the Prometheus text exposition format 0.0.4.
+# Every metric is declared once with its type and help text.  inc, set and
+# observe raise KeyError for an undeclared name, so a typo fails loudly
+# instead of creating a new series.  Label values come from bounded sets
+# (endpoint names, kinds, strategies, states), never from request paths.
+
+# Upper bounds (seconds) of the deployment duration buckets.  Deploys wait
+# for downloads and health checks, so they take seconds to minutes.
+DEPLOY_DURATION_BUCKETS_S = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+
+def _metric_label_value(text: str) -> str:
+    """Escape a label value: backslash, double quote and line feed."""
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _metric_number(value: float) -> str:
+    if value == math.inf:
+        return "+Inf"
+    if float(value).is_integer():
+        return str(int(value))
+    return repr(float(value))
+
+
+def _metric_labels(labels: tuple, extra: tuple = ()) -> str:
+    pairs = list(labels) + list(extra)
+    if not pairs:
+        return ""
+    inner = ",".join(f'{key}="{_metric_label_value(str(value))}"'
+                     for key, value in pairs)
+    return "{" + inner + "}"
+
+
+class MetricsRegistry:
+    """Thread-safe counters, gauges and histograms with their HELP and TYPE.
+
+    Use: ``declare(name, kind, help_text, buckets=None)`` once, then
+    ``inc(name, labels, value)`` for counters (and gauges),
+    ``set(name, labels, value)`` for gauges and
+    ``observe(name, labels, value)`` for histograms.  ``labels`` is a dict
+    of label name to value, or None.  ``render()`` returns the exposition
+    text and ``value(name, labels)`` one current value.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._meta = {}
+        self._series = {}
+
+    def declare(self, name: str, kind: str, help_text: str,
+                buckets: tuple | None = None) -> None:
+        """Declare a metric; declaring the same name again is a no-op."""
+        if kind not in ("counter", "gauge", "histogram"):
+            raise ValueError(f"unknown metric type {kind!r}")
+        with self._lock:
+            if name not in self._meta:
+                bounds = tuple(sorted(buckets or ())) + (math.inf,)
+                self._meta[name] = (kind, help_text, bounds)
+                self._series[name] = {}
+
+    def inc(self, name: str, labels: dict | None = None,
+            value: float = 1.0) -> None:
+        """Add ``value`` (at least 0 for a counter) to one series."""
+        key = self._key(labels)
+        with self._lock:
+            kind = self._meta[name][0]
+            if kind == "histogram" or (kind == "counter" and value < 0):
+                raise ValueError(f"cannot add {value} to {kind} {name}")
+            series = self._series[name]
+            series[key] = series.get(key, 0.0) + value
+
+    def set(self, name: str, labels: dict | None = None,
+            value: float = 0.0) -> None:
+        """Set one series of a gauge."""
+        key = self._key(labels)
+        with self._lock:
+            if self._meta[name][0] != "gauge":
+                raise ValueError(f"{name} is not a gauge")
+            self._series[name][key] = float(value)
+
+    def observe(self, name: str, labels: dict | None, value: float) -> None:
+        """Record one observation of a histogram."""
+        key = self._key(labels)
+        with self._lock:
+            kind, _help, bounds = self._meta[name]
+            if kind != "histogram":
+                raise ValueError(f"{name} is not a histogram")
+            state = self._series[name].setdefault(
+                key, {"buckets": [0] * len(bounds), "sum": 0.0, "count": 0})
+            for index, bound in enumerate(bounds):
+                if value <= bound:
+                    state["buckets"][index] += 1
+            state["sum"] += value
+            state["count"] += 1
+
+    def value(self, name: str, labels: dict | None = None) -> float:
+        """Return a counter or gauge value, or a histogram's count."""
+        key = self._key(labels)
+        with self._lock:
+            item = self._series[name].get(key)
+        if isinstance(item, dict):
+            return item["count"]
+        return item or 0.0
+
+    def render(self) -> str:
+        """Return every metric in the text exposition format 0.0.4."""
+        lines = []
+        with self._lock:
+            for name in sorted(self._meta):
+                kind, help_text, bounds = self._meta[name]
+                help_text = help_text.replace("\\", "\\\\").replace("\n", "\\n")
+                lines.append(f"# HELP {name} {help_text}")
+                lines.append(f"# TYPE {name} {kind}")
+                for key in sorted(self._series[name]):
+                    item = self._series[name][key]
+                    if kind == "histogram":
+                        lines += self._histogram_lines(name, key, bounds, item)
+                    else:
+                        lines.append(f"{name}{_metric_labels(key)} "
+                                     f"{_metric_number(item)}")
+        return "\n".join(lines) + "\n"
+
+    @staticmethod
+    def _histogram_lines(name: str, key: tuple, bounds: tuple,
+                         item: dict) -> list:
+        lines = []
+        for bound, count in zip(bounds, item["buckets"]):
+            le = (("le", _metric_number(bound)),)
+            lines.append(f"{name}_bucket{_metric_labels(key, le)} {count}")
+        lines.append(f"{name}_sum{_metric_labels(key)} "
+                     f"{_metric_number(item['sum'])}")
+        lines.append(f"{name}_count{_metric_labels(key)} {item['count']}")
+        return lines
+
+    @staticmethod
+    def _key(labels: dict | None) -> tuple:
+        return tuple(sorted((str(k), str(v)) for k, v in (labels or {}).items()))
+
+
+def platform_python_version() -> str:
+    """Return the running Python version as major.minor.micro."""
+    return ".".join(str(part) for part in sys.version_info[:3])
+
+
+METRICS = MetricsRegistry()
+METRICS.declare("crate_build_info", "gauge",
+                "Always 1; the labels name the operator and Python versions.")
+METRICS.set("crate_build_info",
+            {"version": __version__, "python": platform_python_version()}, 1)
+METRICS.declare("crate_deployments_total", "counter",
+                "Jobs that reached a terminal state, by kind, strategy and "
+                "result.")
+METRICS.declare("crate_deployment_duration_seconds", "histogram",
+                "Time from the start of a job to its terminal state.",
+                DEPLOY_DURATION_BUCKETS_S)
+METRICS.declare("crate_job_queue_length", "gauge",
+                "Jobs queued or running, over all apps.")
+METRICS.declare("crate_callbacks_delivered_total", "counter",
+                "Callback events delivered with a 2xx answer.")
+METRICS.declare("crate_callbacks_retried_total", "counter",
+                "Failed callback attempts that were scheduled again.")
+METRICS.declare("crate_callbacks_given_up_total", "counter",
+                "Callback events given up after callback_retry_window_s.")
+METRICS.declare("crate_http_requests_total", "counter",
+                "API requests by endpoint name and HTTP status.")
+METRICS.declare("crate_adapter_errors_total", "counter",
+                "Failed calls to a host adapter (caddy, docker, systemd).")
+METRICS.declare("crate_drift_found_total", "counter",
+                "Differences between recorded and actual host state found "
+                "by reconciliation, by kind.")
+METRICS.declare("crate_drift_repaired_total", "counter",
+                "Differences repaired by reconciliation, by kind.")
+METRICS.declare("crate_history_pruned_total", "counter",
+                "Deployment records removed by history retention.")
+# Counters without labels start at 0 so that scrapers see them at once.
+for _name in ("crate_callbacks_delivered_total",
+              "crate_callbacks_retried_total",
+              "crate_callbacks_given_up_total", "crate_history_pruned_total"):
+    METRICS.inc(_name, None, 0)
 
 
 # === Schemas and validation ===
@@ -1026,6 +1233,74 @@ def _path_param(schema: dict, description: str) -> list[dict]:
     }]
 
 
+def _query_param(name: str, schema: dict, description: str,
+                 default: Any = None) -> dict:
+    schema = dict(schema)
+    if default is not None:
+        schema["default"] = default
+    return {"name": name, "in": "query", "required": default is None,
+            "schema": schema, "description": description}
+
+
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Largest seq a query accepts: 2**53 - 1, exact in every JSON parser.
+MAX_EVENT_SEQ = 9007199254740991
+_LOGS_PARAMS = [
+    _query_param("app_id", _int32_id("App id."), "App id."),
+    _query_param("instance_id", _INSTANCE_ID, "Instance id or slot name."),
+    _query_param("lines", {"type": "integer", "minimum": 1,
+                           "maximum": LOGS_MAX_LINES},
+                 "Number of lines, counted from the newest.",
+                 LOGS_DEFAULT_LINES),
+]
+_EVENTS_PARAMS = [
+    _query_param("after", {"type": "integer", "minimum": 0,
+                           "maximum": MAX_EVENT_SEQ},
+                 "Return events with a seq greater than this.", 0),
+    _query_param("limit", {"type": "integer", "minimum": 1,
+                           "maximum": EVENTS_MAX_LIMIT},
+                 "Page size.", EVENTS_DEFAULT_LIMIT),
+]
+_INSTANCE_LOGS = {
+    "type": "object",
+    "required": ["app_id", "instance_id", "unit", "lines", "truncated"],
+    "properties": {
+        "app_id": {"type": "integer"},
+        "instance_id": {"type": "string"},
+        "unit": {"type": "string"},
+        "lines": {"type": "array", "items": {"type": "string"}},
+        "truncated": {"type": "boolean",
+                      "description": "True when the byte limit cut off"
+                                     " older lines."},
+    },
+}
+_EVENTS_PAGE = {
+    "type": "object",
+    "required": ["events", "next_after", "more"],
+    "properties": {
+        "events": {"type": "array", "items": {
+            "type": "object",
+            "required": ["seq", "event", "delivery_id", "deployment_id",
+                         "app_id", "created_at", "delivered", "body"],
+            "properties": {
+                "seq": {"type": "integer"},
+                "event": {"type": "string"},
+                "delivery_id": {"type": "string"},
+                "deployment_id": {"type": ["integer", "string"]},
+                "app_id": {"type": "integer"},
+                "created_at": {"type": "string", "format": "date-time"},
+                "delivered": {"type": "boolean"},
+                "body": _ref("CallbackBody"),
+            },
+        }},
+        "next_after": {"type": "integer",
+                       "description": "after value of the next page."},
+        "more": {"type": "boolean",
+                 "description": "True when more events follow this page."},
+    },
+}
+
+
 def _endpoint(method: str, path: str, body_name: str | None, summary: str,
               responses: dict, params: list | None = None,
               description: str = "") -> dict:
@@ -1102,6 +1377,42 @@ ENDPOINTS: dict[str, dict] = {
         {"200": ("systemd and Caddy are reachable.", "Health"),
          "503": ("systemd or Caddy is unreachable.", "Health")},
         description="Needs no token."),
+    "metrics": _endpoint(
+        "GET", "/metrics", None, "Get operator metrics for Prometheus",
+        {"200": ("Metrics in the Prometheus text exposition format 0.0.4.",
+                 {"type": "string",
+                  "contentMediaType": METRICS_CONTENT_TYPE}),
+         "401": ("Missing or invalid bearer token, unless metrics_public is"
+                 " true.", "Error")},
+        description=(
+            "Needs the bearer token unless the metrics_public setting is"
+            " true. An extension to the platform API.")),
+    "app_logs": _endpoint(
+        "GET", "/v1/app/logs", None, "Get the last log lines of an instance",
+        {"200": ("Log lines, oldest first.", _INSTANCE_LOGS),
+         "400": ("Invalid query parameter.", "Error"),
+         "401": _COMMON_ERRORS["401"],
+         "404": ("No such app or instance on this host.", "Error"),
+         "501": ("Logs of docker instances are not available.", "Error")},
+        _LOGS_PARAMS,
+        description=(
+            "Reads the systemd journal of the instance's unit. At most"
+            f" {LOGS_MAX_LINES} lines and {LOGS_MAX_BYTES // 1024} KiB are"
+            " returned, the newest kept. An extension to the platform"
+            " API.")),
+    "events": _endpoint(
+        "GET", "/v1/events", None, "List callback events in seq order",
+        {"200": ("One page of events with seq greater than after.",
+                 _EVENTS_PAGE),
+         "400": ("Invalid query parameter.", "Error"),
+         "401": _COMMON_ERRORS["401"]},
+        _EVENTS_PARAMS,
+        description=(
+            "Replays the callback outbox, delivered or not, so a platform"
+            " that missed callbacks can catch up. Pass the answer's"
+            " next_after as after to read the next page. Delivered events"
+            " are kept up to the events_retention setting. An extension to"
+            " the platform API.")),
 }
 
 
@@ -1723,13 +2034,57 @@ def validate_path_param(endpoint_name: str,
     return (None if findings.errors else cleaned), findings.errors
 
 
+def validate_query(endpoint_name: str,
+                   query: str) -> tuple[dict | None, list[dict]]:
+    """Validate the query string of a GET endpoint against its parameters.
+
+    Returns (values, errors): values maps every declared parameter to its
+    cleaned value (defaults filled in), or is None when errors is not empty.
+    Unknown and repeated parameters are errors.
+    """
+    params = [param for param in _endpoint_entry(endpoint_name)["params"]
+              if param["in"] == "query"]
+    try:
+        raw = urllib.parse.parse_qs(query, keep_blank_values=True,
+                                    strict_parsing=bool(query),
+                                    max_num_fields=len(params) + 8)
+    except ValueError as exc:
+        return None, [{"field": "$query", "reason": f"is malformed: {exc}"}]
+    findings = _Findings()
+    declared = {param["name"] for param in params}
+    for name in sorted(set(raw) - declared):
+        findings.error(name[:64], "is not a parameter of this endpoint; use "
+                                  + ", ".join(sorted(declared)))
+    values = {}
+    for param in params:
+        name, schema = param["name"], param["schema"]
+        items = raw.get(name)
+        if not items:
+            if param["required"]:
+                findings.error(name, "is required")
+            values[name] = schema.get("default")
+            continue
+        if len(items) > 1:
+            findings.error(name, "must be given once")
+            continue
+        value: Any = items[0]
+        if schema.get("type") == "integer":
+            if not _INTEGER_TEXT.fullmatch(value):
+                findings.error(name, "must be a decimal integer")
+                continue
+            value = int(value)
+        values[name] = _validate(schema, value, name, findings)
+    return (None if findings.errors else values), findings.errors
+
+
 # --- OpenAPI document ---
 
 
 def _media(schema: str | dict) -> dict:
     if isinstance(schema, str):
         schema = _ref(schema)
-    return {"application/json": {"schema": copy.deepcopy(schema)}}
+    media_type = schema.get("contentMediaType", "application/json")
+    return {media_type: {"schema": copy.deepcopy(schema)}}
 
 
 def _operation(name: str, endpoint: dict) -> dict:
@@ -2124,6 +2479,12 @@ class Store:
         name = _safe_key(str(record["deployment_id"])) + ".json"
         atomic_write_json(os.path.join(self.deployments_dir, name), record)
 
+    def delete_deployment(self, deployment_id) -> None:
+        """Remove one deployment record; a missing record is no error."""
+        name = _safe_key(str(deployment_id)) + ".json"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.deployments_dir, name))
+
     def deployments(self) -> list:
         """Return every deployment record."""
         out = []
@@ -2163,6 +2524,21 @@ class Store:
                 if event:
                     out.append(event)
         return out
+
+    def outbox_after(self, after: int, limit: int) -> tuple:
+        """Return (up to ``limit`` events with seq > ``after``, more left)."""
+        names = sorted(name for name in os.listdir(self.outbox_dir)
+                       if name.endswith(".json") and not name.startswith("."))
+        events = []
+        for name in names:
+            if int(name[:-len(".json")]) <= after:
+                continue
+            if len(events) == limit:
+                return events, True
+            event = read_json(os.path.join(self.outbox_dir, name))
+            if event:
+                events.append(event)
+        return events, False
 
     def outbox_prune(self, keep_delivered: int) -> None:
         """Drop the oldest finished events past ``keep_delivered``."""
@@ -2862,6 +3238,9 @@ class CaddyError(OperatorError):
     def __init__(self, message: str, status: int = 502) -> None:
         super().__init__(message)
         self.status = status
+        # A 404 or 409 reports the state of the routes, not a failed call.
+        if status >= 500:
+            METRICS.inc("crate_adapter_errors_total", {"adapter": "caddy"})
 
 
 class DomainTakenError(CaddyError):
@@ -5583,14 +5962,27 @@ class DeployJob:
         now = utc_now()
         if state == "running":
             self.record["started_at"] = now
+            self._started_monotonic = time.monotonic()
         if state in STATES_TERMINAL:
             self.record["finished_at"] = now
+            self._count_outcome(state)
         self.refresh_view()
         self.save()
         self.op.outbox.emit(self.record, f"deployment.{state}")
         level = logging.WARNING if state in ("failed", "rolled_back") \
             else logging.INFO
         log(f"deployment.{state}", level, error=error, **self.ids)
+
+    def _count_outcome(self, state: str) -> None:
+        kind = self.record.get("kind") or "none"
+        labels = {"kind": kind,
+                  "strategy": self.record.get("strategy") or "none",
+                  "result": state}
+        METRICS.inc("crate_deployments_total", labels)
+        started = getattr(self, "_started_monotonic", None)
+        if started is not None:
+            METRICS.observe("crate_deployment_duration_seconds",
+                            {"kind": kind}, time.monotonic() - started)
 
     def journal_new(self, *instances: dict) -> None:
         """Record instances this job creates, before it creates them."""
@@ -5624,7 +6016,12 @@ class DeployJob:
                  "message": message}
         self.record["steps"].append(entry)
         self.save()
-        log("step.start", step=name, **self.ids)
+        ids = dict(self.ids)
+        for arg in args:
+            if isinstance(arg, dict) and arg.get("instance_id"):
+                ids["instance_id"] = arg["instance_id"]
+                break
+        log("step.start", step=name, **ids)
         if name == _CRASH_AT_STEP:
             os.kill(os.getpid(), signal.SIGKILL)
         try:
@@ -5633,7 +6030,7 @@ class DeployJob:
             entry.update(state="failed", at=utc_now(), message=str(exc))
             self.save()
             log("step.failed", logging.WARNING, step=name, error=str(exc),
-                **self.ids)
+                **ids)
             raise
         entry.update(state="done", at=utc_now())
         self.save()
@@ -6763,11 +7160,13 @@ class CallbackOutbox:
         if error is None:
             event["delivered_at"] = time.time()
             self.delivered += 1
+            METRICS.inc("crate_callbacks_delivered_total")
             log("callback.delivered", attempts=event["attempts"], **ids)
         elif time.time() - event["created_at"] > \
                 self.config.callback_retry_window_s:
             event["given_up_at"] = time.time()
             self.given_up += 1
+            METRICS.inc("crate_callbacks_given_up_total")
             log("callback.given_up", logging.ERROR, error=error,
                 attempts=event["attempts"], **ids)
         else:
@@ -6776,6 +7175,7 @@ class CallbackOutbox:
             delay *= random.uniform(0.8, 1.2)
             event["next_at"] = time.time() + delay
             self.retried += 1
+            METRICS.inc("crate_callbacks_retried_total")
             log("callback.retry", logging.WARNING, error=error,
                 attempts=event["attempts"], retry_in_s=round(delay, 3), **ids)
         self.store.outbox_update(event)
@@ -6783,7 +7183,7 @@ class CallbackOutbox:
             with self._lock:
                 self._pending.pop(event["seq"], None)
             if event["seq"] % 100 == 0:
-                self.store.outbox_prune(OUTBOX_KEEP_DELIVERED)
+                self.store.outbox_prune(self.config.events_retention)
 
     def _post(self, event: dict) -> str | None:
         """POST one event; return None on a 2xx, else the error text."""
@@ -6854,6 +7254,95 @@ def _is_ip(text: str) -> bool:
     return True
 
 
+def journalctl_command(systemctl: list) -> list:
+    """Derive the journalctl argv from the configured systemctl argv.
+
+    The last element must be "systemctl" (or a path ending in /systemctl)
+    and is replaced by "journalctl" in the same directory, so a prefix such
+    as nsenter or ssh applies to both commands.
+    """
+    head, tail = posixpath.split(systemctl[-1])
+    if tail != "systemctl":
+        raise RequestError(f"cannot derive journalctl from the systemctl "
+                           f"setting {systemctl!r}: its last element is not "
+                           f"systemctl", status=501)
+    return list(systemctl[:-1]) + [posixpath.join(head, "journalctl")]
+
+
+def _record_time(text: str | None) -> float | None:
+    """Parse a utc_now() timestamp into seconds since the epoch."""
+    if not text:
+        return None
+    try:
+        moment = datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ")
+    except ValueError:
+        return None
+    return moment.replace(tzinfo=datetime.timezone.utc).timestamp()
+
+
+def prune_history(store: Store, max_records: int, max_age_s: float,
+                  now: float | None = None) -> int:
+    """Remove finished deployment records past the retention; return count.
+
+    Records are ranked newest first by created_at.  A finished record is
+    removed when more than ``max_records`` records are newer, or when it
+    finished more than ``max_age_s`` ago.  Queued and running records are
+    never removed, and they count toward ``max_records``.
+    """
+    now = time.time() if now is None else now
+    records = store.deployments()
+    records.sort(key=lambda r: (r.get("created_at") or "",
+                                str(r.get("deployment_id"))), reverse=True)
+    removed = 0
+    for rank, record in enumerate(records):
+        if record.get("state") not in STATES_TERMINAL:
+            continue
+        finished = _record_time(record.get("finished_at"))
+        too_old = finished is not None and now - finished > max_age_s
+        if rank < max_records and not too_old:
+            continue
+        store.delete_deployment(record["deployment_id"])
+        removed += 1
+    if removed:
+        fsync_dir(store.deployments_dir)
+        METRICS.inc("crate_history_pruned_total", value=removed)
+        log("history.pruned", removed=removed, kept=len(records) - removed)
+    return removed
+
+
+class HistoryPruner:
+    """Background thread that applies the deployment history retention.
+
+    Pruning only unlinks record files and takes no lock that status reads
+    use, so reads are never blocked by it.
+    """
+
+    def __init__(self, store: Store, config: Config):
+        self.store = store
+        self.config = config
+        self._stopping = threading.Event()
+        self._thread = None
+
+    def start(self) -> None:
+        """Start the thread; the first run happens at once."""
+        self._thread = threading.Thread(target=self._loop, name="history",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ask the thread to end after its current run."""
+        self._stopping.set()
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                prune_history(self.store, self.config.history_max_records,
+                              self.config.history_max_age_s)
+            except (OSError, ValueError, OperatorError) as exc:
+                log("history.prune_failed", logging.ERROR, error=str(exc))
+            self._stopping.wait(self.config.history_prune_interval_s)
+
+
 class Operator:
     """The daemon's parts wired together; the HTTP API calls into it."""
 
@@ -6872,6 +7361,7 @@ class Operator:
         self.strategies = Strategies(self)
         self.runner = JobRunner()
         self.outbox = CallbackOutbox(self.store, config)
+        self.history = HistoryPruner(self.store, config)
         self._accept_lock = threading.Lock()
         self._ports_lock = threading.Lock()
         self._reserved_ports = {}
@@ -7249,6 +7739,71 @@ class Operator:
         log("domain.updated", old_domain=old, new_domain=new, app_id=app_id)
         return dict(answer, changed=True)
 
+    # --- observability
+
+    def instance_logs(self, app_id: int, instance_id: str, lines: int) -> dict:
+        """Return the last ``lines`` journal lines of one instance's unit.
+
+        Raises NotFoundError for an unknown app or instance and a 501
+        RequestError for a docker instance.
+        """
+        app = self.store.app(app_id)
+        if app is None:
+            raise NotFoundError(f"app {app_id} has no instances on this host")
+        instance = app.get("instances", {}).get(instance_id)
+        if instance is None:
+            raise NotFoundError(f"app {app_id} has no instance "
+                                f"{instance_id!r} on this host")
+        if instance.get("kind", app.get("kind")) != "binary":
+            raise RequestError("logs of docker instances are not available "
+                               "in this version", status=501)
+        argv = journalctl_command(self.config.systemctl) + [
+            "--no-pager", "--quiet", "--output", "short-iso",
+            "--lines", str(lines), "--unit", instance["unit"]]
+        ids = {"app_id": app_id, "instance_id": instance_id}
+        try:
+            result = subprocess.run(argv, stdin=subprocess.DEVNULL,
+                                    capture_output=True,
+                                    timeout=JOURNAL_TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log("instance.logs_failed", logging.ERROR, error=str(exc), **ids)
+            raise OperatorError(f"journalctl failed for unit "
+                                f"{instance['unit']}: {exc}")
+        if result.returncode != 0:
+            error = result.stderr.decode("utf-8", "replace").strip()[:500]
+            log("instance.logs_failed", logging.ERROR, error=error,
+                exit_status=result.returncode, **ids)
+            raise OperatorError(f"journalctl failed for unit "
+                                f"{instance['unit']} with exit status "
+                                f"{result.returncode}: {error}")
+        output = result.stdout
+        truncated = len(output) > LOGS_MAX_BYTES
+        if truncated:
+            # Keep the newest bytes, starting at a whole line.
+            output = output[-LOGS_MAX_BYTES:]
+            output = output[output.find(b"\n") + 1:]
+        text = output.decode("utf-8", "replace")
+        return {"app_id": app_id, "instance_id": instance_id,
+                "unit": instance["unit"], "lines": text.splitlines(),
+                "truncated": truncated}
+
+    def events_page(self, after: int, limit: int) -> dict:
+        """Return the callback events with seq > ``after``, oldest first."""
+        events, more = self.store.outbox_after(after, limit)
+        page = []
+        for event in events:
+            page.append({
+                "seq": event["seq"], "event": event["event"],
+                "delivery_id": event["delivery_id"],
+                "deployment_id": event["deployment_id"],
+                "app_id": event["app_id"],
+                "created_at": utc_now(event["created_at"]),
+                "delivered": bool(event.get("delivered_at")),
+                "body": json.loads(event["body"]),
+            })
+        next_after = page[-1]["seq"] if page else after
+        return {"events": page, "next_after": next_after, "more": more}
+
     def health(self) -> dict:
         """Return the reachability of systemd, Caddy and dockerd."""
         docker = False
@@ -7328,7 +7883,8 @@ def plan_from_slots_request(value: dict, kind: str) -> dict:
 
 # === HTTP API ===
 
-# (method, path pattern, handler name, needs a token)
+# (method, path pattern, handler name, needs a token).  A string in place
+# of True names a bool setting that, when true, lifts the token check.
 ROUTES = (
     ("GET", r"/healthz", "healthz", False),
     ("GET", r"/v1/openapi\.json", "openapi", True),
@@ -7344,6 +7900,9 @@ ROUTES = (
     ("POST", r"/v1/app/start", "start", True),
     ("POST", r"/v1/app/stop", "stop", True),
     ("POST", r"/v1/app/restart", "restart", True),
+    ("GET", r"/metrics", "metrics", "metrics_public"),
+    ("GET", r"/v1/app/logs", "app_logs", True),
+    ("GET", r"/v1/events", "events", True),
 )
 _ROUTE_PATTERNS = [(method, re.compile(pattern + r"\Z"), name, auth)
                    for method, pattern, name, auth in ROUTES]
@@ -7357,6 +7916,13 @@ NOT_IMPLEMENTED = {
 # Request bodies larger than this are discarded to keep the connection
 # usable after a 413; anything larger closes the connection.
 DISCARD_LIMIT_BYTES = 16 << 20
+
+
+class TextAnswer(NamedTuple):
+    """A non-JSON response body that a handler returns."""
+
+    content_type: str
+    text: str
 
 
 class ApiServer(http.server.ThreadingHTTPServer):
@@ -7408,6 +7974,18 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for key, item in (headers or {}).items():
             self.send_header(key, item)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def send_text(self, status: int, answer: TextAnswer) -> None:
+        """Send a text response with an exact Content-Length."""
+        body = answer.text.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", answer.content_type)
+        self.send_header("Content-Length", str(len(body)))
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
@@ -7480,15 +8058,21 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         """Read, authenticate, route and answer one request."""
         started = time.monotonic()
         status = 500
+        name = "unmatched"
         try:
             body = self.read_body()
             name, params, needs_token = self._route()
-            if needs_token:
+            if needs_token is True or (
+                    needs_token and
+                    not getattr(self.server.operator.config, needs_token)):
                 self._authenticate()
             if name in NOT_IMPLEMENTED:
                 self._not_implemented(name, body)
             status, value = self.HANDLERS[name](self, body, params)
-            self.send_json(status, value)
+            if isinstance(value, TextAnswer):
+                self.send_text(status, value)
+            else:
+                self.send_json(status, value)
         except OperatorError as exc:
             status = exc.status
             answer = {"error": str(exc)}
@@ -7502,6 +8086,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             self.send_json(500, {"error": "internal error; see the "
                                           "crate-operator log"})
         finally:
+            METRICS.inc("crate_http_requests_total",
+                        {"endpoint": name, "status": status})
             if self.command not in ("GET", "HEAD") or status >= 500:
                 log("http.request", method=self.command,
                     path=self.path[:200], status=status,
@@ -7640,6 +8226,32 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         """GET /v1/app/instance/deploy/{deployment_id}/status (int ids)."""
         return self._status("status_instance", params["id"])
 
+    def _query(self, endpoint: str) -> dict:
+        query = urllib.parse.urlsplit(self.path).query
+        values, errors = validate_query(endpoint, query)
+        if errors:
+            raise RequestError(f"invalid query: {len(errors)} invalid "
+                               f"parameter(s)", errors)
+        return values
+
+    def handle_metrics(self, body, params):
+        """GET /metrics in the Prometheus text format (an extension)."""
+        op = self.server.operator
+        METRICS.set("crate_job_queue_length", None, op.runner.queue_length())
+        return 200, TextAnswer(METRICS_CONTENT_TYPE, METRICS.render())
+
+    def handle_app_logs(self, body, params):
+        """GET /v1/app/logs?app_id=..&instance_id=..&lines=N (an extension)."""
+        query = self._query("app_logs")
+        return 200, self.server.operator.instance_logs(
+            query["app_id"], query["instance_id"], query["lines"])
+
+    def handle_events(self, body, params):
+        """GET /v1/events?after=SEQ&limit=N (an extension)."""
+        query = self._query("events")
+        return 200, self.server.operator.events_page(query["after"],
+                                                     query["limit"])
+
     def _not_implemented(self, endpoint: str, body: bytes):
         self._validated(endpoint, body)
         raise RequestError(NOT_IMPLEMENTED[endpoint] + "; see the README "
@@ -7658,6 +8270,9 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         "domain_update": handle_domain_update,
         "status_legacy": handle_status_legacy,
         "status_instance": handle_status_instance,
+        "metrics": handle_metrics,
+        "app_logs": handle_app_logs,
+        "events": handle_events,
     }
 
 
@@ -8055,6 +8670,7 @@ def serve(config: Config) -> int:
     server = ApiServer((host, port), ApiHandler, operator)
     operator.recover()
     operator.outbox.start()
+    operator.history.start()
     if operator.caddy.ping():
         try:
             operator.caddy.ensure_server()
@@ -8083,6 +8699,7 @@ def serve(config: Config) -> int:
         if not operator.runner.wait_idle(20.0):
             log("operator.jobs_unfinished", logging.WARNING)
         operator.outbox.stop()
+        operator.history.stop()
         log("operator.stopped")
     return 0
 
