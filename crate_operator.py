@@ -151,6 +151,10 @@ CONFIG_SPEC = {
     "canary_steps": ([10, 25, 50, 100], list,
                      "traffic percentages of a canary, increasing, ending "
                      "at 100"),
+    "reconcile_interval_s": (30.0, float,
+                             "pause between two reconciliation passes"),
+    "shutdown_timeout_s": (20.0, float,
+                           "time SIGTERM waits for running jobs"),
     "canary_pause_s": (60.0, float,
                        "time each canary step lasts while the canary is "
                        "watched"),
@@ -278,6 +282,13 @@ class NotFoundError(OperatorError):
     """Raised when a requested record does not exist."""
 
     status = 404
+
+
+class StorageError(OperatorError):
+    """Raised when a state or release file cannot be written (disk full,
+    read-only file system, permissions)."""
+
+    status = 507
 
 
 class StepError(OperatorError):
@@ -2351,6 +2362,15 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
     Readers see the old or the new content, never a partial file.
     """
     directory = os.path.dirname(path)
+    try:
+        _atomic_write(path, directory, data, mode)
+    except OSError as exc:
+        raise StorageError(
+            f"cannot write {path}: {exc.strerror}; check the free space "
+            f"and permissions of {directory}") from exc
+
+
+def _atomic_write(path: str, directory: str, data: bytes, mode: int) -> None:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -7219,6 +7239,154 @@ class CallbackOutbox:
             conn.close()
 
 
+# === Reconciliation ===
+
+class Reconciler:
+    """Bring routes and instances back in line with the records.
+
+    At start-up and every reconcile_interval_s it checks every app, as a
+    job of that app so it never runs beside a deploy: a serving or running
+    instance whose unit or container is down is started again, and a route
+    that Caddy lost or changed is written again from the record, route by
+    route (never with POST /load).  What it cannot repair stays in
+    ``drift`` (shown by GET /healthz) until a later pass succeeds.
+    """
+
+    def __init__(self, operator):
+        self.op = operator
+        self.drift = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread = None
+
+    def start(self) -> None:
+        """Run a first pass now and then one every reconcile_interval_s."""
+        self._thread = threading.Thread(target=self._loop, name="reconcile",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop after the pass in progress."""
+        self._stopping.set()
+
+    def report(self) -> list:
+        """Return the unrepaired differences, one message each."""
+        with self._lock:
+            return [self.drift[key] for key in sorted(self.drift)]
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.run_once()
+            except Exception as exc:  # the one catch-all of a pass
+                log("reconcile.crashed", logging.ERROR, exc_info=True,
+                    error=str(exc))
+            self._stopping.wait(self.op.config.reconcile_interval_s)
+
+    def run_once(self) -> None:
+        """Queue a check of every app behind its running jobs."""
+        if not self.op.caddy.ping():
+            self._set("caddy", "the Caddy admin API is unreachable")
+        else:
+            self._set("caddy", None)
+        for app in self.op.store.apps():
+            app_id = app["app_id"]
+            self.op.runner.submit(
+                app_id, _InlineJob(lambda app_id=app_id: self.check_app(
+                    app_id)))
+
+    def _set(self, key: str, message: str | None) -> None:
+        with self._lock:
+            if message is None:
+                self.drift.pop(key, None)
+            else:
+                self.drift[key] = message
+
+    def _found(self, key: str, kind: str, message: str, **ids) -> None:
+        METRICS.inc("crate_drift_found_total", {"kind": kind})
+        log("drift.found", logging.WARNING, kind=kind, detail=message, **ids)
+        self._set(key, message)
+
+    def _repaired(self, key: str, kind: str, **ids) -> None:
+        METRICS.inc("crate_drift_repaired_total", {"kind": kind})
+        log("drift.repaired", kind=kind, **ids)
+        self._set(key, None)
+
+    def check_app(self, app_id: int) -> None:
+        """Repair one app's instances, then its route."""
+        app = self.op.store.app(app_id)
+        if app is None:
+            return
+        for instance in sorted(app["instances"].values(),
+                               key=lambda i: i["instance_id"]):
+            if instance.get("state") == "running":
+                self._check_instance(app, instance)
+        self._check_route(app)
+
+    def _check_instance(self, app: dict, instance: dict) -> None:
+        ids = {"app_id": app["app_id"], "instance_id": instance["instance_id"]}
+        key = f"app {app['app_id']} instance {instance['instance_id']}"
+        runtime = self.op.runtime_for(instance["kind"])
+        try:
+            problem = runtime.problem(instance)
+        except OperatorError as exc:
+            self._set(key, f"{key}: cannot inspect: {exc}")
+            return
+        if problem is None:
+            self._set(key, None)
+            return
+        self._found(key, "instance", f"{key} should run but {problem}", **ids)
+        plan = {"kind": instance["kind"],
+                "health_check_path": app.get("health_check_path")}
+        try:
+            runtime.start(instance)
+            self.op.wait_healthy(plan, instance)
+        except Exception as exc:  # reported in /healthz, tried again later
+            self._set(key, f"{key} should run but {problem}; starting it "
+                           f"again failed: {exc}")
+            log("drift.repair_failed", logging.ERROR, error=str(exc), **ids)
+            return
+        self._repaired(key, "instance", **ids)
+
+    def _check_route(self, app: dict) -> None:
+        serving = [i for _, i in sorted(app["instances"].items())
+                   if i.get("serving")]
+        if not app.get("domain") or not serving:
+            return
+        app_id = app["app_id"]
+        key = f"app {app_id} route"
+        try:
+            current = {dial for dial, _ in self.op.caddy.app_upstreams(app_id)}
+        except OperatorError as exc:
+            self._set(key, f"{key}: cannot read it: {exc}")
+            return
+        wanted = {f"127.0.0.1:{i['port']}" for i in serving}
+        if current == wanted:
+            self._set(key, None)
+            return
+        detail = (f"route of app {app_id} lists {sorted(current) or 'nothing'}"
+                  f", the record says {sorted(wanted)}")
+        self._found(key, "route", detail, app_id=app_id)
+        job = _RouteWriter(app_id, app["domain"])
+        try:
+            self.op.strategies._route(job, app, serving)
+            self.op.store.save_app(app)
+        except Exception as exc:  # reported in /healthz, tried again later
+            self._set(key, f"{detail}; writing it failed: {exc}")
+            log("drift.repair_failed", logging.ERROR, error=str(exc),
+                app_id=app_id)
+            return
+        self._repaired(key, "route", app_id=app_id)
+
+
+class _RouteWriter:
+    """The two attributes Strategies._route reads from a job."""
+
+    def __init__(self, app_id: int, domain: str):
+        self.app_id = app_id
+        self.plan = {"domain": domain}
+
+
 # === Operator ===
 
 def _resolves_to(url: str, host: str, port: int) -> bool:
@@ -7362,6 +7530,7 @@ class Operator:
         self.runner = JobRunner()
         self.outbox = CallbackOutbox(self.store, config)
         self.history = HistoryPruner(self.store, config)
+        self.reconciler = Reconciler(self)
         self._accept_lock = threading.Lock()
         self._ports_lock = threading.Lock()
         self._reserved_ports = {}
@@ -7816,6 +7985,7 @@ class Operator:
                   "systemd": self.systemd.ping(), "caddy": self.caddy.ping(),
                   "docker": docker, "jobs": self.runner.queue_length(),
                   "callbacks_pending": len(self.outbox._pending)}
+        report["drift"] = self.reconciler.report()
         report["status"] = "ok" if report["systemd"] and report["caddy"] \
             else "degraded"
         return report
@@ -8671,6 +8841,7 @@ def serve(config: Config) -> int:
     operator.recover()
     operator.outbox.start()
     operator.history.start()
+    operator.reconciler.start()
     if operator.caddy.ping():
         try:
             operator.caddy.ensure_server()
@@ -8696,7 +8867,8 @@ def serve(config: Config) -> int:
     finally:
         _notify_systemd("STOPPING=1")
         server.server_close()
-        if not operator.runner.wait_idle(20.0):
+        operator.reconciler.stop()
+        if not operator.runner.wait_idle(config.shutdown_timeout_s):
             log("operator.jobs_unfinished", logging.WARNING)
         operator.outbox.stop()
         operator.history.stop()
@@ -8760,6 +8932,9 @@ def main(argv: list | None = None) -> int:
     except ConfigError as exc:
         print(f"crate-operator: {exc}", file=sys.stderr)
         return 2
+    except OperatorError as exc:
+        print(f"crate-operator: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"crate-operator: {exc}", file=sys.stderr)
         return 1

@@ -102,3 +102,192 @@ def test_sigkill_at_step_recovers(step, strategy, operator_factory, caddy,
     running = [i for i in app["instances"].values() if i.get("serving")]
     assert len(running) == 1
     assert running[0]["version"] == doc["serving_version"]
+
+
+# --- reconciliation, shutdown, concurrency, storage
+
+def serves(caddy, domain, prefix, timeout=10.0):
+    """Wait until ``domain`` answers through Caddy with ``prefix``."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = through_caddy(caddy, domain)
+        except OSError as exc:
+            last = exc
+        if isinstance(last, tuple) and last[0] == 200 and \
+                last[1].startswith(prefix):
+            return True
+        time.sleep(0.1)
+    raise AssertionError(f"{domain} did not serve {prefix!r}: {last}")
+
+
+def fast_reconciling(operator_factory):
+    return operator_factory({"reconcile_interval_s": 0.5})
+
+
+def test_routes_restored_after_caddy_restart(operator_factory, caddy,
+                                             assets, callbacks):
+    operator = fast_reconciling(operator_factory)
+    body = deploy_body(next_id(), next_id(), assets["old"], callbacks)
+    status, _, answer = operator.request("POST", SLOTS, body)
+    assert status == 202
+    assert operator.wait_state(body["deployment_id"], TERMINAL)[
+        "state"] == "succeeded"
+    caddy.restart(empty=True)
+    assert caddy.get_config("apps/http/servers") in ({}, None)
+    serves(caddy, body["domain"], "old ")
+    routes = caddy.get_config("apps/http/servers/crate/routes")
+    ids = [r.get("@id") for r in routes]
+    assert ids.count(f"crate-app-{body['app_id']}") == 1
+    assert ids[-1] == "crate-catch-all"
+
+
+def test_lost_instance_started_again(operator_factory, sandbox, caddy,
+                                     assets, callbacks):
+    operator = fast_reconciling(operator_factory)
+    body = deploy_body(next_id(), next_id(), assets["old"], callbacks)
+    operator.request("POST", SLOTS, body)
+    assert operator.wait_state(body["deployment_id"], TERMINAL)[
+        "state"] == "succeeded"
+    unit = f"crate-app-{body['app_id']}-blue.service"
+    sandbox.systemctl("stop", unit)
+    deadline = time.monotonic() + 10
+    while sandbox.unit_property(unit, "ActiveState") != "active":
+        assert time.monotonic() < deadline, "instance was not started again"
+        time.sleep(0.1)
+    serves(caddy, body["domain"], "old ")
+    log = operator.log_text()
+    assert "event=drift.found" in log
+    assert "event=drift.repaired" in log
+
+
+def test_unrepairable_drift_reported_in_healthz(operator_factory, sandbox,
+                                                assets, callbacks,
+                                                shared_dir):
+    operator = fast_reconciling(operator_factory)
+    body = deploy_body(next_id(), next_id(), assets["old"], callbacks)
+    operator.request("POST", SLOTS, body)
+    doc = operator.wait_state(body["deployment_id"], TERMINAL)
+    assert doc["state"] == "succeeded"
+    release = os.path.join(shared_dir, "apps", str(body["app_id"]),
+                           "releases")
+    program = [os.path.join(root, "app")
+               for root, _, files in os.walk(release) if "app" in files][0]
+    unit = f"crate-app-{body['app_id']}-blue.service"
+    os.chmod(program, 0o000)
+    try:
+        sandbox.systemctl("stop", unit)
+        deadline = time.monotonic() + 20
+        drift = []
+        while not drift:
+            assert time.monotonic() < deadline, "no drift reported"
+            _, _, report = operator.request("GET", "/healthz", token=None)
+            drift = [d for d in report["drift"]
+                     if f"app {body['app_id']} " in d and
+                     "starting it again failed" in d]
+            time.sleep(0.2)
+        assert "instance blue" in drift[0]
+    finally:
+        os.chmod(program, 0o555)
+    deadline = time.monotonic() + 30
+    while True:
+        _, _, report = operator.request("GET", "/healthz", token=None)
+        if not [d for d in report["drift"] if f"app {body['app_id']} " in d]:
+            break
+        assert time.monotonic() < deadline, report
+        time.sleep(0.2)
+    assert sandbox.unit_property(unit, "ActiveState") == "active"
+
+
+def test_sigterm_exits_within_timeout(operator_factory, caddy, assets,
+                                      callbacks):
+    operator = operator_factory({"shutdown_timeout_s": 3})
+    body = deploy_body(next_id(), next_id(), assets["old"], callbacks)
+    operator.request("POST", SLOTS, body)
+    assert operator.wait_state(body["deployment_id"], TERMINAL)[
+        "state"] == "succeeded"
+    slow = dict(body, deployment_id=next_id(), asset_url=assets["new"],
+                deployment_strategy="bluegreen",
+                env_vars={"SAMPLE_START_DELAY_S": "8"})
+    operator.request("POST", SLOTS, slow)
+    time.sleep(0.5)
+    started = time.monotonic()
+    code = operator.stop(timeout=15)
+    elapsed = time.monotonic() - started
+    assert code == 0
+    assert elapsed < 3 + 2
+    operator.start()
+    doc = operator.wait_state(slow["deployment_id"], TERMINAL, timeout=60)
+    assert doc["state"] in ("succeeded", "failed", "rolled_back")
+    expected = "new " if doc["state"] == "succeeded" else "old "
+    serves(caddy, body["domain"], expected)
+
+
+def test_parallel_deploys_of_25_apps(operator, caddy, assets, callbacks):
+    firsts = [deploy_body(next_id(), next_id(), assets["old"], callbacks)
+              for _ in range(25)]
+    seconds = [dict(b, deployment_id=next_id(), asset_url=assets["new"],
+                    deployment_strategy="bluegreen") for b in firsts]
+    results = []
+
+    def post(body):
+        results.append(operator.request("POST", SLOTS, body)[0])
+
+    import threading
+    threads = [threading.Thread(target=post, args=(b,))
+               for b in firsts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    threads = [threading.Thread(target=post, args=(b,)) for b in seconds]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [202] * 50
+    for first, second in zip(firsts, seconds):
+        one = operator.wait_state(first["deployment_id"], TERMINAL,
+                                  timeout=180)
+        two = operator.wait_state(second["deployment_id"], TERMINAL,
+                                  timeout=180)
+        assert one["state"] == "succeeded", one
+        assert two["state"] == "succeeded", two
+        assert one["finished_at"] <= two["started_at"]
+        assert through_caddy(caddy, first["domain"])[1].startswith("new ")
+
+
+def test_second_operator_on_same_state_refused(operator_factory):
+    first = operator_factory()
+    second = operator_factory({"state_dir": first.state_dir}, start=False)
+    with pytest.raises(harness.OperatorError) as failure:
+        second.start(timeout=5)
+    assert "in use by another crate-operator" in str(failure.value)
+    assert first.running()
+
+
+def test_read_only_state_gives_clear_error(operator_factory, assets,
+                                           callbacks):
+    operator = operator_factory()
+    body = deploy_body(next_id(), next_id(), assets["old"], callbacks)
+    operator.request("POST", SLOTS, body)
+    before = operator.wait_state(body["deployment_id"], TERMINAL)
+    deployments = os.path.join(operator.state_dir, "deployments")
+    import subprocess
+    subprocess.run(["chattr", "+i", deployments], check=True)
+    try:
+        again = dict(body, deployment_id=next_id(), asset_url=assets["new"])
+        status, _, answer = operator.request("POST", SLOTS, again)
+        path = operator.status_path(body["deployment_id"])
+        kept = operator.request("GET", path)
+    finally:
+        subprocess.run(["chattr", "-i", deployments], check=True)
+    assert status == 507, answer
+    assert "cannot write" in answer["error"]
+    assert deployments in answer["error"]
+    assert kept[0] == 200
+    assert kept[2]["state"] == before["state"]
+    missing = operator.request("GET",
+                               operator.status_path(again["deployment_id"]))
+    assert missing[0] == 404
