@@ -4403,6 +4403,11 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     server_version = f"crate-operator/{__version__}"
     sys_version = ""
     timeout = 30.0
+    # send_json writes the headers and the body in two send() calls. With
+    # Nagle's algorithm the body waits for the client's delayed ACK, which
+    # added about 20 ms to each response on a kept-alive loopback connection
+    # (measured with tests/test_http.py, 2 cores).
+    disable_nagle_algorithm = True
     # True once the connection may hold request bytes that were not read.
     _unread_request = False
 
