@@ -1137,13 +1137,14 @@ def test_instance_status_id_rejects(raw):
     assert [error["field"] for error in errors] == ["deployment_id"]
 
 
-@pytest.mark.parametrize("raw", ["abc-1.2_3", "42", "a" * 128, "A", "..."])
+@pytest.mark.parametrize("raw", ["abc-1.2_3", "42", "a" * 128, "A", "a..",
+                                 "-1", "_"])
 def test_legacy_status_id_accepts(raw):
     assert co.validate_path_param("status_legacy", raw) == (raw, [])
 
 
 @pytest.mark.parametrize("raw", ["", "a/b", "a b", "a" * 129, "ü", "a\n",
-                                 "a%2F"])
+                                 "a%2F", ".", "..", "...", ".hidden"])
 def test_legacy_status_id_rejects(raw):
     value, errors = co.validate_path_param("status_legacy", raw)
     assert value is None

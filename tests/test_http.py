@@ -1,0 +1,1238 @@
+"""End-to-end: HTTP framing, error responses and keep-alive of the API.
+
+Every case talks to a real operator over TCP. Raw sockets send exactly the
+bytes under test, and most cases then send a second request on the same
+connection, which shows that the first response was framed exactly and the
+server read the whole first request. The generated-body tests build their
+Hypothesis strategies from the OpenAPI document that the operator serves.
+"""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import json
+import math
+import re
+import socket
+import time
+from typing import Any, NamedTuple
+
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+import crate_operator as co
+import harness
+
+OPENAPI = "/v1/openapi.json"
+DEPLOY = "/v1/app/instance/binary/deploy"
+DELETE = "/v1/app/delete"
+
+# App and deployment ids of this module, far from the ranges of the other
+# modules, so that generated requests never touch their apps.
+_ids = itertools.count(900000)
+
+# The eleven endpoints of the platform API reference, by path and method.
+REFERENCE_ENDPOINTS = [
+    ("/v1/app/instance/binary/deploy", "post"),
+    ("/v1/app/instance/docker/deploy", "post"),
+    ("/v1/app/binary/deploy", "post"),
+    ("/v1/app/docker/deploy", "post"),
+    ("/v1/app/deploy/{deployment_id}/status", "get"),
+    ("/v1/app/instance/deploy/{deployment_id}/status", "get"),
+    ("/v1/app/delete", "post"),
+    ("/v1/app/domain/update", "post"),
+    ("/v1/app/start", "post"),
+    ("/v1/app/stop", "post"),
+    ("/v1/app/restart", "post"),
+]
+POST_PATHS = [path for path, method in REFERENCE_ENDPOINTS if method == "post"]
+
+MAX_BODY_BYTES = co.CONFIG_SPEC["max_body_bytes"][0]
+
+
+def next_id() -> int:
+    return next(_ids)
+
+
+# === Raw HTTP over one socket ===
+
+
+class Response(NamedTuple):
+    """One parsed HTTP response: status, headers (lower-case names), body."""
+
+    status: int
+    headers: dict
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class RawConnection:
+    """A TCP connection to the operator that sends bytes and parses responses.
+
+    read_response() reads exactly Content-Length body bytes, so a response
+    with a wrong length breaks the parsing of the next one.
+    """
+
+    def __init__(self, operator, timeout: float = 10.0):
+        host, _, port = operator.config["listen"].rpartition(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=timeout)
+        self.reader = self.sock.makefile("rb")
+
+    def __enter__(self) -> RawConnection:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read_response(self, head: bool = False) -> Response:
+        """Read one response; head=True expects no body (a HEAD request)."""
+        status_line = self.reader.readline(65536)
+        assert status_line, "connection closed before a response arrived"
+        match = re.fullmatch(rb"HTTP/1\.[01] ([0-9]{3}) [^\r\n]*\r\n",
+                             status_line)
+        assert match, f"invalid status line {status_line[:200]!r}"
+        headers: dict = {}
+        while True:
+            line = self.reader.readline(65536)
+            assert line.endswith(b"\r\n"), f"invalid header line {line!r}"
+            if line == b"\r\n":
+                break
+            name, _, value = line.decode("latin-1").partition(":")
+            assert name.lower() not in headers, f"duplicate header {name}"
+            headers[name.lower()] = value.strip()
+        status = int(match.group(1))
+        if status < 200 or head:
+            return Response(status, headers, b"")
+        body = self.reader.read(int(headers["content-length"]))
+        return Response(status, headers, body)
+
+    def at_eof(self) -> bool:
+        """Return True when the server closed without sending more bytes."""
+        return self.reader.read(1) == b""
+
+
+def request_bytes(method: str, path: str, headers: dict | None = None,
+                  body: bytes | None = None, version: str = "HTTP/1.1",
+                  length: bool = True) -> bytes:
+    """Build one request. length=True adds Content-Length for a body."""
+    lines = [f"{method} {path} {version}", "Host: 127.0.0.1"]
+    for name, value in (headers or {}).items():
+        lines.append(f"{name}: {value}")
+    if body is not None and length:
+        lines.append(f"Content-Length: {len(body)}")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head + (body or b"")
+
+
+def auth(operator, **more: str) -> dict:
+    return dict({"Authorization": f"Bearer {operator.token}"}, **more)
+
+
+def json_headers(operator, **more: str) -> dict:
+    return auth(operator, **{"Content-Type": "application/json"}, **more)
+
+
+def follow_up(operator) -> bytes:
+    """Return the second request of a case: GET of the OpenAPI document."""
+    return request_bytes("GET", OPENAPI, auth(operator))
+
+
+def assert_follow_up(response: Response) -> None:
+    assert response.status == 200
+    assert response.json()["openapi"].startswith("3.1")
+
+
+def assert_json_error(response: Response, status: int) -> dict:
+    assert response.status == status, response
+    assert response.headers["content-type"] == "application/json"
+    value = response.json()
+    assert isinstance(value["error"], str)
+    assert value["error"]
+    return value
+
+
+def chunked(*parts: bytes, trailer: bytes = b"") -> bytes:
+    """Encode parts as a chunked body, each part one chunk."""
+    out = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in parts)
+    return out + b"0\r\n" + trailer + b"\r\n"
+
+
+# === Rejected requests keep the connection usable ===
+
+
+def kept_cases(operator) -> dict:
+    """Return name -> (request bytes, status, head) for errors on kept-alive
+    connections."""
+    over = b"x" * (MAX_BODY_BYTES + 1)
+    chunk_over = chunked(b"x" * (MAX_BODY_BYTES // 2 + 1),
+                         b"x" * (MAX_BODY_BYTES // 2 + 1))
+    token = json_headers(operator)
+    return {
+        "invalid json": (request_bytes("POST", DELETE, token, b'{"a": 1'),
+                         400, False),
+        "array body": (request_bytes("POST", DELETE, token, b"[1, 2]"),
+                       400, False),
+        "invalid fields": (request_bytes("POST", DEPLOY, token, b"{}"),
+                           400, False),
+        "missing token": (request_bytes(
+            "POST", DELETE, {"Content-Type": "application/json"}, b"{}"),
+            401, False),
+        "wrong token": (request_bytes("POST", DELETE, {
+            "Authorization": "Bearer wrong-token-0123456789",
+            "Content-Type": "application/json"}, b"{}"), 401, False),
+        "body over limit": (request_bytes("POST", DELETE, token, over),
+                            413, False),
+        "chunked over limit": (request_bytes(
+            "POST", DELETE, dict(token, **{"Transfer-Encoding": "chunked"}),
+            chunk_over, length=False), 413, False),
+        "unknown path": (request_bytes("POST", "/v1/nope", token, b"{}"),
+                         404, False),
+        "wrong method": (request_bytes("PUT", DELETE, token, b"{}"),
+                         405, False),
+        "text content type": (request_bytes(
+            "POST", DELETE, auth(operator, **{"Content-Type": "text/plain"}),
+            b"{}"), 415, False),
+        "chunked invalid json": (request_bytes(
+            "POST", DELETE, dict(token, **{"Transfer-Encoding": "chunked"}),
+            chunked(b'{"a', b'": 1'), length=False), 400, False),
+        "head unknown status": (request_bytes(
+            "HEAD", "/v1/app/deploy/no-such-id/status", auth(operator)),
+            404, True),
+        "get with body": (request_bytes(
+            "GET", "/v1/app/instance/deploy/1x/status", auth(operator),
+            b"ignored body"), 400, False),
+    }
+
+
+KEPT_CASES = ["invalid json", "array body", "invalid fields", "missing token",
+              "wrong token", "body over limit", "chunked over limit",
+              "unknown path", "wrong method", "text content type",
+              "chunked invalid json", "head unknown status", "get with body"]
+
+
+@pytest.mark.parametrize("pipelined", [True, False],
+                         ids=["pipelined", "sequential"])
+@pytest.mark.parametrize("case", KEPT_CASES)
+def test_rejected_request_keeps_connection_f15(operator, case, pipelined):
+    data, status, head = kept_cases(operator)[case]
+    with RawConnection(operator) as conn:
+        if pipelined:
+            conn.send(data + follow_up(operator))
+        else:
+            conn.send(data)
+        first = conn.read_response(head=head)
+        assert first.status == status, first
+        assert "connection" not in first.headers
+        assert int(first.headers["content-length"]) > 0
+        if not head:
+            assert_json_error(first, status)
+        if not pipelined:
+            conn.send(follow_up(operator))
+        assert_follow_up(conn.read_response())
+
+
+def test_error_headers_f15(operator):
+    cases = kept_cases(operator)
+    with RawConnection(operator) as conn:
+        conn.send(cases["missing token"][0] + cases["wrong method"][0])
+        unauthorized = conn.read_response()
+        not_allowed = conn.read_response()
+    assert unauthorized.headers["www-authenticate"].startswith("Bearer")
+    assert not_allowed.headers["allow"] == "POST"
+
+
+def test_get_path_allows_get_and_head(operator):
+    with RawConnection(operator) as conn:
+        conn.send(request_bytes("POST", "/healthz", {}, b"{}"))
+        response = conn.read_response()
+    assert_json_error(response, 405)
+    assert response.headers["allow"] == "GET, HEAD"
+
+
+def test_array_body_names_root(operator):
+    with RawConnection(operator) as conn:
+        conn.send(kept_cases(operator)["array body"][0])
+        value = assert_json_error(conn.read_response(), 400)
+    assert [error["field"] for error in value["errors"]] == ["$"]
+
+
+def test_many_errors_on_one_connection_f15(operator):
+    cases = kept_cases(operator)
+    data = b"".join(cases[name][0] for name in KEPT_CASES)
+    with RawConnection(operator) as conn:
+        conn.send(data + follow_up(operator))
+        for name in KEPT_CASES:
+            _, status, head = cases[name]
+            assert conn.read_response(head=head).status == status, name
+        assert_follow_up(conn.read_response())
+
+
+# === Requests that close the connection ===
+
+
+def closing_cases(operator) -> dict:
+    """Return name -> (request bytes, status) for requests whose end cannot
+    be found, so the server sends the error and closes."""
+    token = json_headers(operator)
+    return {
+        "invalid content-length": (request_bytes(
+            "POST", DELETE, dict(token, **{"Content-Length": "abc"}), b"{}",
+            length=False), 400),
+        "non-ascii digit length": (
+            request_bytes("POST", DELETE, dict(token, **{
+                "Content-Length": "\xb2"}), b"{}", length=False), 400),
+        "conflicting lengths": (request_bytes(
+            "POST", DELETE, dict(token, **{"Content-Length": "2, 3"}), b"{}",
+            length=False), 400),
+        "chunked and length": (request_bytes(
+            "POST", DELETE, dict(token, **{"Transfer-Encoding": "chunked",
+                                           "Content-Length": "7"}),
+            chunked(b"{}"), length=False), 400),
+        "unknown transfer coding": (request_bytes(
+            "POST", DELETE, dict(token, **{
+                "Transfer-Encoding": "gzip, chunked"}),
+            chunked(b"{}"), length=False), 501),
+        "invalid chunk size": (request_bytes(
+            "POST", DELETE, dict(token, **{"Transfer-Encoding": "chunked"}),
+            b"zz\r\n{}\r\n0\r\n\r\n", length=False), 400),
+        "chunk longer than size": (request_bytes(
+            "POST", DELETE, dict(token, **{"Transfer-Encoding": "chunked"}),
+            b"1\r\n{}\r\n0\r\n\r\n", length=False), 400),
+        "http/1.0 chunked": (request_bytes(
+            "POST", DELETE, dict(token, **{"Transfer-Encoding": "chunked"}),
+            chunked(b"{}"), version="HTTP/1.0", length=False), 400),
+        "huge length": (request_bytes(
+            "POST", DELETE, dict(token, **{"Content-Length": "9" * 5000}),
+            b"{}", length=False), 413),
+        "length over discard limit": (request_bytes(
+            "POST", DELETE, dict(token, **{
+                "Content-Length": str(co.DISCARD_LIMIT_BYTES + 1)}),
+            b"{}", length=False), 413),
+        "request line too long": (
+            request_bytes("GET", "/" + "a" * 70000), 414),
+        "header line too long": (request_bytes(
+            "GET", OPENAPI, auth(operator, **{"X-Long": "a" * 70000})), 431),
+        "too many headers": (request_bytes(
+            "GET", OPENAPI, {f"X-Header-{n}": "a" for n in range(120)}),
+            431),
+        "invalid request line": (b"GARBAGE\r\n\r\n", 400),
+        "unknown method": (request_bytes("OPTIONS", OPENAPI, auth(operator)),
+                           501),
+    }
+
+
+CLOSING_CASES = ["invalid content-length", "non-ascii digit length",
+                 "conflicting lengths", "chunked and length",
+                 "unknown transfer coding", "invalid chunk size",
+                 "chunk longer than size", "http/1.0 chunked", "huge length",
+                 "length over discard limit", "request line too long",
+                 "header line too long", "too many headers",
+                 "invalid request line", "unknown method"]
+
+
+@pytest.mark.parametrize("case", CLOSING_CASES)
+def test_unframed_request_closes_cleanly_f15(operator, case):
+    data, status = closing_cases(operator)[case]
+    with RawConnection(operator) as conn:
+        conn.send(data + follow_up(operator))
+        response = conn.read_response()
+        assert_json_error(response, status)
+        assert response.headers["connection"] == "close"
+        assert conn.at_eof()
+    with RawConnection(operator) as conn:
+        conn.send(follow_up(operator))
+        assert_follow_up(conn.read_response())
+
+
+def test_streamed_oversized_body_gets_413(operator):
+    # The server stops reading, but lingers, so the client can still send
+    # and then read the 413 instead of a connection reset.
+    length = co.DISCARD_LIMIT_BYTES + (1 << 20)
+    head = request_bytes("POST", DELETE, json_headers(operator, **{
+        "Content-Length": str(length)}), length=False)
+    with RawConnection(operator) as conn:
+        conn.send(head)
+        sent = 0
+        try:
+            while sent < 4 << 20:
+                conn.send(b"x" * 65536)
+                sent += 65536
+        except OSError:
+            pass
+        response = conn.read_response()
+    assert_json_error(response, 413)
+    assert response.headers["connection"] == "close"
+
+
+def test_read_timeout_is_408(operator_factory):
+    operator = operator_factory({"request_timeout_s": 1.0})
+    with RawConnection(operator) as conn:
+        conn.send(request_bytes("POST", DELETE, json_headers(operator, **{
+            "Content-Length": "10"}), b"{}", length=False))
+        response = conn.read_response()
+        assert_json_error(response, 408)
+        assert response.headers["connection"] == "close"
+        assert conn.at_eof()
+
+
+# === Chunked request bodies ===
+
+
+def test_chunked_body_handled_like_length(operator):
+    body = json.dumps({"app_id": "x"}).encode()
+    headers = dict(json_headers(operator), **{"Transfer-Encoding": "chunked"})
+    with RawConnection(operator) as conn:
+        conn.send(request_bytes("POST", DELETE, json_headers(operator), body))
+        by_length = conn.read_response()
+        conn.send(request_bytes("POST", DELETE, headers, chunked(
+            body[:5], body[5:]), length=False))
+        by_chunks = conn.read_response()
+    assert by_length.status == 400
+    assert by_chunks.status == 400
+    assert by_chunks.json() == by_length.json()
+
+
+def test_chunk_extensions_and_trailers(operator):
+    headers = dict(json_headers(operator), **{"Transfer-Encoding": "chunked"})
+    body = b"2;name=value\r\n[]\r\n0\r\n"
+    trailer = b"X-Trailer: 1\r\n\r\n"
+    with RawConnection(operator) as conn:
+        conn.send(request_bytes("POST", DELETE, headers, body + trailer,
+                                length=False) + follow_up(operator))
+        value = assert_json_error(conn.read_response(), 400)
+        assert value["errors"][0]["field"] == "$"
+        assert_follow_up(conn.read_response())
+
+
+# === Expect: 100-continue ===
+
+
+def test_expect_continue_then_body_f15(operator):
+    head = request_bytes("POST", DELETE, json_headers(operator, **{
+        "Content-Length": "2", "Expect": "100-continue"}), length=False)
+    with RawConnection(operator) as conn:
+        conn.send(head)
+        interim = conn.read_response()
+        assert interim.status == 100
+        conn.send(b"{}")
+        assert_json_error(conn.read_response(), 400)
+        conn.send(follow_up(operator))
+        assert_follow_up(conn.read_response())
+
+
+def test_expect_oversized_rejected_before_body(operator):
+    head = request_bytes("POST", DELETE, json_headers(operator, **{
+        "Content-Length": str(MAX_BODY_BYTES + 1),
+        "Expect": "100-continue"}), length=False)
+    with RawConnection(operator) as conn:
+        conn.send(head)
+        response = conn.read_response()
+        assert_json_error(response, 413)
+        assert response.headers["connection"] == "close"
+        assert conn.at_eof()
+
+
+def test_expect_chunked_continues(operator):
+    head = request_bytes("POST", DELETE, json_headers(operator, **{
+        "Transfer-Encoding": "chunked", "Expect": "100-continue"}),
+        length=False)
+    with RawConnection(operator) as conn:
+        conn.send(head)
+        assert conn.read_response().status == 100
+        conn.send(chunked(b"{}") + follow_up(operator))
+        assert_json_error(conn.read_response(), 400)
+        assert_follow_up(conn.read_response())
+
+
+# === HEAD, Content-Length and HTTP/1.0 ===
+
+
+# /healthz is left out because its counters may change between two requests.
+@pytest.mark.parametrize("path", [OPENAPI, "/v1/app/deploy/abc/status",
+                                  "/v1/app/instance/deploy/1/status"])
+def test_head_matches_get_without_body(operator, path):
+    with RawConnection(operator) as conn:
+        conn.send(request_bytes("HEAD", path, auth(operator))
+                  + request_bytes("GET", path, auth(operator)))
+        head = conn.read_response(head=True)
+        get = conn.read_response()
+    assert head.status == get.status
+    assert head.headers["content-length"] == str(len(get.body))
+    assert head.headers["content-type"] == get.headers["content-type"]
+
+
+def test_head_of_post_endpoint_is_405(operator):
+    with RawConnection(operator) as conn:
+        conn.send(request_bytes("HEAD", DELETE, auth(operator))
+                  + follow_up(operator))
+        response = conn.read_response(head=True)
+        assert response.status == 405
+        assert response.headers["allow"] == "POST"
+        assert_follow_up(conn.read_response())
+
+
+def test_http10_closes_by_default(operator):
+    with RawConnection(operator) as conn:
+        conn.send(request_bytes("GET", OPENAPI, auth(operator),
+                                version="HTTP/1.0"))
+        response = conn.read_response()
+        assert response.status == 200
+        assert response.headers["connection"] == "close"
+        assert conn.at_eof()
+
+
+def test_http10_keep_alive_kept(operator):
+    keep = auth(operator, Connection="keep-alive")
+    with RawConnection(operator) as conn:
+        conn.send(request_bytes("GET", OPENAPI, keep, version="HTTP/1.0")
+                  + follow_up(operator))
+        response = conn.read_response()
+        assert response.headers["connection"] == "keep-alive"
+        assert_follow_up(conn.read_response())
+
+
+def test_request_line_without_version(operator):
+    with RawConnection(operator) as conn:
+        conn.send(b"GET /healthz\r\n\r\n")
+        response = conn.read_response()
+        assert response.headers["content-type"] == "application/json"
+        assert response.headers["connection"] == "close"
+        assert conn.at_eof()
+
+
+# === Status endpoints: path parameters ===
+
+
+@pytest.mark.parametrize("raw_id", [
+    "..%2F..%2Fetc", "..%2f", "%2e%2e", "..", ".", "...", ".hidden",
+    "a%2Fb", "%00", "%ff", "a%20b", "a" * 129])
+def test_legacy_status_rejects_id(operator, raw_id):
+    with RawConnection(operator) as conn:
+        conn.send(request_bytes("GET", f"/v1/app/deploy/{raw_id}/status",
+                                auth(operator)) + follow_up(operator))
+        value = assert_json_error(conn.read_response(), 400)
+        assert [error["field"] for error in value["errors"]] == [
+            "deployment_id"]
+        assert_follow_up(conn.read_response())
+
+
+@pytest.mark.parametrize("raw_id", [
+    "abc", "1.5", "2147483648", "-2147483649", "%2B1", "1%20", "0x10",
+    "..%2F1", "%00"])
+def test_instance_status_rejects_id(operator, raw_id):
+    path = f"/v1/app/instance/deploy/{raw_id}/status"
+    status, _, value = operator.request("GET", path)
+    assert status == 400, value
+    assert [error["field"] for error in value["errors"]] == ["deployment_id"]
+
+
+@pytest.mark.parametrize("path", [
+    "/v1/app/deploy/not-numeric_id.1/status",
+    "/v1/app/deploy/2147483647/status",
+    "/v1/app/instance/deploy/2147483647/status",
+    "/v1/app/instance/deploy/%31%32/status",
+    "/v1/app/instance/deploy/-1/status"])
+def test_status_unknown_valid_id_is_404(operator, path):
+    status, _, value = operator.request("GET", path)
+    assert status == 404, value
+    assert value["error"]
+
+
+def test_status_paths_need_token(operator):
+    status, headers, _ = operator.request(
+        "GET", "/v1/app/deploy/1/status", token=None)
+    assert status == 401
+    assert headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_status_of_accepted_deploy_both_paths(operator, callbacks,
+                                              asset_server):
+    app_id = deployment_id = next_id()
+    body = {
+        "app_id": app_id, "team_id": "http-test", "environment_id": 1,
+        "deployment_id": deployment_id, "deployment_strategy": "immediate",
+        "domain": f"h{app_id}.http.test",
+        "asset_url": asset_server.url("/missing/http-test-asset"),
+        "target_version": "v1", "slots": {"a": {"port": harness.free_port()}},
+        "env_vars": {}, "callback_url": callbacks.url("/cb/http-test"),
+    }
+    status, _, accepted = operator.request("POST", DEPLOY, body)
+    assert status == 202, accepted
+    document = operator.wait_state(deployment_id, co.STATES_TERMINAL)
+    assert document["state"] == "failed"
+    for path in (f"/v1/app/instance/deploy/{deployment_id}/status",
+                 f"/v1/app/deploy/{deployment_id}/status",
+                 "/v1/app/deploy/%s/status" % "".join(
+                     f"%{ord(char):02X}" for char in str(deployment_id))):
+        status, _, value = operator.request("GET", path)
+        assert status == 200, (path, value)
+        assert value["deployment_id"] == deployment_id
+
+
+# === The served OpenAPI document: structure ===
+
+METHODS = ("get", "put", "post", "delete", "patch", "head", "options",
+           "trace")
+
+
+@pytest.fixture(scope="module")
+def served(operator) -> dict:
+    """The OpenAPI document as GET /v1/openapi.json returns it."""
+    status, headers, document = operator.request("GET", OPENAPI)
+    assert status == 200, document
+    assert headers["Content-Type"] == "application/json"
+    return document
+
+
+def iter_refs(node):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "$ref":
+                yield value
+            else:
+                yield from iter_refs(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from iter_refs(item)
+
+
+def pointer_target(document: dict, ref: str):
+    """Resolve a local JSON pointer (RFC 6901) such as #/components/x."""
+    assert ref.startswith("#/"), ref
+    node = document
+    for part in ref[2:].split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        assert isinstance(node, dict) and part in node, ref
+        node = node[part]
+    return node
+
+
+def operations(document: dict):
+    for path, item in document["paths"].items():
+        for method in METHODS:
+            if method in item:
+                yield path, method, item[method]
+
+
+def test_served_document_header(served):
+    assert re.fullmatch(r"3\.1\.[0-9]+", served["openapi"])
+    assert served["info"]["title"] == "crate-operator"
+    assert served["info"]["version"] == co.__version__
+    assert served == co.openapi_document(co.__version__)
+
+
+def test_served_document_refs_resolve(served):
+    refs = list(iter_refs(served))
+    assert refs
+    for ref in refs:
+        assert isinstance(pointer_target(served, ref), dict), ref
+
+
+@pytest.mark.parametrize("path,method", REFERENCE_ENDPOINTS)
+def test_served_document_has_reference_endpoint(served, path, method):
+    assert path in served["paths"]
+    assert method in served["paths"][path]
+
+
+def test_served_document_operations_well_formed(served):
+    ids = []
+    for path, method, operation in operations(served):
+        assert path.startswith("/"), path
+        ids.append(operation["operationId"])
+        assert operation["responses"], (path, method)
+        for code, response in operation["responses"].items():
+            assert re.fullmatch(r"[1-5][0-9][0-9]|[1-5]XX", code), code
+            assert response["description"], (path, method, code)
+        names = set(re.findall(r"\{([^}]+)\}", path))
+        declared = {param["name"] for param in operation.get("parameters", [])
+                    if param["in"] == "path" and param["required"] is True}
+        assert names == declared, path
+        if method == "post":
+            content = operation["requestBody"]["content"]
+            assert "schema" in content["application/json"], path
+    assert len(ids) == len(set(ids))
+
+
+def test_served_document_v1_security(served):
+    schemes = served["components"]["securitySchemes"]
+    for path, method, operation in operations(served):
+        if not path.startswith("/v1/"):
+            continue
+        assert operation["security"], (path, method)
+        for requirement in operation["security"]:
+            assert set(requirement) <= set(schemes), (path, method)
+    assert schemes["bearerAuth"]["scheme"] == "bearer"
+
+
+# === Generated bodies from the served document ===
+
+INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
+# Entries of a generated map or list beyond its minimum; small bodies keep
+# the module fast.
+MAX_GENERATED_ENTRIES = 3
+# No shrink phase: each shrink step sends requests and may start a deployment,
+# which made one failing test run for minutes. The first failing example is
+# reported as generated, and bodies are small enough to read.
+GENERATED = settings(max_examples=25, derandomize=True, database=None,
+                     deadline=None,
+                     phases=[Phase.explicit, Phase.reuse, Phase.generate],
+                     suppress_health_check=[HealthCheck.too_slow])
+# Mutated copies of each generated body that one example sends.
+MUTATIONS_PER_EXAMPLE = 8
+
+WRONG_TYPES = [True, 1.5, "text", 7, [], {}, None]
+BAD_STRINGS = ["", " ", "a b", "-x", "\x00", "#", "../x", "x" * 300, "ü",
+               "x\n", "PORT", "A=B", "1X"]
+BAD_FORMATS = {
+    "http-url": ["ftp://x.example.test/", "https://u:p@x.example.test/",
+                 "https:///x"],
+    "domain-name": ["bad domain", "x.example.test:8080",
+                    "https://x.example.test/", "localhost"],
+    "env-name": ["PORT", "CRATE_SECRET"],
+    "registry-host": ["https://r.example.test", "r.example.test:0"],
+    "image-name": ["team/app:1.0", "Team/App", "app@sha256:" + "a" * 64],
+    "volume-spec": ["/etc:/x", "../up:/x", "data:/"],
+    "canary-steps": [[50, 10], [10, 50]],
+    "volume-list": [["a:/x", "b:/x"]],
+}
+MISSING = object()
+
+
+class SafeTargets(NamedTuple):
+    """Where generated requests may point: only peers of the test session.
+
+    callback_url is the callback receiver, asset_url a path that the asset
+    server does not have (so every download fails before a change), and
+    closed_port a loopback port nothing listens on, for registry hosts.
+    """
+
+    callback_url: str
+    asset_url: str
+    closed_port: int
+    server_id: str
+
+
+class DocumentStrategies:
+    """Hypothesis strategies for the request bodies of an OpenAPI document.
+
+    Callers use body(operation_id), request_schema(operation_id) and
+    resolve(schema). Fields with a format get strategies that point only at
+    SafeTargets; everything else follows type, bounds, pattern and enum.
+    """
+
+    def __init__(self, document: dict, targets: SafeTargets):
+        self.document = document
+        self.targets = targets
+        self.formats = {
+            "http-url": lambda schema: st.sampled_from(
+                [targets.callback_url, targets.asset_url]),
+            "domain-name": lambda schema: self.domains(),
+            "env-name": lambda schema: st.from_regex(
+                schema["pattern"], fullmatch=True).filter(
+                lambda name: name != "PORT" and not name.startswith("CRATE_")),
+            "registry-host": lambda schema: st.just(
+                f"127.0.0.1:{targets.closed_port}"),
+            "image-name": lambda schema: st.from_regex(
+                r"[a-z0-9]{1,8}", fullmatch=True).map(
+                lambda name: f"127.0.0.1:{targets.closed_port}/http-test/"
+                             f"{name}"),
+            "volume-spec": lambda schema: self.volume_specs(),
+            "volume-list": lambda schema: st.lists(
+                self.volume_specs(), max_size=MAX_GENERATED_ENTRIES,
+                unique_by=lambda spec: spec.split(":")[1]),
+            "canary-steps": lambda schema: st.lists(
+                st.integers(1, 99), unique=True, max_size=9).map(
+                lambda steps: sorted(steps) + [100]),
+        }
+        self.bodies = {
+            operation["operationId"]: self.for_schema(self.request_schema(
+                operation["operationId"]))
+            for _, _, operation in operations(document)
+            if "requestBody" in operation
+        }
+
+    def operation(self, operation_id: str) -> dict:
+        for _, _, operation in operations(self.document):
+            if operation["operationId"] == operation_id:
+                return operation
+        raise KeyError(operation_id)
+
+    def request_schema(self, operation_id: str) -> dict:
+        content = self.operation(operation_id)["requestBody"]["content"]
+        return self.resolve(content["application/json"]["schema"])
+
+    def resolve(self, schema: dict) -> dict:
+        while "$ref" in schema:
+            schema = pointer_target(self.document, schema["$ref"])
+        return schema
+
+    def body(self, operation_id: str):
+        return self.bodies[operation_id]
+
+    @staticmethod
+    def domains():
+        label = st.from_regex(r"[a-z0-9](?:[a-z0-9-]{0,8}[a-z0-9])?",
+                              fullmatch=True)
+        top = st.from_regex(r"[a-z][a-z0-9]{1,5}", fullmatch=True)
+        return st.tuples(st.lists(label, min_size=1, max_size=3), top,
+                         st.booleans(), st.booleans()).map(
+            lambda parts: DocumentStrategies.join_domain(*parts))
+
+    @staticmethod
+    def join_domain(labels, top, upper, trailing_dot):
+        name = ".".join(labels + [top])
+        name = name.upper() if upper else name
+        return name + "." if trailing_dot else name
+
+    @staticmethod
+    def volume_specs():
+        segment = st.from_regex(r"[a-z0-9_-]{1,8}", fullmatch=True)
+        source = st.one_of(
+            st.from_regex(r"[a-z0-9][a-z0-9_.-]{0,7}", fullmatch=True),
+            segment.map("./{}".format))
+        mode = st.sampled_from(["", ":ro", ":rw"])
+        return st.tuples(source, segment, mode).map(
+            lambda parts: f"{parts[0]}:/{parts[1]}{parts[2]}")
+
+    def types(self, schema: dict) -> list:
+        schema = self.resolve(schema)
+        if "anyOf" in schema:
+            return [kind for branch in schema["anyOf"]
+                    for kind in self.types(branch)]
+        kinds = schema.get("type", [])
+        return [kinds] if isinstance(kinds, str) else list(kinds)
+
+    def for_schema(self, schema: dict):
+        schema = self.resolve(schema)
+        if "anyOf" in schema:
+            return st.one_of([self.for_schema(branch)
+                              for branch in schema["anyOf"]])
+        if "enum" in schema:
+            return st.sampled_from(schema["enum"])
+        return st.one_of([self.typed(schema, kind)
+                          for kind in self.types(schema)])
+
+    def typed(self, schema: dict, kind: str):
+        low, high = (INT32_MIN, INT32_MAX) if schema.get(
+            "format") == "int32" else (None, None)
+        low = schema.get("minimum", low)
+        high = schema.get("maximum", high)
+        if kind == "null":
+            return st.none()
+        if kind == "boolean":
+            return st.booleans()
+        if kind == "integer":
+            return st.integers(low, high)
+        if kind == "number":
+            return st.one_of(st.integers(low, high), st.floats(
+                low, high, allow_nan=False, allow_infinity=False))
+        if kind == "string":
+            return self.strings(schema)
+        if kind == "array":
+            return self.arrays(schema)
+        return self.objects(schema)
+
+    def format_strategy(self, schema: dict):
+        name = schema["format"]
+        assert name in self.formats, (
+            f"format {name!r} of the served document has no strategy; add "
+            f"one to DocumentStrategies")
+        return self.formats[name](schema)
+
+    def strings(self, schema: dict):
+        if "format" in schema:
+            strategy = self.format_strategy(schema)
+        elif "pattern" in schema:
+            strategy = st.from_regex(schema["pattern"], fullmatch=True)
+        else:
+            strategy = st.text(max_size=20)
+        low = schema.get("minLength", 0)
+        high = schema.get("maxLength", math.inf)
+        return strategy.filter(lambda text: low <= len(text) <= high)
+
+    def arrays(self, schema: dict):
+        if "format" in schema:
+            return self.format_strategy(schema)
+        low = schema.get("minItems", 0)
+        high = min(schema.get("maxItems", math.inf),
+                   low + MAX_GENERATED_ENTRIES)
+        return st.lists(self.for_schema(schema.get("items", {})),
+                        min_size=low, max_size=high,
+                        unique=schema.get("uniqueItems", False))
+
+    def objects(self, schema: dict):
+        if "properties" in schema:
+            required = set(schema.get("required", []))
+            fields = {name: self.for_schema(sub)
+                      for name, sub in schema["properties"].items()}
+            return st.fixed_dictionaries(
+                {name: fields[name] for name in fields if name in required},
+                optional={name: fields[name] for name in fields
+                          if name not in required})
+        keys = self.strings(dict(schema.get("propertyNames", {}),
+                                 type="string"))
+        low = schema.get("minProperties", 0)
+        high = min(schema.get("maxProperties", math.inf),
+                   low + MAX_GENERATED_ENTRIES)
+        return st.dictionaries(
+            keys, self.for_schema(schema.get("additionalProperties", {})),
+            min_size=low, max_size=high)
+
+
+def free_ports(count: int) -> list:
+    ports: set = set()
+    while len(ports) < count:
+        ports.add(harness.free_port())
+    return sorted(ports)
+
+
+def make_safe(body: dict, targets: SafeTargets) -> dict:
+    """Point a generated body at this module's ids, ports and peers only.
+
+    Every change keeps the body valid: fresh ids from this module's range,
+    ports from free_port, the test peers as URLs and this host's server_id.
+    """
+    app_id = next_id()
+    body["app_id"] = app_id
+    if body.get("deployment_id") is not None:
+        body["deployment_id"] = app_id
+    for field in ("callback_url", "asset_url"):
+        if field in body:
+            body[field] = getattr(targets, field)
+    if "server_id" in body:
+        body["server_id"] = targets.server_id
+    if "domain" in body:
+        body["domain"] = f"h{app_id}.{body['domain']}"
+    entries = [entry for field in ("slots", "instances")
+               for entry in (body.get(field) or {}).values()]
+    for entry, port in zip(entries, free_ports(len(entries))):
+        entry["port"] = port
+    return body
+
+
+def slot_count_for_strategy(body: dict) -> None:
+    if len(body["slots"]) != 2 and body["deployment_strategy"] != "immediate":
+        body["deployment_strategy"] = "immediate"
+
+
+def check_distinct_ports(body: dict) -> None:
+    ports = [entry["port"] for field in ("slots", "instances")
+             for entry in (body.get(field) or {}).values()]
+    assert len(ports) == len(set(ports))
+
+
+def check_small_env(body: dict) -> None:
+    assert len(json.dumps(body.get("env_vars") or {})) < 100_000
+
+
+# Cross-field rules named in x-crate-rules: how a generated body is made to
+# satisfy each one (make_safe already gives every entry its own port).
+RULE_ADJUSTMENTS = {
+    "distinct-ports": check_distinct_ports,
+    "strategy-slot-count": slot_count_for_strategy,
+    "env-total-size": check_small_env,
+}
+
+
+@st.composite
+def valid_bodies(draw, strategies: DocumentStrategies, operation_id: str,
+                 targets: SafeTargets):
+    body = make_safe(draw(strategies.body(operation_id)), targets)
+    schema = strategies.request_schema(operation_id)
+    for rule in schema.get("x-crate-rules", {}):
+        assert rule in RULE_ADJUSTMENTS, (
+            f"rule {rule!r} of the served document has no adjustment")
+        RULE_ADJUSTMENTS[rule](body)
+    return body
+
+
+@pytest.fixture(scope="module")
+def targets(operator, callbacks, asset_server) -> SafeTargets:
+    return SafeTargets(
+        callback_url=callbacks.url("/cb/http-test"),
+        asset_url=asset_server.url("/missing/http-test-asset"),
+        closed_port=harness.free_port(),
+        server_id=operator.config["server_id"])
+
+
+@pytest.fixture(scope="module")
+def strategies(served, targets) -> DocumentStrategies:
+    return DocumentStrategies(served, targets)
+
+
+@pytest.fixture(scope="module")
+def accepted(operator):
+    """Deployment ids of 202 responses, waited for at module teardown.
+
+    Waiting lets every generated deployment fail and deliver its callbacks
+    before other modules inspect the shared operator and receiver.
+    """
+    ids: list = []
+    yield ids
+    for deployment_id in ids:
+        kind = "instance" if isinstance(deployment_id, int) else "legacy"
+        operator.wait_state(deployment_id, co.STATES_TERMINAL, timeout=60,
+                            path_kind=kind)
+    deadline = time.monotonic() + 30
+    while operator.request("GET", "/healthz")[2]["callbacks_pending"]:
+        assert time.monotonic() < deadline, "callbacks still pending"
+        time.sleep(0.1)
+
+
+def operation_id_of(served: dict, path: str) -> str:
+    return served["paths"][path]["post"]["operationId"]
+
+
+class ApiClient:
+    """One kept-alive http.client connection for many JSON POSTs."""
+
+    def __init__(self, operator):
+        host, _, port = operator.config["listen"].rpartition(":")
+        self.conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        self.headers = json_headers(operator)
+
+    def post(self, path: str, body) -> tuple:
+        self.conn.request("POST", path, json.dumps(body).encode(),
+                          self.headers)
+        response = self.conn.getresponse()
+        return response.status, json.loads(response.read())
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@pytest.mark.parametrize("path", POST_PATHS)
+def test_generated_valid_body_not_400(operator, served, strategies, targets,
+                                      accepted, path):
+    operation_id = operation_id_of(served, path)
+    api = ApiClient(operator)
+    statuses = []
+
+    @GENERATED
+    @given(data=st.data())
+    def check(data):
+        body = data.draw(valid_bodies(strategies, operation_id, targets))
+        status, value = api.post(path, body)
+        statuses.append(status)
+        assert status != 400, value
+        assert status != 500, value
+        if status == 202:
+            accepted.append(value["deployment_id"])
+
+    try:
+        check()
+    finally:
+        api.close()
+    assert statuses
+
+
+# --- Mutations: one field at a time ---
+
+
+class Site(NamedTuple):
+    """One value inside a body: its error path, schema, parent and key."""
+
+    path: str
+    schema: dict
+    parent: Any
+    key: Any
+    required: bool
+
+
+def json_type(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
+
+
+def type_allowed(kinds: list, value) -> bool:
+    kind = json_type(value)
+    return kind in kinds or (kind == "integer" and "number" in kinds)
+
+
+def child_path(path: str, key) -> str:
+    """Return the error path of key below path, as the validator writes it."""
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+        return f"{path}.{key}"
+    return f"{path}[{json.dumps(key)}]"
+
+
+class Mutator:
+    """Single-field mutations of a body that its schema declares invalid."""
+
+    def __init__(self, strategies: DocumentStrategies):
+        self.strategies = strategies
+
+    def effective(self, schema: dict, value) -> dict:
+        """Resolve schema and pick the anyOf branch whose type fits value."""
+        schema = self.strategies.resolve(schema)
+        for branch in schema.get("anyOf", []):
+            if type_allowed(self.strategies.types(branch), value):
+                return self.strategies.resolve(branch)
+        return schema
+
+    def walk(self, schema, value, path, parent=None, key=None,
+             required=False):
+        yield Site(path, schema, parent, key, required)
+        current = self.effective(schema, value)
+        if isinstance(value, dict) and "properties" in current:
+            names = set(current.get("required", []))
+            for name, sub in current["properties"].items():
+                if name in value:
+                    yield from self.walk(sub, value[name],
+                                         child_path(path, name), value, name,
+                                         name in names)
+        elif isinstance(value, dict):
+            for name, item in value.items():
+                yield from self.walk(current.get("additionalProperties", {}),
+                                     item, child_path(path, name), value, name)
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                yield from self.walk(current.get("items", {}), item,
+                                     child_path(path, index), value, index)
+
+    def mutations(self, body: dict, schema: dict) -> list:
+        """Return (label, site, new value, expected error path) tuples.
+
+        The sites point into body, so apply at most one mutation per copy.
+        """
+        found = []
+        for site in self.walk(schema, body, "$"):
+            if site.parent is None:
+                continue
+            found += [(label, site, value, site.path)
+                      for label, value in self.value_mutations(site)]
+            if site.required:
+                found.append(("missing", site, MISSING, site.path))
+            found += self.key_mutations(site)
+        return found
+
+    def value_mutations(self, site: Site) -> list:
+        value = site.parent[site.key]
+        schema = self.effective(site.schema, value)
+        kinds = self.strategies.types(site.schema)
+        found = [("wrong type", wrong) for wrong in WRONG_TYPES
+                 if kinds and not type_allowed(kinds, wrong)]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if "minimum" in schema:
+                found.append(("below minimum", schema["minimum"] - 1))
+            if "maximum" in schema:
+                found.append(("above maximum", schema["maximum"] + 1))
+            elif schema.get("format") == "int32":
+                found.append(("above int32", INT32_MAX + 1))
+        if isinstance(value, str):
+            found += self.string_mutations(schema)
+        if isinstance(value, list):
+            found += self.array_mutations(schema, value)
+        if isinstance(value, dict) and schema.get("minProperties", 0) >= 1:
+            found.append(("too few entries", {}))
+        if "enum" in schema and isinstance(value, str):
+            found.append(("not in enum", "not-a-choice"))
+        return found
+
+    @staticmethod
+    def string_mutations(schema: dict) -> list:
+        found = []
+        if schema.get("minLength", 0) >= 1:
+            found.append(("too short", ""))
+        if "maxLength" in schema:
+            found.append(("too long", "a" * (schema["maxLength"] + 1)))
+        for bad in BAD_FORMATS.get(schema.get("format"), []):
+            found.append(("bad format", bad))
+        if "pattern" in schema:
+            found += [("bad pattern", bad) for bad in BAD_STRINGS
+                      if not re.fullmatch(schema["pattern"], bad)]
+        return found
+
+    @staticmethod
+    def array_mutations(schema: dict, value: list) -> list:
+        found = []
+        if schema.get("minItems", 0) >= 1:
+            found.append(("too few items", []))
+        if "maxItems" in schema and value:
+            found.append(("too many items", value * (schema["maxItems"] + 1)))
+        for bad in BAD_FORMATS.get(schema.get("format"), []):
+            found.append(("bad format", bad))
+        return found
+
+    def key_mutations(self, site: Site) -> list:
+        value = site.parent[site.key]
+        current = self.effective(site.schema, value)
+        key_schema = current.get("propertyNames")
+        if not isinstance(value, dict) or not value or key_schema is None:
+            return []
+        bad_keys = [key for key in BAD_STRINGS + BAD_FORMATS.get(
+            key_schema.get("format"), []) if self.key_is_bad(key_schema, key)]
+        return [("bad key", site, ("rename", key), child_path(site.path, key))
+                for key in bad_keys if key not in value]
+
+    @staticmethod
+    def key_is_bad(key_schema: dict, key: str) -> bool:
+        if not re.fullmatch(key_schema["pattern"], key):
+            return True
+        return key_schema.get("format") == "env-name" and (
+            key == "PORT" or key.startswith("CRATE_"))
+
+
+def apply_mutation(site: Site, new_value) -> None:
+    if new_value is MISSING:
+        del site.parent[site.key]
+    elif isinstance(new_value, tuple) and new_value[0] == "rename":
+        mapping = site.parent[site.key]
+        mapping[new_value[1]] = mapping.pop(next(iter(mapping)))
+    else:
+        site.parent[site.key] = new_value
+
+
+@pytest.mark.parametrize("path", POST_PATHS)
+def test_generated_mutation_names_field(operator, served, strategies,
+                                        targets, path):
+    operation_id = operation_id_of(served, path)
+    schema = strategies.request_schema(operation_id)
+    mutator = Mutator(strategies)
+    api = ApiClient(operator)
+
+    @GENERATED
+    @given(data=st.data())
+    def check(data):
+        body = data.draw(valid_bodies(strategies, operation_id, targets))
+        count = len(mutator.mutations(json.loads(json.dumps(body)), schema))
+        assert count, "a generated body has no mutation"
+        picks = data.draw(st.lists(st.integers(0, count - 1), min_size=1,
+                                   max_size=MUTATIONS_PER_EXAMPLE,
+                                   unique=True), label="mutations")
+        for index in picks:
+            mutated = json.loads(json.dumps(body))
+            label, site, new_value, expected = mutator.mutations(
+                mutated, schema)[index]
+            apply_mutation(site, new_value)
+            status, value = api.post(path, mutated)
+            assert status == 400, (label, expected, new_value, value)
+            fields = [error["field"] for error in value.get("errors", [])]
+            assert expected in fields, (label, expected, new_value, value)
+
+    try:
+        check()
+    finally:
+        api.close()
