@@ -31,8 +31,7 @@ named ``crate-*`` with the label ``crate.managed=1``.  Sockets: the listen
 address, the Caddy admin API, dockerd's socket, the callback and asset URLs
 named in requests.
 
-Known limitations: the docker instances model (``POST
-/v1/app/docker/deploy``) answers 501 until it is built; see README.
+Known limitations: see the README.
 """
 
 from __future__ import annotations
@@ -5458,6 +5457,10 @@ def _remove_tree(path: str) -> None:
 LABEL_MANAGED = "crate.managed"
 LABEL_APP = "crate.app_id"
 LABEL_INSTANCE = "crate.instance_id"
+# The instance's unit stem: the slot name, or "<instance_id>.<color>" in the
+# instances model, where a bluegreen sibling runs beside the old container
+# of the same instance id.
+LABEL_NAME = "crate.name"
 LABEL_DEPLOYMENT = "crate.deployment_id"
 LABEL_VERSION = "crate.version"
 LABEL_TEAM = "crate.team_id"
@@ -5577,9 +5580,9 @@ class DockerRuntime:
         return container_name(plan["app_id"], instance_id,
                               plan["deployment_id"])
 
-    def _labels(self, app_id: int, instance_id: str) -> dict:
+    def _labels(self, app_id: int, name: str) -> dict:
         return {LABEL_MANAGED: "1", LABEL_APP: str(int(app_id)),
-                LABEL_INSTANCE: instance_id}
+                LABEL_NAME: name}
 
     # --- request checks
 
@@ -5653,7 +5656,7 @@ class DockerRuntime:
     def install(self, plan: dict, instance: dict, release: dict) -> None:
         """Create the instance's container (not started) and its mounts."""
         mounts = self._mounts(plan)
-        self._remove_stopped(plan["app_id"], instance["instance_id"])
+        self._remove_stopped(plan["app_id"], instance["name"])
         config = self._container_config(plan, instance, release, mounts)
         name = instance["unit"]
         try:
@@ -5767,8 +5770,9 @@ class DockerRuntime:
         port_key = f"{instance['port']}/tcp"
         env = instance_environment(plan, instance)
         uid, gid = self.identity()
-        labels = self._labels(plan["app_id"], instance["instance_id"])
+        labels = self._labels(plan["app_id"], instance["name"])
         labels.update({
+            LABEL_INSTANCE: instance["instance_id"],
             LABEL_DEPLOYMENT: str(plan["deployment_id"]),
             LABEL_VERSION: plan["version"],
             LABEL_TEAM: plan["team_id"],
@@ -5823,7 +5827,7 @@ class DockerRuntime:
         if LABEL_APP not in labels:
             return
         for name, state in self._containers(int(labels[LABEL_APP]),
-                                            instance["instance_id"]):
+                                            instance["name"]):
             if name != instance["unit"] and state == "running":
                 self.client.remove_container(name)
                 log("docker.container_removed", logging.WARNING,
@@ -8081,12 +8085,6 @@ ROUTES = (
 _ROUTE_PATTERNS = [(method, re.compile(pattern + r"\Z"), name, auth)
                    for method, pattern, name, auth in ROUTES]
 
-# Endpoints whose behaviour is not built yet: validated, then 501.
-NOT_IMPLEMENTED = {
-    "deploy_docker_instances": "docker deployments are not available in this "
-                               "version",
-}
-
 # Request bodies over max_body_bytes but up to this size are read and dropped
 # after the 413, so that the connection stays usable. A larger body closes it.
 DISCARD_LIMIT_BYTES = 16 << 20
@@ -8455,8 +8453,6 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                     needs_token and
                     not getattr(self.server.operator.config, needs_token)):
                 self._authenticate()
-            if name in NOT_IMPLEMENTED:
-                self._not_implemented(name, body)
             status, value = self.HANDLERS[name](self, body, params)
             if isinstance(value, TextAnswer):
                 self.send_text(status, value)
@@ -8560,6 +8556,16 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         op.runtime_for("docker").check_plan(plan)
         return op.accept_deploy("deploy_docker_slots", value, ignored, plan)
 
+    def handle_deploy_docker_instances(self, body, params):
+        """POST /v1/app/docker/deploy (the instances model)."""
+        op = self.server.operator
+        value, ignored = self._validated("deploy_docker_instances", body)
+        op.check_urls(value)
+        plan = plan_from_instances_request(value, "docker")
+        op.runtime_for("docker").check_plan(plan)
+        return op.accept_deploy("deploy_docker_instances", value, ignored,
+                                plan)
+
     def handle_deploy_binary_instances(self, body, params):
         """POST /v1/app/binary/deploy (the instances model)."""
         op = self.server.operator
@@ -8643,16 +8649,12 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         return 200, self.server.operator.events_page(query["after"],
                                                      query["limit"])
 
-    def _not_implemented(self, endpoint: str, body: bytes):
-        self._validated(endpoint, body)
-        raise RequestError(NOT_IMPLEMENTED[endpoint] + "; see the README "
-                           "for what this version supports", status=501)
-
     HANDLERS = {
         "healthz": handle_healthz,
         "openapi": handle_openapi,
         "deploy_binary_slots": handle_deploy_binary_slots,
         "deploy_docker_slots": handle_deploy_docker_slots,
+        "deploy_docker_instances": handle_deploy_docker_instances,
         "deploy_binary_instances": handle_deploy_binary_instances,
         "start": handle_start,
         "stop": handle_stop,

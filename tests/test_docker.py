@@ -988,3 +988,95 @@ def test_request_digest_ignores_password_not_username(tmp_path):
 
     assert digest("u", "one") == digest("u", "two")
     assert digest("u", "one") != digest("v", "one")
+
+
+# === The instances model, canary and delete ===
+
+INSTANCES = "/v1/app/docker/deploy"
+
+
+def instances_body(registry, images, app_id, deployment_id, callbacks, ids,
+                   **changes):
+    body = docker_body(registry, images, app_id, deployment_id, callbacks,
+                       **changes)
+    body.pop("slots")
+    body.setdefault("instances", {i: {"port": harness.free_port()}
+                                  for i in ids})
+    return body
+
+
+def deploy_instances(operator, body, timeout=90):
+    status, _, answer = operator.request("POST", INSTANCES, body)
+    assert status == 202, answer
+    return operator.wait_state(body["deployment_id"], FINAL,
+                               timeout=timeout, path_kind="legacy")
+
+
+def test_instances_model_create_rolling_and_bluegreen(operator, caddy,
+                                                      dockerd, registry,
+                                                      images, callbacks):
+    app_id = next_id()
+    first = instances_body(registry, images, app_id, next_id(), callbacks,
+                           ["d1", "d2"])
+    doc = deploy_instances(operator, first)
+    assert doc["state"] == "succeeded", doc
+    assert doc["model"] == "instances"
+    assert doc["kind"] == "docker"
+    assert sorted(i["port"] for i in doc["instances"]) == sorted(
+        spec["port"] for spec in first["instances"].values())
+    assert get(caddy, first["domain"]) == (200, b"web v1\n")
+
+    loop = harness.RequestLoop(f"http://127.0.0.1:{caddy.listen_port}/",
+                               first["domain"])
+    loop.start()
+    loop.wait_requests(20)
+    rolling = redeploy(first, image_tag="v2")
+    doc = deploy_instances(operator, rolling)
+    loop.wait_requests(len(loop.results) + 20)
+    assert doc["state"] == "succeeded", doc
+    assert doc["changes"]["update"] == ["d1", "d2"]
+    green = redeploy(first, image_tag="v1", deployment_strategy="bluegreen")
+    doc = deploy_instances(operator, green)
+    loop.wait_requests(len(loop.results) + 20)
+    summary = loop.stop()
+    assert doc["state"] == "succeeded", doc
+    assert summary["failed"] == 0, summary["failures"]
+    assert set(summary["bodies"]) == {"web v1\n", "web v2\n"}
+    running = [n for n, c in containers_of(dockerd, app_id).items()
+               if c["State"] == "running"]
+    assert len(running) == 2
+    assert all(f"-{green['deployment_id']}" in n for n in running)
+    assert get(caddy, first["domain"]) == (200, b"web v1\n")
+
+
+def test_docker_canary_and_delete(operator, caddy, dockerd, registry, images,
+                                  callbacks, shared_dir):
+    app_id = next_id()
+    first = docker_body(registry, images, app_id, next_id(), callbacks,
+                        volumes=["data:/data"])
+    assert deploy(operator, first)["state"] == "succeeded"
+    canary = redeploy(first, image_tag="v2", deployment_strategy="canary",
+                      canary={"steps": [50, 100], "pause_s": 1})
+    doc = deploy(operator, canary)
+    assert doc["state"] == "succeeded", doc
+    steps = [s["message"] for s in doc["steps"] if s["name"] == "canary_step"]
+    assert steps[0].startswith("50%")
+    assert get(caddy, first["domain"]) == (200, b"web v2\n")
+
+    request = {"app_id": app_id, "team_id": first["team_id"],
+               "environment_id": first["environment_id"],
+               "callback_url": first["callback_url"],
+               "domain": first["domain"], "instance_ids": ["blue", "green"]}
+    status, _, answer = operator.request("POST", "/v1/app/delete", request)
+    assert status == 202, answer
+    done = operator.wait_state(answer["deployment_id"], FINAL,
+                               path_kind="legacy")
+    assert done["state"] == "succeeded", done
+    assert containers_of(dockerd, app_id) == {}
+    filters = json.dumps({"label": [f"crate.app_id={app_id}"]})
+    status, volumes = dockerd.api(
+        "GET", "/volumes?filters=" + urllib.parse.quote(filters))
+    assert status == 200
+    assert (volumes.get("Volumes") or []) == []
+    assert not os.path.exists(os.path.join(shared_dir, "apps", str(app_id)))
+    assert get(caddy, first["domain"])[0] == 404
