@@ -1407,7 +1407,7 @@ ENDPOINTS: dict[str, dict] = {
          "400": ("Invalid query parameter.", "Error"),
          "401": _COMMON_ERRORS["401"],
          "404": ("No such app or instance on this host.", "Error"),
-         "501": ("Logs of docker instances are not available.", "Error")},
+         "502": ("journalctl or dockerd failed.", "Error")},
         _LOGS_PARAMS,
         description=(
             "Reads the systemd journal of the instance's unit. At most"
@@ -3132,6 +3132,43 @@ class DockerClient:
     def _container_path(name: str, action: str = "") -> str:
         path = "/containers/" + urllib.parse.quote(name, safe="")
         return path + ("/" + action if action else "")
+
+    def container_logs(self, name: str, lines: int, max_bytes: int) -> tuple:
+        """Return (raw log bytes, truncated) of a container's last lines.
+
+        Without a TTY dockerd multiplexes stdout and stderr into frames of
+        an 8-byte header (stream, 3 zero bytes, big-endian length) and the
+        payload; the payloads are joined in order.  At most ``max_bytes``
+        are kept, the newest ones.
+        """
+        path = f"/v{self.version()}" + self._container_path(name, "logs")
+        conn, resp = self._send("GET", path, {
+            "stdout": 1, "stderr": 1, "timestamps": 1, "tail": lines},
+            None, None, DOCKER_CALL_TIMEOUT_S)
+        try:
+            if resp.status != 200:
+                message = _docker_body(resp.read())
+                raise DockerError(f"reading the log of container {name} "
+                                  f"failed: HTTP {resp.status} {message}",
+                                  resp.status)
+            chunks, size, truncated = collections.deque(), 0, False
+            while True:
+                header = resp.read(8)
+                if len(header) < 8:
+                    break
+                length = int.from_bytes(header[4:8], "big")
+                payload = resp.read(length)
+                chunks.append(payload)
+                size += len(payload)
+                while size > max_bytes and chunks:
+                    size -= len(chunks.popleft())
+                    truncated = True
+            return b"".join(chunks), truncated
+        except (OSError, http.client.HTTPException) as exc:
+            raise DockerError(f"reading the log of container {name} failed: "
+                              f"{exc}") from None
+        finally:
+            conn.close()
 
     def create_container(self, name: str, config: dict) -> str:
         """Create (not start) a container and return its id."""
@@ -7919,10 +7956,12 @@ class Operator:
     # --- observability
 
     def instance_logs(self, app_id: int, instance_id: str, lines: int) -> dict:
-        """Return the last ``lines`` journal lines of one instance's unit.
+        """Return the last ``lines`` log lines of one instance.
 
-        Raises NotFoundError for an unknown app or instance and a 501
-        RequestError for a docker instance.
+        A unit's lines come from its journal, a container's from dockerd.
+
+        Raises NotFoundError for an unknown app or instance, and
+        DockerError when dockerd cannot return a container's log.
         """
         app = self.store.app(app_id)
         if app is None:
@@ -7931,9 +7970,13 @@ class Operator:
         if instance is None:
             raise NotFoundError(f"app {app_id} has no instance "
                                 f"{instance_id!r} on this host")
-        if instance.get("kind", app.get("kind")) != "binary":
-            raise RequestError("logs of docker instances are not available "
-                               "in this version", status=501)
+        if instance.get("kind", app.get("kind")) == "docker":
+            output, truncated = self.docker.container_logs(
+                instance["unit"], lines, LOGS_MAX_BYTES)
+            text = output.decode("utf-8", "replace")
+            return {"app_id": app_id, "instance_id": instance_id,
+                    "unit": instance["unit"], "lines": text.splitlines(),
+                    "truncated": truncated}
         argv = journalctl_command(self.config.systemctl) + [
             "--no-pager", "--quiet", "--output", "short-iso",
             "--lines", str(lines), "--unit", instance["unit"]]

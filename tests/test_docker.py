@@ -1080,3 +1080,38 @@ def test_docker_canary_and_delete(operator, caddy, dockerd, registry, images,
     assert (volumes.get("Volumes") or []) == []
     assert not os.path.exists(os.path.join(shared_dir, "apps", str(app_id)))
     assert get(caddy, first["domain"])[0] == 404
+
+
+def test_lifecycle_and_logs_of_a_container(operator, caddy, dockerd,
+                                           registry, images, callbacks):
+    app_id = next_id()
+    command = ["/bin/busybox", "sh", "-c",
+               'echo "hello from $CRATE_INSTANCE_ID"; '
+               'exec /bin/busybox httpd -f -p "$PORT" -h /www']
+    body = instances_body(registry, images, app_id, next_id(), callbacks,
+                          ["c1", "c2"], docker_command=command)
+    assert deploy_instances(operator, body)["state"] == "succeeded"
+    request = {"app_id": app_id, "team_id": body["team_id"],
+               "environment_id": body["environment_id"],
+               "callback_url": body["callback_url"],
+               "domain": body["domain"], "instance_id": "c1"}
+    loop = harness.RequestLoop(f"http://127.0.0.1:{caddy.listen_port}/",
+                               body["domain"])
+    loop.start()
+    loop.wait_requests(20)
+    for action in ("stop", "start", "restart"):
+        status, _, answer = operator.request("POST", f"/v1/app/{action}",
+                                             request)
+        assert status == 202, answer
+        doc = operator.wait_state(answer["deployment_id"], FINAL,
+                                  path_kind="legacy")
+        assert doc["state"] == "succeeded", doc
+        loop.wait_requests(len(loop.results) + 10)
+    summary = loop.stop()
+    assert summary["failed"] == 0, summary["failures"]
+    status, _, logs = operator.request(
+        "GET", f"/v1/app/logs?app_id={app_id}&instance_id=c2&lines=50")
+    assert status == 200, logs
+    assert logs["unit"].startswith(f"crate-{app_id}-c2.a-")
+    assert len(logs["lines"]) == 1
+    assert logs["lines"][0].endswith("hello from c2")

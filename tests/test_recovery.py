@@ -291,3 +291,39 @@ def test_read_only_state_gives_clear_error(operator_factory, assets,
     missing = operator.request("GET",
                                operator.status_path(again["deployment_id"]))
     assert missing[0] == 404
+
+
+def test_outbox_survives_restart_and_keeps_order(operator_factory, assets,
+                                                 callbacks):
+    operator = operator_factory({"callback_backoff_s": 0.2,
+                                 "callback_backoff_max_s": 0.5})
+    app_id = next_id()
+    body = deploy_body(app_id, next_id(), assets["old"], callbacks,
+                       callback_url=callbacks.url(f"/cb/outbox/{app_id}"))
+    path = f"/cb/outbox/{app_id}"
+    callbacks.fail_next(100000, 503)
+    try:
+        operator.request("POST", SLOTS, body)
+        operator.wait_state(body["deployment_id"], TERMINAL)
+        callbacks.wait_for(lambda rs: len([r for r in rs if r.path == path])
+                           >= 2, timeout=10)
+        operator.kill()
+    finally:
+        callbacks.fail_next(0)
+    failed = [r for r in callbacks.records() if r.path == path]
+    assert failed
+    assert all(r.status == 503 for r in failed)
+    operator.start()
+    records = callbacks.wait_for(
+        lambda rs: [r for r in rs if r.path == path and r.status == 200
+                    and b"deployment.succeeded" in r.body], timeout=20)
+    assert records
+    delivered = [r for r in callbacks.records()
+                 if r.path == path and r.status == 200]
+    events = [json.loads(r.body)["event"] for r in delivered]
+    assert events == ["deployment.queued", "deployment.running",
+                      "deployment.succeeded"]
+    by_id = {r.headers["X-Crate-Delivery"]: r.body for r in delivered}
+    for attempt in failed:
+        delivery = attempt.headers["X-Crate-Delivery"]
+        assert by_id[delivery] == attempt.body
