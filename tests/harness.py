@@ -33,6 +33,7 @@ import http.server
 import json
 import os
 import re
+import random
 import secrets
 import shutil
 import signal
@@ -77,15 +78,36 @@ _DEFAULT = object()
 
 # === Small helpers ===
 
+# Ports handed out by free_port, from a range below Linux's ephemeral range
+# (32768-60999 by default): a port taken from the ephemeral range can become
+# the local end of any outgoing connection a moment later, and an app that
+# should bind it then fails. The operator's own default range for bluegreen
+# siblings (20000-29999) is left alone too.
+FREE_PORT_RANGE = (10000, 19999)
+_handed_out: set = set()
+_handed_out_lock = threading.Lock()
+
+
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that was free when this function ran.
 
-    NOTE: another process can bind the port before the caller does. On a
-    busy CI host, pick the port as late as possible.
+    Each port is handed out once per test process. NOTE: another process
+    can still bind the port before the caller does.
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    low, high = FREE_PORT_RANGE
+    with _handed_out_lock:
+        for _ in range(10000):
+            port = random.randint(low, high)
+            if port in _handed_out:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
+    raise RuntimeError(f"no free port left in {low}-{high}")
 
 
 def wait_http(url: str, timeout: float = 10.0,

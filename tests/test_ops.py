@@ -274,7 +274,7 @@ def test_metrics_count_a_deploy(operator, asset_url, callbacks):
     callbacks.wait_for(lambda records: any(
         r.json().get("event") == "deployment.succeeded" and
         str(r.json()["deployment"]["deployment_id"]) == str(deployment_id)
-        for r in records if r.status == 200))
+        for r in records if r.status == 200 and r.body.startswith(b"{")))
 
     def delivered_moved():
         _, _, now = scrape(operator)
