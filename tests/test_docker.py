@@ -358,7 +358,7 @@ def test_container_settings(operator, dockerd, registry, images, callbacks):
     config, host = details["Config"], details["HostConfig"]
     assert config["Labels"] == {
         "crate.managed": "1", "crate.app_id": str(app_id),
-        "crate.instance_id": "blue",
+        "crate.instance_id": "blue", "crate.name": "blue",
         "crate.deployment_id": str(body["deployment_id"]),
         "crate.version": body["target_version"], "crate.team_id": "team-d",
         "crate.environment_id": "4"}
@@ -604,7 +604,7 @@ def test_container_left_running_on_idle_port_is_replaced(
     leftover = f"crate-{app_id}-green-{next_id()}"
     create_container(dockerd, registry, images["web"] + ":v1", leftover,
                      {"crate.managed": "1", "crate.app_id": str(app_id),
-                      "crate.instance_id": "green"},
+                      "crate.instance_id": "green", "crate.name": "green"},
                      env=[f"PORT={green_port}"], port=green_port)
     status, answer = dockerd.api("POST", f"/containers/{leftover}/start")
     assert status == 204, answer
@@ -726,7 +726,7 @@ def test_stale_labelled_container_is_replaced_f8(operator, caddy, dockerd,
     stale_id = create_container(
         dockerd, registry, images["web"] + ":v2", name,
         {"crate.managed": "1", "crate.app_id": str(app_id),
-         "crate.instance_id": "blue"})
+         "crate.instance_id": "blue", "crate.name": "blue"})
     doc = deploy(operator, body)
     assert doc["state"] == "succeeded", doc
     assert inspect(dockerd, name)["Id"] != stale_id
