@@ -19,7 +19,7 @@ import crate_operator as co
 import harness
 
 DEPLOY = "/v1/app/instance/binary/deploy"
-_ids = iter(range(600000, 700000))
+_ids = iter(range(800000, 880000))
 
 
 def next_id() -> int:
