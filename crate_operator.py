@@ -9244,6 +9244,8 @@ def render_operator_unit(program: str = PACKAGE_PROGRAM) -> str:
         "Type=notify\n"
         f"ExecStart={UNIT_PYTHON} -I {program} serve "
         f"--config {DEFAULT_CONFIG_PATH}\n"
+        "# SIGHUP re-reads tokens_dir and the TLS certificate and key.\n"
+        "ExecReload=/bin/kill -HUP $MAINPID\n"
         "SyslogIdentifier=crate-operator\n"
         "Restart=on-failure\n"
         "RestartSec=2s\n"

@@ -668,7 +668,7 @@ def test_brackets_in_strings_not_counted(limited, normal_client):
 
 
 def test_extra_connection_refused(limited, normal_client):
-    # normal_client holds one of the max_connections slots.
+    # normal_client uses one of the max_connections slots.
     idle = [raw_socket(limited) for _ in range(LIMITS["max_connections"] - 1)]
     try:
         extra = raw_socket(limited)
@@ -692,3 +692,59 @@ def test_extra_connection_refused(limited, normal_client):
 
     wait_until(new_connection_works, what="a new connection served")
     assert "event=http.connections_rejected" in limited.log_text()
+
+
+# === Units: token matching, token collection, JSON depth ===
+
+
+def test_match_token_names_each_token():
+    digests = co.token_digests([("a", "a" * 20), ("b", "b" * 30)])
+    assert co.match_token("a" * 20, digests) == "a"
+    assert co.match_token("b" * 30, digests) == "b"
+    assert co.match_token("b" * 29, digests) is None
+    assert co.match_token("", digests) is None
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"tokens": [{"name": "x", "token": "t" * 16}, {"name": "x",
+                                                    "token": "u" * 16}]},
+     "token name 'x' is used twice"),
+    ({"token": "t" * 16, "tokens": [{"name": "default", "token": "u" * 16}]},
+     "token name 'default' is used twice"),
+    ({"tokens": [{"name": "a b", "token": "t" * 16}]}, "must be 1-64 of"),
+    ({"tokens": [{"name": "x"}]}, "each item of tokens must be an object"),
+    ({"tokens": ["t" * 16]}, "each item of tokens must be an object"),
+    ({}, "no bearer token"),
+])
+def test_collect_tokens_rejects(values, message):
+    with pytest.raises(co.ConfigError) as caught:
+        co.collect_tokens(values)
+    assert message in str(caught.value)
+
+
+def test_tokens_dir_skips_dot_files(tmp_path):
+    token = write_token(str(tmp_path), "ci")
+    write_token(str(tmp_path), ".ci.swp", mode=0o644)
+    assert co.collect_tokens({"tokens_dir": str(tmp_path)}) == [("ci", token)]
+
+
+def test_check_config_masks_tokens(tmp_path):
+    empty = tmp_path / "config.json"
+    empty.write_text("{}")
+    config = co.load_config(str(empty), {}, {
+        "tokens": json.dumps([{"name": "ci", "token": "t" * 20}]),
+        "callback_secret": "s" * 20, "state_dir": "/nonexistent/state"})
+    assert config.as_dict()["tokens"] == [{"name": "ci", "token": "***"}]
+
+
+@pytest.mark.parametrize("text, limit, over", [
+    ("[[[]]]", 3, False),
+    ("[[[]]]", 2, True),
+    ('{"a": {"b": [1, 2]}}', 3, False),
+    ('{"a": {"b": [1, [2]]}}', 3, True),
+    ('["[[[[[[", "\\"[[[["]', 1, False),
+    ('"unterminated [[[[', 1, False),
+    ("[" * 5000, 32, True),
+])
+def test_json_depth_over(text, limit, over):
+    assert co.json_depth_over(text, limit) is over
