@@ -8505,6 +8505,15 @@ class _DeadlineReader(io.RawIOBase):
 
 # A string runs to its closing quote or, unterminated, to the end of the
 # text, so every match attempt succeeds and the scan stays linear.
+def certificate_common_name(certificate: dict | None) -> str | None:
+    """Return the subject commonName of a verified peer certificate."""
+    for rdn in (certificate or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value[:128]
+    return None
+
+
 _JSON_STRING = re.compile(r'"(?:[^"\\]+|\\.)*(?:"|\\?\Z)', re.DOTALL)
 _JSON_BRACKET = re.compile(r"[\[\]{}]")
 
@@ -8558,9 +8567,11 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     _deadline_passed = False
     _responded = False
     _header_reader = None
-    # Token name and the ids of the body, for the log line of the request.
+    # Token name, the ids of the body and, with mutual TLS, the client
+    # certificate's common name, for the log line of the request.
     _token_name = None
     _request_ids: dict = {}
+    _client_cert = None
 
     # --- plumbing
 
@@ -8569,6 +8580,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         if isinstance(self.request, ssl.SSLSocket):
             self.request.settimeout(self.timeout)
             self.request.do_handshake()
+            self._client_cert = certificate_common_name(
+                self.request.getpeercert())
         super().setup()
         socket_file = self.rfile
         self.rfile = io.BufferedReader(_DeadlineReader(self))
@@ -8957,7 +8970,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             if self.command not in ("GET", "HEAD") or status >= 500:
                 log("http.request", method=self.command,
                     path=self.path[:200], status=status,
-                    client=self.client_address[0], token=self._token_name,
+                    client=self.client_address[0],
+                    client_cert=self._client_cert, token=self._token_name,
                     **self._request_ids,
                     ms=round((time.monotonic() - started) * 1000, 1))
 

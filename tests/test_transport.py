@@ -256,9 +256,15 @@ def test_mtls_requires_client_certificate(operator_factory, pki):
     conn = connect_tls(operator, with_cert)
     try:
         assert get_openapi(conn, operator.token) == 200
-        assert get_openapi(conn, operator.token) == 200
+        conn.request("POST", DELETE, body=b"{}", headers={
+            "Authorization": f"Bearer {operator.token}",
+            "Content-Type": "application/json"})
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 400
     finally:
         conn.close()
+    assert "client_cert=client token=default" in operator.log_text()
     without_cert = connect_tls(operator, client_context(pki))
     with pytest.raises((OSError, http.client.HTTPException)):
         get_openapi(without_cert, operator.token)
