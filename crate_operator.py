@@ -64,6 +64,7 @@ import pwd
 import random
 import re
 import secrets
+import select
 import shlex
 import shutil
 import signal
@@ -8505,6 +8506,35 @@ class _DeadlineReader(io.RawIOBase):
 
 # A string runs to its closing quote or, unterminated, to the end of the
 # text, so every match attempt succeeds and the scan stays linear.
+def tls_handshake(sock: ssl.SSLSocket, timeout_s: float,
+                  deadline_s: float) -> None:
+    """Run the server side of a TLS handshake within deadline_s in total.
+
+    A blocking handshake applies its timeout to each read, so a client
+    sending one byte at a time could keep it going for hours.
+    """
+    deadline = time.monotonic() + deadline_s
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    sock.setblocking(False)
+    try:
+        while True:
+            try:
+                sock.do_handshake()
+                return
+            except ssl.SSLWantReadError:
+                poller.modify(sock, select.POLLIN)
+            except ssl.SSLWantWriteError:
+                poller.modify(sock, select.POLLOUT)
+            remaining = min(timeout_s, deadline - time.monotonic())
+            if remaining <= 0 or not poller.poll(remaining * 1000):
+                raise socket.timeout("TLS handshake not finished within "
+                                     "request_timeout_s or "
+                                     "request_deadline_s")
+    finally:
+        sock.settimeout(timeout_s)
+
+
 def certificate_common_name(certificate: dict | None) -> str | None:
     """Return the subject commonName of a verified peer certificate."""
     for rdn in (certificate or {}).get("subject", ()):
@@ -8578,8 +8608,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     def setup(self) -> None:
         """Finish the TLS handshake, then read through _DeadlineReader."""
         if isinstance(self.request, ssl.SSLSocket):
-            self.request.settimeout(self.timeout)
-            self.request.do_handshake()
+            tls_handshake(self.request, self.timeout,
+                          self.server.operator.config.request_deadline_s)
             self._client_cert = certificate_common_name(
                 self.request.getpeercert())
         super().setup()

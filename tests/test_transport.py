@@ -249,6 +249,31 @@ def test_tls_context_settings(pki):
     assert co.build_tls_context(config).verify_mode == ssl.CERT_NONE
 
 
+def test_slow_tls_handshake_cut_off(operator_factory, pki):
+    operator, _ = make_tls_operator(operator_factory, pki,
+                                    {"request_deadline_s": 2.0})
+    host, _, port = operator.config["listen"].rpartition(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    started = time.monotonic()
+    closed = False
+    try:
+        # A handshake record header announcing 512 bytes, then one byte
+        # every 0.25 s: the whole record would take over two minutes.
+        sock.sendall(b"\x16\x03\x01\x02\x00")
+        for _ in range(512):
+            sock.sendall(b"\x00")
+            time.sleep(0.25)
+            if time.monotonic() - started > 30:
+                break
+    except OSError:
+        closed = True
+    finally:
+        sock.close()
+    assert closed
+    status, _, _ = operator.request("GET", OPENAPI)
+    assert status == 200
+
+
 def test_mtls_requires_client_certificate(operator_factory, pki):
     operator, with_cert = make_tls_operator(
         operator_factory, pki, {"tls_client_ca_file": pki["ca"]},
