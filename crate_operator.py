@@ -2381,12 +2381,12 @@ def collect_tokens(values) -> list:
     from token_file by load_config) is named "default". tokens_dir is read
     again on each call, which is how SIGHUP picks up a changed directory.
     """
-    get = values.get if isinstance(values, dict) else \
-        functools.partial(getattr, values)
+    if not isinstance(values, dict):
+        values = values.as_dict(mask_secrets=False)
     pairs = []
-    if get("token"):
-        pairs.append(("default", get("token")))
-    for item in get("tokens") or []:
+    if values.get("token"):
+        pairs.append(("default", values["token"]))
+    for item in values.get("tokens") or []:
         if not isinstance(item, dict) or set(item) != {"name", "token"} or \
                 not all(isinstance(v, str) for v in item.values()):
             raise ConfigError('each item of tokens must be an object '
@@ -2395,8 +2395,8 @@ def collect_tokens(values) -> list:
             raise ConfigError(f"tokens: name {item['name'][:80]!r} must be "
                               f"1-64 of [A-Za-z0-9_.-]")
         pairs.append((item["name"], item["token"]))
-    if get("tokens_dir"):
-        pairs.extend(read_tokens_dir(get("tokens_dir")))
+    if values.get("tokens_dir"):
+        pairs.extend(read_tokens_dir(values["tokens_dir"]))
     seen = set()
     for name, token in pairs:
         if name in seen:
@@ -8309,7 +8309,7 @@ def match_token(presented: str, digests: list) -> str | None:
     """Return the name of the token equal to presented, or None.
 
     Every token is compared in constant time, with no early exit, so the
-    response time does not show which token matched or how many exist.
+    response time does not show which token matched or how much of it.
     Comparing SHA-256 digests also hides the tokens' lengths.
     """
     digest = hashlib.sha256(presented.encode()).digest()
@@ -8504,8 +8504,6 @@ class _DeadlineReader(io.RawIOBase):
         return self.handler.receive_into(buffer)
 
 
-# A string runs to its closing quote or, unterminated, to the end of the
-# text, so every match attempt succeeds and the scan stays linear.
 def tls_handshake(sock: ssl.SSLSocket, timeout_s: float,
                   deadline_s: float) -> None:
     """Run the server side of a TLS handshake within deadline_s in total.
@@ -8544,6 +8542,8 @@ def certificate_common_name(certificate: dict | None) -> str | None:
     return None
 
 
+# A string runs to its closing quote or, unterminated, to the end of the
+# text, so every match attempt succeeds and the scan stays linear.
 _JSON_STRING = re.compile(r'"(?:[^"\\]+|\\.)*(?:"|\\?\Z)', re.DOTALL)
 _JSON_BRACKET = re.compile(r"[\[\]{}]")
 
