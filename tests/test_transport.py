@@ -289,7 +289,8 @@ def test_mtls_requires_client_certificate(operator_factory, pki):
         assert response.status == 400
     finally:
         conn.close()
-    assert "client_cert=client token=default" in operator.log_text()
+    wait_until(lambda: "client_cert=client token=default"
+               in operator.log_text(), what="the client_cert log field")
     without_cert = connect_tls(operator, client_context(pki))
     with pytest.raises((OSError, http.client.HTTPException)):
         get_openapi(without_cert, operator.token)
@@ -486,9 +487,11 @@ def test_token_rotation_with_sighup(operator_factory, tmp_path):
             "POST", DELETE, {"app_id": 770001, "deployment_id": 770002},
             token=token)
         assert status == 400
-    text = operator.log_text()
+    # The operator writes a request's log line after its response.
     for name in ("new", "listed", "default"):
-        assert f"token={name} app_id=770001 deployment_id=770002" in text
+        line = f"token={name} app_id=770001 deployment_id=770002"
+        wait_until(lambda line=line: line in operator.log_text(), what=line)
+    text = operator.log_text()
     assert "names=default,listed,new" in text
     for token in (old, new, listed, operator.token):
         assert token not in text
@@ -722,7 +725,8 @@ def test_extra_connection_refused(limited, normal_client):
             conn.close()
 
     wait_until(new_connection_works, what="a new connection served")
-    assert "event=http.connections_rejected" in limited.log_text()
+    wait_until(lambda: "event=http.connections_rejected" in limited.log_text(),
+               what="the connections_rejected log line")
 
 
 # === Units: token matching, token collection, JSON depth ===
