@@ -615,7 +615,8 @@ def test_slow_client_cut_off(limited, normal_client):
     sock = raw_socket(limited)
     started = time.monotonic()
     try:
-        # At one byte per 0.25 s the request would take about 30 s.
+        # At one byte per 0.25 s the request of about 100 bytes would take
+        # about 25 s.
         for byte in request:
             sock.sendall(bytes([byte]))
             time.sleep(0.25)
