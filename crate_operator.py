@@ -52,6 +52,7 @@ import hashlib
 import hmac
 import http.client
 import http.server
+import io
 import ipaddress
 import json
 import logging
@@ -62,10 +63,12 @@ import pwd
 import random
 import re
 import secrets
+import select
 import shlex
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import string
 import struct
@@ -94,6 +97,24 @@ CONFIG_SPEC = {
                "address:port of the HTTP API; keep it on loopback or behind TLS"),
     "token": (None, str, "bearer token every /v1 call must present"),
     "token_file": (None, str, "file holding the bearer token (mode 0600)"),
+    "tokens": ([], list,
+               "more bearer tokens as a list of {\"name\", \"token\"} "
+               "objects; token and token_file add one named 'default'"),
+    "tokens_dir": (None, str,
+                   "directory of token files (mode 0600), each named after "
+                   "its token; re-read on SIGHUP"),
+    "tls_cert_file": (None, str,
+                      "PEM certificate chain of the HTTPS listener; re-read "
+                      "on SIGHUP"),
+    "tls_key_file": (None, str,
+                     "PEM private key of tls_cert_file (mode 0600); re-read "
+                     "on SIGHUP"),
+    "tls_client_ca_file": (None, str,
+                           "PEM CA certificates that must have signed every "
+                           "client certificate (mutual TLS)"),
+    "allow_plaintext": (False, bool,
+                        "allow plain HTTP on a listen address that is not "
+                        "loopback"),
     "state_dir": ("/var/lib/crate-operator", str,
                   "JSON state, callback outbox and lock file"),
     "apps_dir": ("/srv/crate-apps", str,
@@ -142,6 +163,17 @@ CONFIG_SPEC = {
     "max_body_bytes": (1 << 20, int, "size limit of one request body"),
     "request_timeout_s": (30.0, float,
                           "socket timeout while reading a request"),
+    "request_deadline_s": (60.0, float,
+                           "time limit to receive one request's headers and "
+                           "body, counted from its first byte"),
+    "max_header_bytes": (16384, int,
+                         "size limit of a request's header lines together"),
+    "max_header_count": (50, int, "limit on the header lines of a request"),
+    "max_connections": (64, int,
+                        "open API connections; more are answered 503 and "
+                        "closed"),
+    "max_json_depth": (32, int,
+                       "nesting limit of arrays and objects in a JSON body"),
     "log_format": ("text", str, "'text' (key=value) or 'json'"),
     "port_range_min": (20000, int,
                        "lowest loopback port the operator picks for a "
@@ -2200,6 +2232,8 @@ class Config:
             for key in SECRET_KEYS:
                 if out.get(key):
                     out[key] = "***"
+            out["tokens"] = [dict(item, token="***")
+                             for item in out.get("tokens") or []]
         return out
 
 
@@ -2220,8 +2254,11 @@ def _coerce(key: str, value, source: str):
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if kind is list and isinstance(value, list):
-        item_kind = type(CONFIG_SPEC[key][0][0])
-        if not all(type(item) is item_kind for item in value):
+        default = CONFIG_SPEC[key][0]
+        # An empty default names no item type, so _check_config checks
+        # the items of such a list.
+        item_kind = type(default[0]) if default else None
+        if item_kind and not all(type(item) is item_kind for item in value):
             raise ConfigError(f"{source}: {key} must be a list of "
                               f"{item_kind.__name__}")
         return value
@@ -2232,18 +2269,29 @@ def _coerce(key: str, value, source: str):
     return value
 
 
-def _read_secret_file(path: str, key: str) -> str:
-    """Read a secret from a file that only its owner may read."""
+def check_private_file(path: str, key: str) -> None:
+    """Raise ConfigError unless path is a file only its owner may access."""
     try:
         info = os.stat(path)
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read().strip()
     except OSError as exc:
         raise ConfigError(f"cannot read {key} file {path}: {exc.strerror}")
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"{key} file {path} is not a regular file")
     if info.st_mode & 0o077:
         raise ConfigError(
             f"{key} file {path} is readable by group or others "
             f"(mode {stat.S_IMODE(info.st_mode):04o}); run chmod 600 {path}")
+
+
+def _read_secret_file(path: str, key: str) -> str:
+    """Read a secret from a file that only its owner may read."""
+    check_private_file(path, key)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(f"cannot read {key} file {path}: {reason}")
     if not text:
         raise ConfigError(f"{key} file {path} is empty")
     return text
@@ -2299,6 +2347,107 @@ def _resolve_secrets(values: dict) -> None:
             values[key] = _read_secret_file(values[file_key], key)
 
 
+_TOKEN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+TOKEN_MIN_CHARS = 16
+
+
+def read_tokens_dir(path: str) -> list:
+    """Read (name, token) pairs from the files of a tokens_dir.
+
+    Each file's name is its token's name. Names starting with a dot are
+    skipped, because editors leave such swap and backup files.
+    """
+    try:
+        names = sorted(os.listdir(path))
+    except OSError as exc:
+        raise ConfigError(f"cannot read tokens_dir {path}: {exc.strerror}")
+    pairs = []
+    for name in names:
+        if name.startswith("."):
+            continue
+        file_path = os.path.join(path, name)
+        if not _TOKEN_NAME.fullmatch(name):
+            raise ConfigError(f"token file {file_path}: the name must be "
+                              f"1-64 of [A-Za-z0-9_.-]")
+        pairs.append((name, _read_secret_file(file_path, "token")))
+    return pairs
+
+
+def collect_tokens(values) -> list:
+    """Return every accepted (name, token) pair, or raise ConfigError.
+
+    values is a Config or a dict of config values. token (already read
+    from token_file by load_config) is named "default". tokens_dir is read
+    again on each call, which is how SIGHUP picks up a changed directory.
+    """
+    if not isinstance(values, dict):
+        values = values.as_dict(mask_secrets=False)
+    pairs = []
+    if values.get("token"):
+        pairs.append(("default", values["token"]))
+    for item in values.get("tokens") or []:
+        if not isinstance(item, dict) or set(item) != {"name", "token"} or \
+                not all(isinstance(v, str) for v in item.values()):
+            raise ConfigError('each item of tokens must be an object '
+                              '{"name": str, "token": str}')
+        if not _TOKEN_NAME.fullmatch(item["name"]):
+            raise ConfigError(f"tokens: name {item['name'][:80]!r} must be "
+                              f"1-64 of [A-Za-z0-9_.-]")
+        pairs.append((item["name"], item["token"]))
+    if values.get("tokens_dir"):
+        pairs.extend(read_tokens_dir(values["tokens_dir"]))
+    seen = set()
+    for name, token in pairs:
+        if name in seen:
+            raise ConfigError(f"token name {name!r} is used twice; token and "
+                              f"token_file are named 'default'")
+        seen.add(name)
+        if len(token) < TOKEN_MIN_CHARS:
+            raise ConfigError(f"token {name!r} must be at least "
+                              f"{TOKEN_MIN_CHARS} characters")
+    if not pairs:
+        raise ConfigError("no bearer token: set token, token_file, tokens "
+                          "or tokens_dir")
+    return pairs
+
+
+def is_loopback_host(host: str) -> bool:
+    """Return True when host names a loopback address."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_transport(values: dict, problems: list) -> None:
+    cert, key = values["tls_cert_file"], values["tls_key_file"]
+    if bool(cert) != bool(key):
+        problems.append("tls_cert_file and tls_key_file must be set together")
+    if values["tls_client_ca_file"] and not cert:
+        problems.append("tls_client_ca_file needs tls_cert_file and "
+                        "tls_key_file")
+    if key:
+        try:
+            check_private_file(key, "tls_key_file")
+        except ConfigError as exc:
+            problems.append(str(exc))
+    try:
+        host, _port = parse_listen(values["listen"])
+    except ConfigError as exc:
+        problems.append(str(exc))
+        return
+    if not cert and not values["allow_plaintext"] and \
+            not is_loopback_host(host):
+        problems.append(
+            f"listen {values['listen']} is not a loopback address, and "
+            f"without TLS the bearer tokens would cross the network in "
+            f"plain text; set tls_cert_file and tls_key_file, listen on "
+            f"127.0.0.1, or set allow_plaintext to true when the network "
+            f"itself is encrypted (a VPN, for example)")
+
+
 def parse_listen(text: str) -> tuple:
     """Split 'host:port' (IPv6 in brackets) into (host, port)."""
     host, sep, port = text.rpartition(":")
@@ -2309,16 +2458,13 @@ def parse_listen(text: str) -> tuple:
 
 def _check_config(values: dict) -> None:
     problems = []
-    if not values.get("token"):
-        problems.append("token (or token_file) is required")
-    elif len(values["token"]) < 16:
-        problems.append("token must be at least 16 characters")
-    if not values.get("callback_secret"):
-        problems.append("callback_secret (or callback_secret_file) is required")
     try:
-        parse_listen(values["listen"])
+        collect_tokens(values)
     except ConfigError as exc:
         problems.append(str(exc))
+    if not values.get("callback_secret"):
+        problems.append("callback_secret (or callback_secret_file) is required")
+    _check_transport(values, problems)
     for key, spec in CONFIG_SPEC.items():
         if spec[1] in (int, float) and values[key] is not None \
                 and values[key] <= 0:
@@ -8153,15 +8299,165 @@ class TextAnswer(NamedTuple):
     text: str
 
 
+# Sent on a connection over max_connections before it is closed.
+_CONNECTION_LIMIT_BODY = json.dumps(
+    {"error": "too many open connections (max_connections); retry later"}
+).encode() + b"\n"
+CONNECTION_LIMIT_RESPONSE = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"Content-Type: application/json\r\n"
+    b"Content-Length: " + str(len(_CONNECTION_LIMIT_BODY)).encode() + b"\r\n"
+    b"Retry-After: 1\r\nConnection: close\r\n\r\n" + _CONNECTION_LIMIT_BODY)
+# Connections rejected over max_connections are logged at most once per
+# this many seconds, with the count since the last line.
+CONNECTION_LIMIT_LOG_S = 10.0
+
+
+def build_tls_context(config) -> ssl.SSLContext | None:
+    """Load the listener's certificate, key and client CAs; None without TLS.
+
+    Raises ConfigError naming the file that is missing, invalid or readable
+    by group or others.
+    """
+    cert, key = config.tls_cert_file, config.tls_key_file
+    if not cert:
+        return None
+    check_private_file(key, "tls_key_file")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except OSError as exc:
+        raise ConfigError(f"cannot load tls_cert_file {cert} with "
+                          f"tls_key_file {key}: {exc}")
+    if config.tls_client_ca_file:
+        try:
+            context.load_verify_locations(cafile=config.tls_client_ca_file)
+        except OSError as exc:
+            raise ConfigError(f"cannot load tls_client_ca_file "
+                              f"{config.tls_client_ca_file}: {exc}")
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def token_digests(pairs: list) -> list:
+    """Return (name, SHA-256 of the token) pairs for match_token."""
+    return [(name, hashlib.sha256(token.encode()).digest())
+            for name, token in pairs]
+
+
+def match_token(presented: str, digests: list) -> str | None:
+    """Return the name of the token equal to presented, or None.
+
+    Every token is compared in constant time, with no early exit, so the
+    response time does not show which token matched or how much of it.
+    Comparing SHA-256 digests also hides the tokens' lengths.
+    """
+    digest = hashlib.sha256(presented.encode()).digest()
+    matched = None
+    for name, expected in digests:
+        if hmac.compare_digest(digest, expected):
+            matched = name
+    return matched
+
+
 class ApiServer(http.server.ThreadingHTTPServer):
-    """ThreadingHTTPServer without the reverse DNS lookup at bind time."""
+    """ThreadingHTTPServer with TLS, a connection limit and SIGHUP reloads.
+
+    Binding skips the reverse DNS lookup. tls_context and tokens are
+    replaced whole by reload(), so that a connection uses the context that
+    was current when it was accepted and a request checks the token set
+    that was current when it arrived.
+    """
 
     daemon_threads = True
     request_queue_size = 128
 
     def __init__(self, address, handler, operator: Operator):
         self.operator = operator
+        config = operator.config
+        self.tls_context = build_tls_context(config)
+        self.tokens = token_digests(collect_tokens(config))
+        self._connection_slots = threading.BoundedSemaphore(
+            config.max_connections)
+        self._rejected_connections = 0
+        self._rejected_logged_at = -CONNECTION_LIMIT_LOG_S
         super().__init__(address, handler)
+
+    def reload(self) -> None:
+        """Re-read tokens_dir and the TLS files; keep the old ones on error."""
+        log("operator.reloading", signal="SIGHUP")
+        config = self.operator.config
+        try:
+            pairs = collect_tokens(config)
+        except ConfigError as exc:
+            log("operator.reload_failed", logging.ERROR, part="tokens",
+                error=str(exc))
+        else:
+            self.tokens = token_digests(pairs)
+            log("operator.tokens_loaded",
+                names=",".join(name for name, _ in pairs))
+        if not config.tls_cert_file:
+            return
+        try:
+            self.tls_context = build_tls_context(config)
+        except ConfigError as exc:
+            log("operator.reload_failed", logging.ERROR, part="tls",
+                error=str(exc))
+        else:
+            log("operator.tls_loaded", cert=config.tls_cert_file)
+
+    def get_request(self) -> tuple:
+        """Accept a connection and wrap it in the current TLS context.
+
+        The TLS handshake happens later in the connection's thread, so
+        that a slow client cannot stall the accept loop.
+        """
+        sock, address = super().get_request()
+        context = self.tls_context
+        if context is None:
+            return sock, address
+        try:
+            return context.wrap_socket(sock, server_side=True,
+                                       do_handshake_on_connect=False), address
+        except OSError:
+            sock.close()
+            raise
+
+    def process_request(self, request, client_address) -> None:
+        """Start a thread for the connection, or reject it over the limit."""
+        if not self._connection_slots.acquire(blocking=False):
+            self._reject_connection(request, client_address)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._connection_slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        """Serve one connection, then free its slot."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connection_slots.release()
+
+    def _reject_connection(self, sock, client_address) -> None:
+        # A TLS connection gets no response, because writing one would
+        # need a handshake on the accept thread.
+        if not isinstance(sock, ssl.SSLSocket):
+            with contextlib.suppress(OSError):
+                sock.setblocking(False)
+                sock.send(CONNECTION_LIMIT_RESPONSE)
+        self.shutdown_request(sock)
+        self._rejected_connections += 1
+        now = time.monotonic()
+        if now - self._rejected_logged_at >= CONNECTION_LIMIT_LOG_S:
+            log("http.connections_rejected", logging.WARNING,
+                count=self._rejected_connections, client=client_address[0],
+                max_connections=self.operator.config.max_connections)
+            self._rejected_connections = 0
+            self._rejected_logged_at = now
 
     def server_bind(self) -> None:
         """Bind without socket.getfqdn, which may stall on a bad resolver."""
@@ -8180,12 +8476,135 @@ class ApiServer(http.server.ThreadingHTTPServer):
         exc = sys.exc_info()[1]
         if isinstance(exc, socket.timeout):
             return
+        if isinstance(exc, ssl.SSLError):
+            log("http.tls_error", logging.WARNING, client=client_address[0],
+                error=repr(exc))
+            return
         if isinstance(exc, OSError):
             log("http.connection_error", logging.WARNING,
                 client=client_address[0], error=repr(exc))
             return
         log("http.handler_error", logging.ERROR, exc_info=True,
             client=client_address[0], error=repr(exc))
+
+
+class _HeaderLimitReader:
+    """The file http.client.parse_headers reads a request's header lines from.
+
+    It raises the exceptions that http.server answers with 431 once the
+    lines together exceed max_bytes or there are more than max_count, and
+    stores the reason in .problem for the error response.
+    """
+
+    def __init__(self, rfile, max_bytes: int, max_count: int):
+        self.rfile = rfile
+        self.max_bytes = max_bytes
+        self.max_count = max_count
+        self.size = 0
+        self.count = 0
+        self.problem = None
+
+    def readline(self, limit: int = -1) -> bytes:
+        """Read one header line, reading no further than the size limit."""
+        budget = self.max_bytes - self.size + 1
+        line = self.rfile.readline(budget if limit < 0 else
+                                   min(limit, budget))
+        if line in (b"\r\n", b"\n", b""):
+            return line
+        self.size += len(line)
+        self.count += 1
+        if self.size > self.max_bytes:
+            self.problem = (f"request header lines are longer than "
+                            f"{self.max_bytes} bytes (max_header_bytes)")
+            raise http.client.LineTooLong("header")
+        if self.count > self.max_count:
+            self.problem = (f"request has more than {self.max_count} "
+                            f"header lines (max_header_count)")
+            raise http.client.HTTPException(self.problem)
+        return line
+
+
+class _DeadlineReader(io.RawIOBase):
+    """Socket reader of a connection that enforces request_deadline_s.
+
+    The handler's deadline starts with the first bytes of a request and
+    ends when its response starts. Each receive waits at most
+    request_timeout_s and never past the deadline.
+    """
+
+    def __init__(self, handler: ApiHandler):
+        super().__init__()
+        self.handler = handler
+
+    def readable(self) -> bool:
+        """Return True: this is a reader."""
+        return True
+
+    def readinto(self, buffer) -> int:
+        """Receive into buffer, raising socket.timeout at the deadline."""
+        return self.handler.receive_into(buffer)
+
+
+def tls_handshake(sock: ssl.SSLSocket, timeout_s: float,
+                  deadline_s: float) -> None:
+    """Run the server side of a TLS handshake within deadline_s in total.
+
+    A blocking handshake applies its timeout to each read, so a client
+    sending one byte at a time could keep it going for hours.
+    """
+    deadline = time.monotonic() + deadline_s
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    sock.setblocking(False)
+    try:
+        while True:
+            try:
+                sock.do_handshake()
+                return
+            except ssl.SSLWantReadError:
+                poller.modify(sock, select.POLLIN)
+            except ssl.SSLWantWriteError:
+                poller.modify(sock, select.POLLOUT)
+            remaining = min(timeout_s, deadline - time.monotonic())
+            if remaining <= 0 or not poller.poll(remaining * 1000):
+                raise socket.timeout("TLS handshake not finished within "
+                                     "request_timeout_s or "
+                                     "request_deadline_s")
+    finally:
+        sock.settimeout(timeout_s)
+
+
+def certificate_common_name(certificate: dict | None) -> str | None:
+    """Return the subject commonName of a verified peer certificate."""
+    for rdn in (certificate or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value[:128]
+    return None
+
+
+# A string runs to its closing quote or, unterminated, to the end of the
+# text, so every match attempt succeeds and the scan stays linear.
+_JSON_STRING = re.compile(r'"(?:[^"\\]+|\\.)*(?:"|\\?\Z)', re.DOTALL)
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def json_depth_over(text: str, limit: int) -> bool:
+    """Return True when arrays and objects in text nest deeper than limit.
+
+    Strings are removed first, so brackets inside them do not count. This
+    runs before json.loads, whose C scanner recurses once per level and
+    raises RecursionError near 1000 levels deep.
+    """
+    depth = 0
+    for match in _JSON_BRACKET.finditer(_JSON_STRING.sub("", text)):
+        if match.group() in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
 
 
 class ApiHandler(http.server.BaseHTTPRequestHandler):
@@ -8213,8 +8632,102 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     # True once the connection may hold request bytes that were not read.
     _unread_request = False
+    # Monotonic time by which the current request must have arrived; None
+    # between requests.
+    _deadline = None
+    _deadline_passed = False
+    _responded = False
+    _header_reader = None
+    # Token name, the ids of the body and, with mutual TLS, the client
+    # certificate's common name, for the log line of the request.
+    _token_name = None
+    _request_ids: dict = {}
+    _client_cert = None
 
     # --- plumbing
+
+    def setup(self) -> None:
+        """Finish the TLS handshake, then read through _DeadlineReader."""
+        if isinstance(self.request, ssl.SSLSocket):
+            tls_handshake(self.request, self.timeout,
+                          self.server.operator.config.request_deadline_s)
+            self._client_cert = certificate_common_name(
+                self.request.getpeercert())
+        super().setup()
+        socket_file = self.rfile
+        self.rfile = io.BufferedReader(_DeadlineReader(self))
+        socket_file.close()
+
+    def receive_into(self, buffer) -> int:
+        """Receive bytes of a request within request_timeout_s and the deadline."""
+        timeout = self.timeout
+        if self._deadline is not None:
+            remaining = self._deadline - time.monotonic()
+            if remaining <= 0:
+                self._deadline_passed = True
+                raise socket.timeout("request_deadline_s passed")
+            timeout = min(timeout, remaining)
+        self.connection.settimeout(timeout)
+        try:
+            count = self.connection.recv_into(buffer)
+        except socket.timeout:
+            if self._deadline is not None and \
+                    time.monotonic() >= self._deadline:
+                self._deadline_passed = True
+            raise
+        if count and self._deadline is None:
+            self._deadline = (time.monotonic() +
+                              self.server.operator.config.request_deadline_s)
+        return count
+
+    def handle_one_request(self) -> None:
+        """Handle one request; a partial request that timed out gets 408.
+
+        http.server closes such a connection without a response, and on
+        Python 3.9 its socket.timeout escapes to handle_error.
+        """
+        self._responded = False
+        self._token_name = None
+        self._request_ids = {}
+        self.request_version = self.default_request_version
+        self.requestline = ""
+        self.command = None
+        try:
+            super().handle_one_request()
+        except socket.timeout:
+            self.close_connection = True
+        if self._deadline is not None and not self._responded:
+            self._close_after_response()
+            if self._deadline_passed:
+                reason = "within request_deadline_s"
+            else:
+                reason = "with no pause over request_timeout_s"
+            log("http.request_timeout", client=self.client_address[0],
+                error=f"request not received {reason}")
+            with contextlib.suppress(OSError):
+                self.send_json(408, {"error": f"request not received "
+                                              f"{reason}"})
+        self._deadline = None
+        self._deadline_passed = False
+
+    def parse_request(self) -> bool:
+        """Parse the request line and headers within the header limits."""
+        config = self.server.operator.config
+        socket_file = self.rfile
+        self._header_reader = _HeaderLimitReader(
+            socket_file, config.max_header_bytes, config.max_header_count)
+        self.rfile = self._header_reader
+        try:
+            return super().parse_request()
+        finally:
+            self.rfile = socket_file
+
+    def _response_starts(self) -> None:
+        """End the request's deadline, so that writes get request_timeout_s."""
+        self._responded = True
+        self._deadline = None
+        with contextlib.suppress(OSError):
+            self.connection.settimeout(self.timeout)
 
     def log_message(self, format, *args):  # noqa: A002 (stdlib signature)
         """Silence the stdlib access log; dispatch logs each request."""
@@ -8224,15 +8737,18 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         """Send a JSON error for a request that http.server rejects itself.
 
         http.server calls this for an invalid request line (400), a request
-        line over 65536 bytes (414), a header line over 65536 bytes or more
-        than 100 header fields (431) and a method without a do_ method
-        (501). The rest of such a request cannot be framed, so the
-        connection closes.
+        line over 65536 bytes (414), header lines over max_header_bytes or
+        max_header_count (431) and a method without a do_ method (501).
+        The rest of such a request cannot be framed, so the connection
+        closes.
         """
         self._close_after_response()
         text = message or self.responses.get(code, ("error",))[0]
         if code == http.HTTPStatus.REQUEST_URI_TOO_LONG:
             text = "the request line is longer than 65536 bytes"
+        problem = getattr(self._header_reader, "problem", None)
+        if code == http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE and problem:
+            text, explain = problem, None
         if explain:
             text = f"{text}: {explain}"
         if code == http.HTTPStatus.NOT_IMPLEMENTED:
@@ -8278,6 +8794,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     def send_json(self, status: int, value, headers: dict | None = None):
         """Send a JSON response with an exact Content-Length."""
         body = json.dumps(value, indent=1).encode() + b"\n"
+        self._response_starts()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -8294,6 +8811,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     def send_text(self, status: int, answer: TextAnswer) -> None:
         """Send a text response with an exact Content-Length."""
         body = answer.text.encode()
+        self._response_starts()
         self.send_response(status)
         self.send_header("Content-Type", answer.content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -8330,8 +8848,10 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                 self._check_length(length)
             data = self.rfile.read(length)
         except socket.timeout:
+            reason = ("within request_deadline_s" if self._deadline_passed
+                      else "with no pause over request_timeout_s")
             raise self._framing_error(
-                "request body not received within request_timeout_s", 408)
+                f"request body not received {reason}", 408)
         if len(data) != length:
             raise self._framing_error("request body ended before its "
                                       "Content-Length")
@@ -8520,6 +9040,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                 log("http.request", method=self.command,
                     path=self.path[:200], status=status,
                     client=self.client_address[0],
+                    client_cert=self._client_cert, token=self._token_name,
+                    **self._request_ids,
                     ms=round((time.monotonic() - started) * 1000, 1))
 
     def _route(self) -> tuple:
@@ -8546,9 +9068,10 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     def _authenticate(self) -> None:
         header = self.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
-        expected = self.server.operator.config.token
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.strip().encode(), expected.encode()):
+        name = match_token(token.strip(), self.server.tokens)
+        if scheme.lower() == "bearer" and name is not None:
+            self._token_name = name
+        else:
             error = RequestError("missing or invalid bearer token; send "
                                  "Authorization: Bearer <token>", status=401)
             error.headers = {"WWW-Authenticate": 'Bearer realm="crate-operator"'}
@@ -8559,10 +9082,25 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         if ctype.split(";")[0].strip().lower() != "application/json":
             raise RequestError(f"Content-Type must be application/json, "
                                f"not {ctype[:100]!r}", status=415)
+        limit = self.server.operator.config.max_json_depth
         try:
-            return json.loads(body.decode("utf-8"))
+            text = body.decode("utf-8")
+            if json_depth_over(text, limit):
+                raise RequestError(f"request body nests arrays and objects "
+                                   f"deeper than {limit} levels "
+                                   f"(max_json_depth)")
+            value = json.loads(text)
         except (UnicodeDecodeError, ValueError) as exc:
             raise RequestError(f"request body is not valid JSON: {exc}")
+        except RecursionError:
+            raise RequestError(f"request body nests arrays and objects "
+                               f"deeper than {limit} levels (max_json_depth)")
+        if isinstance(value, dict):
+            self._request_ids = {
+                key: str(value[key])[:128]
+                for key in ("app_id", "deployment_id", "instance_id")
+                if isinstance(value.get(key), (str, int))}
+        return value
 
     def _validated(self, endpoint: str, body: bytes) -> tuple:
         result = validate_body(endpoint, self._json_body(body))
@@ -8795,6 +9333,8 @@ def render_operator_unit(program: str = PACKAGE_PROGRAM) -> str:
         "Type=notify\n"
         f"ExecStart={UNIT_PYTHON} -I {program} serve "
         f"--config {DEFAULT_CONFIG_PATH}\n"
+        "# SIGHUP re-reads tokens_dir and the TLS certificate and key.\n"
+        "ExecReload=/bin/kill -HUP $MAINPID\n"
         "SyslogIdentifier=crate-operator\n"
         "Restart=on-failure\n"
         "RestartSec=2s\n"
@@ -9123,10 +9663,18 @@ def serve(config: Config) -> int:
             log("operator.stopping", signal=signal.Signals(signum).name)
             threading.Thread(target=server.shutdown, daemon=True).start()
 
+    def on_reload(_signum, _frame):
+        # The handler runs on the accept loop's thread, which must not
+        # wait for file reads.
+        threading.Thread(target=server.reload, daemon=True).start()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_reload)
     log("operator.listening", address=f"{host}:{server.server_port}",
-        version=__version__, pid=os.getpid())
+        tls=server.tls_context is not None,
+        mtls=bool(config.tls_client_ca_file), version=__version__,
+        pid=os.getpid())
     _notify_systemd("READY=1")
     try:
         server.serve_forever(poll_interval=0.2)
