@@ -86,6 +86,9 @@ _DEFAULT = object()
 FREE_PORT_RANGE = (10000, 19999)
 _handed_out: set = set()
 _handed_out_lock = threading.Lock()
+# A generator of its own: Hypothesis strategies call free_port, and they must
+# not draw from (or reseed) the global random module.
+_port_random = random.Random()
 
 
 def free_port() -> int:
@@ -97,7 +100,7 @@ def free_port() -> int:
     low, high = FREE_PORT_RANGE
     with _handed_out_lock:
         for _ in range(10000):
-            port = random.randint(low, high)
+            port = _port_random.randint(low, high)
             if port in _handed_out:
                 continue
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
