@@ -209,8 +209,7 @@ def test_metadata_address_rejected_by_default(operator, callbacks):
     assert "169.254.169.254" in answer["errors"][0]["reason"]
 
 
-def test_redirect_to_blocked_fails_deploy(guarded, asset_server, callbacks,
-                                          host_server):
+def test_redirect_to_blocked_fails_deploy(guarded, callbacks):
     # A tiny redirecting server: asset_url passes the request-time check,
     # the redirect target is found blocked only at connection time.
     class Redirect(http.server.BaseHTTPRequestHandler):
