@@ -3505,10 +3505,15 @@ def guarded_connection(url: str, timeout_s: float, policy: OutboundPolicy):
         last_error = None
         for address in addresses:
             try:
-                return socket.create_connection((str(address), port), timeout,
+                sock = socket.create_connection((str(address), port), timeout,
                                                 source_address)
             except OSError as exc:
                 last_error = exc
+                continue
+            # Kept for _Deadline: http.client drops conn.sock after reading
+            # the headers of a response that closes the connection.
+            conn.checked_socket = sock
+            return sock
         raise last_error
 
     # http.client opens its socket through this attribute (CPython 3.9 to
@@ -3532,7 +3537,7 @@ class _Deadline:
 
     def _expire(self) -> None:
         self.expired = True
-        sock = self._conn.sock
+        sock = getattr(self._conn, "checked_socket", None) or self._conn.sock
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)

@@ -406,3 +406,63 @@ def test_fuzz_mutated_bodies(operator, shared_dir, caddy, post_paths,
             operator.wait_state(body["deployment_id"], co.STATES_TERMINAL)
 
     run()
+
+
+# === Callback delivery bounds, in process ===
+
+def callback_outbox(block):
+    config = type("Config", (), {
+        "callback_timeout_s": 1.0, "callback_secret": "s" * 32,
+        "outbound_allow": [], "outbound_block": block})()
+    store = type("Store", (), {"outbox_events": lambda self: []})()
+    return co.CallbackOutbox(store, config)
+
+
+def callback_event(url):
+    return {"url": url, "body": "{}", "event": "deployment.running",
+            "delivery_id": "1-x"}
+
+
+def test_callback_blocked_is_not_retried():
+    outbox = callback_outbox([f"{BLOCKED}/32"])
+    event = callback_event(f"http://{BLOCKED}:9/cb")
+    error = outbox._post(event)
+    assert "outbound_block" in error
+    assert event["blocked"] is True
+
+
+def test_callback_trickling_response_times_out():
+    stop = threading.Event()
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            while not stop.is_set():
+                try:
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.1)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        outbox = callback_outbox([])
+        started = time.monotonic()
+        error = outbox._post(callback_event(
+            f"http://127.0.0.1:{server.server_address[1]}/cb"))
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()
+    # The status line arrived, so the event counts as delivered; the
+    # trickled body (10 000 s at this rate) is cut at callback_timeout_s.
+    assert error is None
+    assert elapsed < 30
