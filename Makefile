@@ -8,7 +8,7 @@ SHELL_SCRIPTS := .ci/run tests/sandbox/ns-init.sh \
 	tests/sandbox/ns-init-overlay.sh packaging/deb/build-deb.sh \
 	packaging/deb/postinst packaging/deb/prerm packaging/deb/postrm
 
-.PHONY: test demo run lint deb install clean
+.PHONY: test demo run lint deb install clean fuzz
 
 test:
 	@$(PYTHON) -c 'import pytest, hypothesis' 2>/dev/null \
@@ -42,6 +42,22 @@ lint:
 	@echo "systemd-analyze verify crate-operator.service"; \
 	output=$$(systemd-analyze verify ./crate-operator.service 2>&1); \
 	if [ -n "$$output" ]; then echo "$$output" >&2; exit 1; fi
+
+# schemathesis against the development operator of `make run`.  The
+# operator may only reach loopback, so generated asset and callback URLs
+# never leave the host.
+fuzz:
+	@command -v schemathesis >/dev/null \
+		|| { echo "schemathesis is missing: pip install schemathesis" >&2; exit 1; }
+	@mkdir -p $(BUILD_DIR)
+	@CRATE_OPERATOR_OUTBOUND_ALLOW='["127.0.0.0/8", "::1/128"]' \
+	$(PYTHON) tools/run_dev.py $(BUILD_DIR)/dev > $(BUILD_DIR)/fuzz.log 2>&1 & \
+	pid=$$!; sleep 2; \
+	token=$$($(PYTHON) -c 'import json, sys; print(json.load(open(sys.argv[1]))["token"])' \
+		$(BUILD_DIR)/dev/config.json); \
+	schemathesis run http://127.0.0.1:8750/v1/openapi.json \
+		-H "Authorization: Bearer $$token" --checks all; status=$$?; \
+	kill $$pid; exit $$status
 
 deb:
 	PYTHON=$(PYTHON) OUT_DIR=$(abspath $(BUILD_DIR)) sh packaging/deb/build-deb.sh

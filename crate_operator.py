@@ -202,6 +202,18 @@ CONFIG_SPEC = {
                           "removed in the background"),
     "history_prune_interval_s": (300.0, float,
                                  "pause between two runs of history pruning"),
+    "outbound_allow": ([], list,
+                       "host names and CIDR networks asset_url and "
+                       "callback_url may reach; empty allows every "
+                       "destination not blocked (.example.com matches "
+                       "subdomains)"),
+    "outbound_block": (["0.0.0.0/8", "169.254.0.0/16", "fe80::/10",
+                        "100.100.100.200/32", "fd00:ec2::254/128",
+                        "224.0.0.0/4", "255.255.255.255/32", "ff00::/8"],
+                       list,
+                       "host names and CIDR networks asset_url and "
+                       "callback_url may never reach; checked after DNS "
+                       "resolution and before the allow list"),
 }
 
 # Time a domain update waits for the app's running job before it answers
@@ -644,6 +656,11 @@ MAX_URL_LENGTH = 2048
 MAX_DOMAIN_LENGTH = 253  # RFC 1035 2.3.4: 255 octets on the wire, 253 as text
 MAX_LABEL_LENGTH = 63
 MAX_ENV_VARS = 256
+# Bounds of the "limits" extension: below 16 MiB even a static binary
+# hardly starts, and 6400 % is 64 CPUs.
+MIN_LIMIT_MEMORY_MB = 16
+MAX_LIMIT_MEMORY_MB = 1 << 20
+MAX_LIMIT_CPU_PERCENT = 6400
 MAX_ENV_VALUE_LENGTH = 32 * 1024  # characters
 MAX_ENV_TOTAL_BYTES = 256 * 1024  # UTF-8 bytes of all NAME=value pairs
 MAX_HEALTH_PATH_LENGTH = 1024
@@ -948,7 +965,16 @@ _COMMON_DEPLOY = {
     "environment_id": _ENVIRONMENT_ID,
     "team_id": _TEAM_ID,
 }
+_LIMITS = _optional(
+    _ref("ResourceLimits"),
+    description=(
+        "Memory and CPU limits of each instance. Binary apps get MemoryMax="
+        " and CPUQuota= in their unit."
+    ),
+    **{"x-crate-extension": True},
+)
 _DOCKER_OPTIONAL = {
+    "limits": _LIMITS,
     "docker_command": _DOCKER_COMMAND,
     "health_check_path": _HEALTH_CHECK_PATH,
     "registry_credentials": _REGISTRY_CREDENTIALS,
@@ -956,6 +982,7 @@ _DOCKER_OPTIONAL = {
     "canary": _CANARY,
 }
 _BINARY_OPTIONAL = {
+    "limits": _LIMITS,
     "health_check_path": _HEALTH_CHECK_PATH,
     "asset_sha256": _ASSET_SHA256,
     "canary": _CANARY,
@@ -1168,6 +1195,31 @@ SCHEMAS: dict[str, dict] = {
             },
         },
         description="Canary traffic steps.",
+        **{"x-crate-extension": True},
+    ),
+    "ResourceLimits": _object(
+        {},
+        {
+            "memory_mb": _optional(
+                {
+                    "type": "integer", "format": "int32",
+                    "minimum": MIN_LIMIT_MEMORY_MB,
+                    "maximum": MAX_LIMIT_MEMORY_MB,
+                },
+                description="Memory limit in MiB (MemoryMax=).",
+            ),
+            "cpu_percent": _optional(
+                {
+                    "type": "integer", "format": "int32", "minimum": 1,
+                    "maximum": MAX_LIMIT_CPU_PERCENT,
+                },
+                description=(
+                    "CPU time in percent of one CPU (CPUQuota=); 200 is two"
+                    " full CPUs."
+                ),
+            ),
+        },
+        description="Resource limits of each instance.",
         **{"x-crate-extension": True},
     ),
     "BinarySlotsDeployRequest": _deploy_request(
@@ -2255,10 +2307,11 @@ def _coerce(key: str, value, source: str):
         value = float(value)
     if kind is list and isinstance(value, list):
         default = CONFIG_SPEC[key][0]
-        # An empty default names no item type, so _check_config checks
-        # the items of such a list.
-        item_kind = type(default[0]) if default else None
-        if item_kind and not all(type(item) is item_kind for item in value):
+        # tokens holds {"name", "token"} objects; every other list key
+        # with an empty default holds strings.
+        item_kind = type(default[0]) if default else (
+            dict if key == "tokens" else str)
+        if not all(type(item) is item_kind for item in value):
             raise ConfigError(f"{source}: {key} must be a list of "
                               f"{item_kind.__name__}")
         return value
@@ -2483,6 +2536,11 @@ def _check_config(values: dict) -> None:
             <= 65535:
         problems.append("port_range_min..port_range_max must be a range "
                         "within 1024-65535")
+    for key in ("outbound_allow", "outbound_block"):
+        for rule in values[key]:
+            if _parse_outbound_rule(rule) is None:
+                problems.append(f"{key}: {rule!r} is neither a CIDR network "
+                                f"nor a host name")
     if values["log_format"] not in ("text", "json"):
         problems.append("log_format must be 'text' or 'json'")
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", values["caddy_server"]):
@@ -2808,8 +2866,25 @@ def escape_unit_word(word: str) -> str:
 
 
 # Hardening a typical binary web app survives: it may write only to its own
-# StateDirectory and private /tmp, and it cannot gain privileges.
+# StateDirectory and private /tmp, and it cannot gain privileges.  Checked
+# with `systemd-analyze security --offline=yes` (systemd 252): exposure 5.0
+# before the capability, system call and /proc lines, 1.3 with them.  A
+# Python app and a static busybox httpd run under it (tests/test_hostile.py).
+# Not set, because typical apps break: MemoryDenyWriteExecute= (JIT runtimes
+# such as V8, HotSpot, .NET and PyPy), PrivateNetwork= and IPAddressDeny=
+# (apps reach their databases and APIs), PrivateUsers= (see the README).
+# A filtered system call fails with EPERM instead of killing the process.
 APP_UNIT_HARDENING = """\
+CapabilityBoundingSet=
+AmbientCapabilities=
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+SystemCallErrorNumber=EPERM
+ProtectProc=invisible
+ProcSubset=pid
+RemoveIPC=yes
+PrivateMounts=yes
+KeyringMode=private
 NoNewPrivileges=yes
 ProtectSystem=strict
 ProtectHome=yes
@@ -2831,11 +2906,26 @@ UMask=0077
 """
 
 
+def render_limits(limits: dict | None) -> str:
+    """Render MemoryMax= and CPUQuota= lines for a deploy's "limits".
+
+    CPUQuota= is a percentage of one CPU, so 200 allows two full CPUs.
+    """
+    lines = []
+    limits = limits or {}
+    if limits.get("memory_mb"):
+        lines.append(f"MemoryMax={int(limits['memory_mb'])}M\n")
+    if limits.get("cpu_percent"):
+        lines.append(f"CPUQuota={int(limits['cpu_percent'])}%\n")
+    return "".join(lines)
+
+
 def render_unit(spec: dict) -> str:
     """Render the unit of one binary instance.
 
     ``spec`` holds app_id, instance_id, version, deployment_id, exec_argv,
-    workdir, env_file, app_user, stop_timeout_s and restart_sec_s.
+    workdir, env_file, app_user, stop_timeout_s and restart_sec_s, and
+    optionally limits ({"memory_mb": int, "cpu_percent": int}).
     """
     argv = " ".join(escape_unit_word(word) for word in spec["exec_argv"])
     if spec["app_user"] == "dynamic":
@@ -2861,6 +2951,7 @@ def render_unit(spec: dict) -> str:
         f"RestartSec={spec['restart_sec_s']:g}s\n"
         f"TimeoutStopSec={spec['stop_timeout_s']:g}s\n"
         "KillMode=mixed\n"
+        f"{render_limits(spec.get('limits'))}"
         f"{APP_UNIT_HARDENING}"
         "\n[Install]\n"
         "WantedBy=multi-user.target\n"
@@ -4244,19 +4335,212 @@ class CaddyClient:
         return self._run_guarded(action, delete_step)
 
 
-# === Host adapter: downloads ===
+# === Outbound guard ===
 
-def _open_url(url: str, timeout_s: float):
-    """Send a GET for ``url`` and return (connection, response)."""
+# Callback responses are read up to this many bytes; the rest is dropped.
+CALLBACK_MAX_RESPONSE_BYTES = 64 << 10
+_HOST_RULE = re.compile(r"\.?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+                        r"(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
+
+
+class OutboundBlockedError(FetchError):
+    """Raised when a URL's destination is outside the outbound rules."""
+
+
+def _parse_outbound_rule(rule: str):
+    """Return an ip_network or a lower-case host name rule, or None."""
+    try:
+        return ipaddress.ip_network(rule, strict=False)
+    except ValueError:
+        pass
+    name = rule.strip().lower().rstrip(".")
+    return name if _HOST_RULE.fullmatch(name) else None
+
+
+def _plain_address(text: str):
+    """Return the ip_address of ``text``, IPv4-mapped IPv6 as IPv4."""
+    address = ipaddress.ip_address(text.split("%")[0])
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+class OutboundPolicy:
+    """The outbound_allow and outbound_block rules of asset and callback URLs.
+
+    A destination is rejected when its host name or any address it resolves
+    to matches outbound_block.  When outbound_allow is not empty, the host
+    name must match it or every resolved address must lie in it.  A name
+    rule matches that name; with a leading dot it matches every subdomain.
+    """
+
+    def __init__(self, allow: list, block: list):
+        self.allow_names, self.allow_networks = self._split(allow)
+        self.block_names, self.block_networks = self._split(block)
+
+    @classmethod
+    def from_config(cls, config) -> OutboundPolicy:
+        """Build the policy from a Config (or anything with the two keys)."""
+        return cls(config.outbound_allow, config.outbound_block)
+
+    @staticmethod
+    def _split(rules: list) -> tuple:
+        names, networks = [], []
+        for rule in rules:
+            parsed = _parse_outbound_rule(rule)
+            if isinstance(parsed, str):
+                names.append(parsed)
+            elif parsed is not None:
+                networks.append(parsed)
+        return names, networks
+
+    @staticmethod
+    def _name_matches(host: str, names: list) -> bool:
+        for rule in names:
+            if rule.startswith("."):
+                if host.endswith(rule):
+                    return True
+            elif host == rule:
+                return True
+        return False
+
+    @staticmethod
+    def _address_in(address, networks: list) -> bool:
+        return any(address.version == net.version and address in net
+                   for net in networks)
+
+    def check_before_resolving(self, host: str) -> str | None:
+        """Return why ``host`` is rejected, when that is known without DNS.
+
+        A literal address is checked in full; a name only against the
+        name rules of outbound_block, because its addresses are unknown.
+        """
+        host = host.lower().rstrip(".")
+        if _is_ip(host):
+            return self.check_addresses(host, [_plain_address(host)])
+        if self._name_matches(host, self.block_names):
+            return f"host {host} is blocked by outbound_block"
+        return None
+
+    def check_addresses(self, host: str, addresses: list) -> str | None:
+        """Return why ``host`` with these resolved addresses is rejected."""
+        host = host.lower().rstrip(".")
+        if self._name_matches(host, self.block_names):
+            return f"host {host} is blocked by outbound_block"
+        what = "address" if _is_ip(host) else f"host {host} resolves to"
+        for address in addresses:
+            if self._address_in(address, self.block_networks):
+                return f"{what} {address}, which is blocked by outbound_block"
+        if not (self.allow_names or self.allow_networks):
+            return None
+        if self._name_matches(host, self.allow_names):
+            return None
+        for address in addresses:
+            if not self._address_in(address, self.allow_networks):
+                return f"{what} {address}, which is not in outbound_allow"
+        return None
+
+    def resolve(self, host: str, port: int) -> list:
+        """Resolve ``host`` once, check every address, return them all.
+
+        Raises OutboundBlockedError when any address is rejected, so that a
+        name with one good and one blocked address is never used.
+        """
+        # A resolver error (socket.gaierror, an OSError) propagates, so that
+        # callers retry it like any other failed connection.
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except UnicodeError as exc:
+            raise FetchError(f"invalid host name {host}: {exc}")
+        addresses = []
+        for info in infos:
+            address = _plain_address(info[4][0])
+            if address not in addresses:
+                addresses.append(address)
+        problem = self.check_addresses(host, addresses)
+        if problem:
+            raise OutboundBlockedError(problem)
+        return addresses
+
+
+def guarded_connection(url: str, timeout_s: float, policy: OutboundPolicy):
+    """Return an unconnected HTTP(S)Connection for ``url`` that obeys policy.
+
+    The host is resolved and checked here, once.  The connection then goes
+    to the checked addresses only, so a DNS answer that changes between
+    the check and the connect (DNS rebinding) cannot move the target.  The
+    Host header, TLS SNI and certificate check still use the URL's name.
+    """
     parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    problem = policy.check_before_resolving(host)
+    if problem:
+        raise OutboundBlockedError(problem)
+    addresses = policy.resolve(host, port)
     if parts.scheme == "https":
         import ssl  # imported lazily: plain-HTTP hosts never need OpenSSL
         conn = http.client.HTTPSConnection(
-            parts.hostname, parts.port, timeout=timeout_s,
+            host, port, timeout=timeout_s,
             context=ssl.create_default_context())
     else:
-        conn = http.client.HTTPConnection(parts.hostname, parts.port,
-                                          timeout=timeout_s)
+        conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
+
+    def connect_checked(_address, timeout, source_address=None):
+        last_error = None
+        for address in addresses:
+            try:
+                sock = socket.create_connection((str(address), port), timeout,
+                                                source_address)
+            except OSError as exc:
+                last_error = exc
+                continue
+            # Kept for _Deadline: http.client drops conn.sock after reading
+            # the headers of a response that closes the connection.
+            conn.checked_socket = sock
+            return sock
+        raise last_error
+
+    # http.client opens its socket through this attribute (CPython 3.9 to
+    # 3.13); HTTPSConnection wraps the result with server_hostname=host.
+    conn._create_connection = connect_checked
+    return conn
+
+
+class _Deadline:
+    """Shut down a connection's socket when a total time limit passes.
+
+    Socket timeouts bound each read, but a peer that trickles one byte at a
+    time would otherwise keep a request alive indefinitely.
+    """
+
+    def __init__(self, conn, seconds: float):
+        self._conn = conn
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self.expired = False
+
+    def _expire(self) -> None:
+        self.expired = True
+        sock = getattr(self._conn, "checked_socket", None) or self._conn.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._timer.cancel()
+
+
+# === Host adapter: downloads ===
+
+def _open_url(url: str, timeout_s: float, policy: OutboundPolicy):
+    """Send a GET for ``url`` and return (connection, response)."""
+    parts = urllib.parse.urlsplit(url)
+    conn = guarded_connection(url, timeout_s, policy)
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
@@ -4275,18 +4559,24 @@ class _TransientHTTPError(FetchError):
 
 
 def download(url: str, dest: str, max_bytes: int, timeout_s: float,
-             log_fields: dict) -> str:
+             log_fields: dict, policy: OutboundPolicy | None = None) -> str:
     """Stream ``url`` into ``dest`` and return the hex SHA-256 of the bytes.
 
     Follows a few redirects, stops at ``max_bytes`` and at ``timeout_s`` per
     attempt.  A failed connection, a cut transfer and the statuses 408, 429
     and 5xx are tried DOWNLOAD_ATTEMPTS times in total.  Any other non-200
     status (a 404, a 403) fails at once, because repeating it cannot help.
+    Every URL, redirects included, must pass ``policy`` (the default
+    outbound rules when None); a rejected one fails at once.
     """
+    if policy is None:
+        policy = OutboundPolicy(CONFIG_SPEC["outbound_allow"][0],
+                                CONFIG_SPEC["outbound_block"][0])
     last_error = None
     for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
         try:
-            return _download_once(url, dest, max_bytes, timeout_s, log_fields)
+            return _download_once(url, dest, max_bytes, timeout_s, log_fields,
+                                  policy)
         except (OSError, http.client.HTTPException,
                 _TransientHTTPError) as exc:
             last_error = exc
@@ -4306,10 +4596,10 @@ def redact_url(url: str) -> str:
 
 
 def _download_once(url: str, dest: str, max_bytes: int, timeout_s: float,
-                   log_fields: dict) -> str:
+                   log_fields: dict, policy: OutboundPolicy) -> str:
     deadline = time.monotonic() + timeout_s
     for _ in range(DOWNLOAD_MAX_REDIRECTS + 1):
-        conn, resp = _open_url(url, min(timeout_s, 30.0))
+        conn, resp = _open_url(url, min(timeout_s, 30.0), policy)
         try:
             if resp.status in (301, 302, 303, 307, 308):
                 location = resp.getheader("Location") or ""
@@ -5295,7 +5585,8 @@ class BinaryRuntime:
             asset = os.path.join(staging, "asset")
             digest = download(plan["asset_url"], asset,
                               self.config.max_asset_bytes,
-                              self.config.download_timeout_s, ids)
+                              self.config.download_timeout_s, ids,
+                              OutboundPolicy.from_config(self.config))
             self._check_digest(plan, digest)
 
             kind = asset_kind(asset)
@@ -5516,6 +5807,7 @@ class BinaryRuntime:
             "env_file": env_path, "app_user": self.config.app_user,
             "stop_timeout_s": self.config.stop_timeout_s,
             "restart_sec_s": self.config.restart_sec_s,
+            "limits": plan.get("limits"),
         })
         self.systemd.write_unit(instance["unit"], unit)
 
@@ -5649,6 +5941,8 @@ LABEL_VERSION = "crate.version"
 LABEL_TEAM = "crate.team_id"
 LABEL_ENVIRONMENT = "crate.environment_id"
 CONTAINER_PREFIX = "crate-"
+# Most processes and threads one container may run (a fork bomb stops here).
+DOCKER_PIDS_LIMIT = 512
 # Time a probe connection through docker-proxy must stay open to count as
 # accepted by the container.
 DOCKER_PROXY_PROBE_S = 0.3
@@ -5980,8 +6274,18 @@ class DockerRuntime:
                     "max-file": DOCKER_LOG_MAX_FILES}},
                 "Mounts": mounts,
                 "SecurityOpt": ["no-new-privileges"],
+                # A web app needs no capability to bind its port above 1024
+                # as a non-root user.
+                "CapDrop": ["ALL"],
+                "PidsLimit": DOCKER_PIDS_LIMIT,
             },
         }
+        limits = plan.get("limits") or {}
+        if limits.get("memory_mb"):
+            config["HostConfig"]["Memory"] = limits["memory_mb"] << 20
+        if limits.get("cpu_percent"):
+            # NanoCpus counts billionths of one CPU.
+            config["HostConfig"]["NanoCpus"] = limits["cpu_percent"] * 10 ** 7
         if plan.get("docker_command"):
             config["Cmd"] = list(plan["docker_command"])
         return config
@@ -7298,6 +7602,7 @@ class CallbackOutbox:
         self._pending = {}
         self._workers = {}
         self._stopping = threading.Event()
+        self.policy = OutboundPolicy.from_config(config)
         self.delivered = 0
         self.retried = 0
         self.given_up = 0
@@ -7373,8 +7678,8 @@ class CallbackOutbox:
             self.delivered += 1
             METRICS.inc("crate_callbacks_delivered_total")
             log("callback.delivered", attempts=event["attempts"], **ids)
-        elif time.time() - event["created_at"] > \
-                self.config.callback_retry_window_s:
+        elif event.pop("blocked", False) or time.time() - \
+                event["created_at"] > self.config.callback_retry_window_s:
             event["given_up_at"] = time.time()
             self.given_up += 1
             METRICS.inc("crate_callbacks_given_up_total")
@@ -7397,18 +7702,24 @@ class CallbackOutbox:
                 self.store.outbox_prune(self.config.events_retention)
 
     def _post(self, event: dict) -> str | None:
-        """POST one event; return None on a 2xx, else the error text."""
+        """POST one event; return None on a 2xx, else the error text.
+
+        A destination outside the outbound rules marks the event
+        "blocked", because retrying cannot change the answer.  Redirects
+        are not followed.  The whole exchange, response included, ends
+        after callback_timeout_s and at most CALLBACK_MAX_RESPONSE_BYTES
+        of the response body are read.
+        """
         body = event["body"].encode()
         parts = urllib.parse.urlsplit(event["url"])
         timeout = self.config.callback_timeout_s
-        if parts.scheme == "https":
-            import ssl  # imported lazily: plain-HTTP hosts never need it
-            conn = http.client.HTTPSConnection(
-                parts.hostname, parts.port, timeout=timeout,
-                context=ssl.create_default_context())
-        else:
-            conn = http.client.HTTPConnection(parts.hostname, parts.port,
-                                              timeout=timeout)
+        try:
+            conn = guarded_connection(event["url"], timeout, self.policy)
+        except OutboundBlockedError as exc:
+            event["blocked"] = True
+            return f"callback_url rejected: {exc}"
+        except (OSError, FetchError) as exc:
+            return f"{type(exc).__name__}: {exc}"
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         headers = {
             "Content-Type": "application/json",
@@ -7417,14 +7728,18 @@ class CallbackOutbox:
             "X-Crate-Delivery": event["delivery_id"],
             "X-Crate-Signature": sign_body(self.config.callback_secret, body),
         }
+        deadline = _Deadline(conn, timeout)
         try:
-            conn.request("POST", path, body=body, headers=headers)
-            resp = conn.getresponse()
-            resp.read(65536)
+            with deadline:
+                conn.request("POST", path, body=body, headers=headers)
+                resp = conn.getresponse()
+                resp.read(CALLBACK_MAX_RESPONSE_BYTES)
             if 200 <= resp.status < 300:
                 return None
             return f"HTTP {resp.status}"
         except (OSError, http.client.HTTPException) as exc:
+            if deadline.expired:
+                return f"timed out after {timeout:g} s (callback_timeout_s)"
             return f"{type(exc).__name__}: {exc}"
         finally:
             conn.close()
@@ -7852,7 +8167,11 @@ class Operator:
     # --- requests
 
     def check_urls(self, value: dict) -> None:
-        """Reject URLs that point at this operator or at Caddy's admin API."""
+        """Reject URLs aimed at this operator, Caddy's admin API or a blocked host.
+
+        Only what is known without DNS is checked here (a literal address, a
+        blocked name); the rest is checked when the connection is made.
+        """
         listen_host, listen_port = parse_listen(self.config.listen)
         targets = [(listen_host, listen_port, "the operator's own listener")]
         admin = urllib.parse.urlsplit(self.config.caddy_admin)
@@ -7860,9 +8179,15 @@ class Operator:
             targets.append((admin.hostname, admin.port or 80,
                             "the Caddy admin API"))
         errors = []
+        policy = OutboundPolicy.from_config(self.config)
         for field in ("callback_url", "asset_url"):
             url = value.get(field)
             if not url:
+                continue
+            problem = policy.check_before_resolving(
+                urllib.parse.urlsplit(url).hostname or "")
+            if problem:
+                errors.append({"field": f"$.{field}", "reason": problem})
                 continue
             for host, port, what in targets:
                 if _resolves_to(url, host, port):
@@ -8225,8 +8550,10 @@ def plan_from_slots_request(value: dict, kind: str) -> dict:
     Docker fields are None for binary requests and the asset fields None
     for docker requests. registry_credentials stays in memory only: the
     plan is never stored, and the job drops it when it ends.
+    plan["limits"] exists only when the request sets the limits extension,
+    so runtimes read it with plan.get("limits").
     """
-    return {
+    plan = {
         "kind": kind, "model": "slots", "app_id": value["app_id"],
         "team_id": value["team_id"], "environment_id": value["environment_id"],
         "deployment_id": str(value["deployment_id"]),
@@ -8246,6 +8573,11 @@ def plan_from_slots_request(value: dict, kind: str) -> dict:
         "callback_url": value["callback_url"],
         "canary": value.get("canary"),
     }
+    limits = {name: number for name, number in
+              (value.get("limits") or {}).items() if number is not None}
+    if limits:
+        plan["limits"] = limits
+    return plan
 
 
 # === HTTP API ===

@@ -363,6 +363,8 @@ def test_container_settings(operator, dockerd, registry, images, callbacks):
         "crate.version": body["target_version"], "crate.team_id": "team-d",
         "crate.environment_id": "4"}
     assert config["User"] == NOBODY
+    assert host["CapDrop"] == ["ALL"]
+    assert "no-new-privileges" in host["SecurityOpt"]
     assert config["Image"] == images["web"] + ":v1"
     assert f"PORT={port}" in config["Env"]
     assert f"{port}/tcp" in config["ExposedPorts"]
@@ -374,6 +376,29 @@ def test_container_settings(operator, dockerd, registry, images, callbacks):
     assert host["LogConfig"] == {"Type": "json-file", "Config": {
         "max-file": "3", "max-size": "10m"}}
     assert "no-new-privileges" in host["SecurityOpt"]
+
+
+def test_container_config_carries_limits():
+    # dockerd inside the namespaced sandbox has no cgroup controllers and
+    # drops memory and pids limits silently, so the request is checked here.
+    values = {key: spec[0] for key, spec in co.CONFIG_SPEC.items()}
+    config = co.Config(dict(values, app_user="dynamic", apps_dir="/srv/x"))
+    runtime = co.DockerRuntime(config, client=None)
+    plan = {"app_id": 5, "deployment_id": "9", "version": "v1",
+            "team_id": "t", "environment_id": 1, "env_vars": {},
+            "limits": {"memory_mb": 256, "cpu_percent": 150}}
+    instance = {"instance_id": "blue", "name": "blue", "port": 18000}
+    built = runtime._container_config(plan, instance, {"release": "img:1"},
+                                      [])
+    host = built["HostConfig"]
+    assert host["Memory"] == 256 << 20
+    assert host["NanoCpus"] == 1_500_000_000
+    assert host["PidsLimit"] == 512
+    assert host["CapDrop"] == ["ALL"]
+    without = runtime._container_config(dict(plan, limits=None), instance,
+                                        {"release": "img:1"}, [])
+    assert "Memory" not in without["HostConfig"]
+    assert "NanoCpus" not in without["HostConfig"]
 
 
 def test_process_runs_as_nobody(operator, caddy, registry, images,
