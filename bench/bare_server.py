@@ -1,0 +1,41 @@
+"""Bare ThreadingHTTPServer that answers every GET with one fixed JSON body.
+
+Usage: bare_server.py BODY_FILE. It binds 127.0.0.1 on a free port, prints
+the port on stdout and serves until SIGTERM. It speaks HTTP/1.1 with
+keep-alive like the operator's API, so wrk compares the two on equal terms.
+"""
+
+from __future__ import annotations
+
+import http.server
+import signal
+import sys
+
+
+def main() -> None:
+    """Serve the body of sys.argv[1] on a free port until SIGTERM."""
+    with open(sys.argv[1], "rb") as handle:
+        body = handle.read()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print(server.server_address[1], flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
