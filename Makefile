@@ -23,7 +23,6 @@ demo:
 # Benchmarks against the real sandbox (root). Quick mode by default;
 # BENCH_QUICK=0 runs the full mode. Writes the table to bench/results.md.
 bench:
-	@command -v wrk >/dev/null || apt-get install -y wrk
 	BENCH_QUICK=$${BENCH_QUICK:-1} $(PYTHON) bench/run_bench.py
 
 # The operator in the foreground with a development config under

@@ -214,6 +214,9 @@ EVENTS_DEFAULT_LIMIT = 100
 EVENTS_MAX_LIMIT = 1000
 # Time a health probe waits for one HTTP answer.
 HEALTH_PROBE_TIMEOUT_S = 2.0
+# Minimum time between two unit state checks (a systemctl call) while a
+# health check waits; the first check comes after this time of failed probes.
+HEALTH_UNIT_CHECK_S = 0.2
 # Prefix of every unit this program writes; nothing else is touched.
 UNIT_PREFIX = "crate-app-"
 # Newest Engine API this program speaks (docker 20.10); newer daemons are
@@ -2843,6 +2846,28 @@ class Systemd:
         """Do not start the unit at boot; an absent unit is not an error."""
         self.run("disable", "--no-reload", name, check=False)
 
+    def enable_and_start(self, name: str) -> None:
+        """Enable and start a unit in one systemctl call.
+
+        When that call fails, the failed state is cleared (as in start) and
+        the call is made once more, whose failure raises SystemdError.
+        """
+        try:
+            self.run("enable", "--no-reload", "--now", name)
+        except SystemdError:
+            self.run("reset-failed", name, check=False)
+            self.run("enable", "--no-reload", "--now", name)
+
+    def disable_and_stop(self, name: str) -> None:
+        """Disable and stop a unit in one systemctl call; absent units are fine.
+
+        systemctl skips the stop when the disable fails, so a failed call
+        is followed by a plain stop.
+        """
+        result = self.run("disable", "--no-reload", "--now", name, check=False)
+        if result.returncode != 0:
+            self.stop(name)
+
     def show(self, name: str, *props: str) -> dict:
         """Return the named properties of a unit as a dict."""
         result = self.run("show", name, "--property=" + ",".join(props))
@@ -5368,13 +5393,11 @@ class BinaryRuntime:
             raise StepError(f"port {instance['port']} of instance "
                             f"{instance['instance_id']} is already in use by "
                             f"another process; free it or choose another port")
-        self.systemd.enable(instance["unit"])
-        self.systemd.start(instance["unit"])
+        self.systemd.enable_and_start(instance["unit"])
 
     def stop(self, instance: dict) -> None:
         """Stop an instance and keep it from starting at boot."""
-        self.systemd.disable(instance["unit"])
-        self.systemd.stop(instance["unit"])
+        self.systemd.disable_and_stop(instance["unit"])
 
     def problem(self, instance: dict) -> str | None:
         """Return why an instance is not running, or None when it runs."""
@@ -7515,18 +7538,18 @@ class Operator:
         runtime = self.runtime_for(instance["kind"])
         path = plan.get("health_check_path")
         deadline = time.monotonic() + cfg.health_timeout_s
+        next_unit_check = time.monotonic() + HEALTH_UNIT_CHECK_S
         detail = "not checked yet"
         while True:
-            # The probe comes first: a passing probe ends the wait without
-            # the systemctl call behind problem(), which costs more than
-            # the probe itself.
             ready, detail = runtime.probe(instance, path)
             if ready:
                 break
-            problem = runtime.problem(instance)
-            if problem:
-                raise StepError(f"instance {instance['instance_id']} stopped "
-                                f"during its health check: {problem}")
+            if time.monotonic() >= next_unit_check:
+                problem = runtime.problem(instance)
+                if problem:
+                    raise StepError(f"instance {instance['instance_id']} stopped "
+                                    f"during its health check: {problem}")
+                next_unit_check = time.monotonic() + HEALTH_UNIT_CHECK_S
             if time.monotonic() > deadline:
                 target = f"http://127.0.0.1:{instance['port']}{path or ''}"
                 raise StepError(
