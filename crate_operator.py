@@ -2507,13 +2507,15 @@ class Store:
 
     def deployments(self) -> list:
         """Return every deployment record."""
-        out = []
+        return list(self.iter_deployments())
+
+    def iter_deployments(self):
+        """Yield every deployment record, reading one file at a time."""
         for name in sorted(os.listdir(self.deployments_dir)):
             if name.endswith(".json") and not name.startswith("."):
                 record = read_json(os.path.join(self.deployments_dir, name))
                 if record:
-                    out.append(record)
-        return out
+                    yield record
 
     # --- callback outbox
 
@@ -7368,7 +7370,11 @@ def prune_history(store: Store, max_records: int, max_age_s: float,
     never removed, and they count toward ``max_records``.
     """
     now = time.time() if now is None else now
-    records = store.deployments()
+    # Only the fields the ranking needs are kept, so memory does not grow
+    # with the size of the records.
+    records = [{key: record.get(key) for key in
+                ("created_at", "deployment_id", "state", "finished_at")}
+               for record in store.iter_deployments()]
     records.sort(key=lambda r: (r.get("created_at") or "",
                                 str(r.get("deployment_id"))), reverse=True)
     removed = 0
@@ -7453,7 +7459,7 @@ class Operator:
         Runs before the listener serves, so each recovery job is queued
         ahead of any new request for its app.
         """
-        for record in self.store.deployments():
+        for record in self.store.iter_deployments():
             state = record.get("state")
             if state in STATES_TERMINAL:
                 continue
@@ -8028,6 +8034,10 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = f"crate-operator/{__version__}"
+    # send_json writes the headers and the body separately. With Nagle's
+    # algorithm on, the body waits for the client's delayed ACK (about 40 ms
+    # on Linux) on every kept-alive request.
+    disable_nagle_algorithm = True
     sys_version = ""
     timeout = 30.0
 
