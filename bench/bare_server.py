@@ -1,4 +1,4 @@
-"""Bare ThreadingHTTPServer that answers every GET with one fixed JSON body.
+"""Bare ThreadingHTTPServer that responds to every GET with one fixed JSON body.
 
 Usage: bare_server.py BODY_FILE. It binds 127.0.0.1 on a free port, prints
 the port on stdout and serves until SIGTERM. It speaks HTTP/1.1 with

@@ -10,6 +10,7 @@ at 10/100/500 apps and memory and startup footprint.
 from __future__ import annotations
 
 import datetime
+import functools
 import http.client
 import json
 import os
@@ -19,7 +20,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -415,7 +415,8 @@ def bench_zero_downtime(env: Environment, rows: list, causes: list) -> None:
         if loop["failed"]:
             causes.append("%s: %s" % (name, "; ".join(loop["failures"][:3])))
         if wrk_errors:
-            causes.append("%s: wrk errors %d" % (name, wrk_errors))
+            causes.append("%s: %d wrk errors, compare the control row, where "
+                          "only Caddy's config changes" % (name, wrk_errors))
 
 
 def change_foreign_route(caddy: harness.CaddyProcess) -> None:
@@ -567,10 +568,10 @@ def bench_scale(env: Environment, rows: list) -> None:
         domain = probe["domain"]
         for index in range(SCALE_REPEATS):
             body = env.update(probe, env.new_asset())
-            deploys.append(measured(op, lambda: deploy(op, SLOTS, body)[0]))
+            deploys.append(measured(op, functools.partial(deploy_seconds, op, body)))
             new_domain = "moved%d-%d.example.test" % (probe["app_id"], index)
-            routes.append(measured(op, lambda: domain_update(op, probe, domain,
-                                                             new_domain)))
+            routes.append(measured(op, functools.partial(
+                domain_update, op, probe, domain, new_domain)))
             domain = new_domain
             probe = dict(probe, domain=new_domain)
         deploy_row = summarize(deploys)
@@ -588,6 +589,11 @@ def bench_scale(env: Environment, rows: list) -> None:
         growth = own[last][index] / own[first][index]
         rows.append(("Scale", "own time %s, %d vs %d apps" % (label, last, first),
                      "%.2f times" % growth, "<= 1.3", verdict(growth <= 1.3)))
+
+
+def deploy_seconds(op: harness.OperatorProcess, body: dict) -> float:
+    """Deploy a slots-model body and return the seconds from POST to success."""
+    return deploy(op, SLOTS, body)[0]
 
 
 def domain_update(op: harness.OperatorProcess, body: dict, old: str,
@@ -647,7 +653,7 @@ def start_and_measure(process: harness.OperatorProcess) -> tuple[float, float]:
     for attempt in range(5):
         started = time.monotonic()
         process.proc = subprocess.Popen(
-            process.argv(), cwd=env_cwd(process), stdin=subprocess.DEVNULL,
+            process.argv(), cwd=process.shared_dir, stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
         while True:
@@ -667,11 +673,6 @@ def start_and_measure(process: harness.OperatorProcess) -> tuple[float, float]:
         else:
             process.stop()
     return statistics.median(times), rss
-
-
-def env_cwd(process: harness.OperatorProcess) -> str:
-    """Return the working directory of an operator process."""
-    return process.shared_dir
 
 
 def vm_rss_mb(pid: int) -> float:
@@ -767,16 +768,16 @@ def main() -> int:
     try:
         env.start()
         sections = os.environ.get("BENCH_SECTIONS", "deploy,zero,api,scale,foot")
-        wanted = set(sections.split(","))
-        if "deploy" in wanted:
+        selected = set(sections.split(","))
+        if "deploy" in selected:
             bench_deploy_overhead(env, rows)
-        if "zero" in wanted:
+        if "zero" in selected:
             bench_zero_downtime(env, rows, causes)
-        if "api" in wanted:
+        if "api" in selected:
             bench_api(env, rows)
-        if "foot" in wanted:
+        if "foot" in selected:
             bench_footprint(env, rows)
-        if "scale" in wanted:
+        if "scale" in selected:
             bench_scale(env, rows)
     finally:
         env.stop()
