@@ -8,6 +8,7 @@ keep-alive like the operator's API.
 from __future__ import annotations
 
 import http.server
+import os
 import signal
 import sys
 
@@ -35,7 +36,9 @@ def main() -> None:
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # os._exit skips the interpreter shutdown, which can abort with a fatal
+    # error while daemon threads still write to a socket.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     print(server.server_address[1], flush=True)
     server.serve_forever()
 
