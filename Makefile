@@ -8,7 +8,7 @@ SHELL_SCRIPTS := .ci/run tests/sandbox/ns-init.sh \
 	tests/sandbox/ns-init-overlay.sh packaging/deb/build-deb.sh \
 	packaging/deb/postinst packaging/deb/prerm packaging/deb/postrm
 
-.PHONY: test demo run lint deb install clean fuzz
+.PHONY: test demo run bench lint deb install clean fuzz
 
 test:
 	@$(PYTHON) -c 'import pytest, hypothesis' 2>/dev/null \
@@ -19,6 +19,11 @@ test:
 
 demo:
 	$(PYTHON) tests/demo.py
+
+# Benchmarks against the real sandbox (root). Quick mode by default;
+# BENCH_QUICK=0 runs the full mode. Writes the table to bench/results.md.
+bench:
+	BENCH_QUICK=$${BENCH_QUICK:-1} $(PYTHON) bench/run_bench.py
 
 # The operator in the foreground with a development config under
 # build/dev (written on first use; see tools/run_dev.py).

@@ -1,0 +1,793 @@
+"""Benchmarks of crate-operator against a real systemd sandbox and Caddy.
+
+Run as root: `make bench` (quick mode) or `BENCH_QUICK=0 make bench` (full
+mode). Prints one markdown table and writes it, with the machine and the
+date, to bench/results.md. Sections: deploy overhead against a straight-line
+floor, failed requests during traffic changes, API throughput, operator time
+at 10/100/500 apps and memory and startup footprint.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import http.client
+import json
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_DIR = os.path.dirname(BENCH_DIR)
+sys.path.insert(0, os.path.join(REPO_DIR, "tests"))
+sys.path.insert(0, REPO_DIR)
+
+import harness  # noqa: E402  (needs the sys.path entries above)
+from floor import FloorDeployer  # noqa: E402
+
+QUICK = os.environ.get("BENCH_QUICK", "1") != "0"
+RESULTS_PATH = os.path.join(BENCH_DIR, "results.md")
+
+SLOTS = "/v1/app/instance/binary/deploy"
+INSTANCES = "/v1/app/binary/deploy"
+TERMINAL = ("succeeded", "failed", "rolled_back", "cancelled")
+
+# Sizes per mode: (quick, full).
+DEPLOY_REPEATS = 5 if QUICK else 10
+ZERO_DOWNTIME_REQUESTS = 1000 if QUICK else 10000
+API_SECONDS = 5 if QUICK else 15
+SCALE_POINTS = (10, 100) if QUICK else (10, 100, 500)
+SCALE_REPEATS = 3 if QUICK else 5
+HISTORY_RECORDS = 1000
+
+# Settings that keep waits out of the measured time: health probes every
+# 20 ms like the floor, no drain pause and no canary pause.
+OPERATOR_OVERRIDES = {"health_interval_s": 0.02, "drain_s": 0.001,
+                      "history_max_records": 5000}
+
+
+def log(message: str) -> None:
+    """Print a progress line on stderr with the elapsed time."""
+    sys.stderr.write("[bench %7.1fs] %s\n" % (time.monotonic() - T0, message))
+    sys.stderr.flush()
+
+
+T0 = time.monotonic()
+
+
+# === Environment ===
+
+class Environment:
+    """Sandboxed systemd, Caddy, asset server, callbacks and one operator."""
+
+    def __init__(self) -> None:
+        self.shared = harness.make_shared_dir()
+        self.sandbox = harness.SystemdSandbox(self.shared)
+        self.caddy = harness.CaddyProcess(self.shared)
+        self.assets = harness.AssetServer(os.path.join(self.shared, "www"))
+        self.callbacks = harness.CallbackReceiver()
+        self.operator: harness.OperatorProcess | None = None
+        self.extra: list[harness.OperatorProcess] = []
+        self._ids = iter(range(700000, 800000))
+        self._builds = 0
+
+    def start(self) -> None:
+        """Start every process, the operator last."""
+        self.sandbox.start()
+        self.caddy.start()
+        self.assets.start()
+        self.callbacks.start()
+        self.operator = harness.OperatorProcess(
+            self.shared, self.sandbox, self.caddy, OPERATOR_OVERRIDES)
+        self.operator.start()
+
+    def stop(self) -> None:
+        """Stop what start() started and delete the shared dir when unmounted."""
+        for process in [self.operator] + self.extra:
+            if process is not None:
+                process.stop()
+        self.callbacks.stop()
+        self.assets.stop()
+        self.caddy.stop()
+        self.sandbox.stop()
+        if harness.mounts_under(self.shared):
+            log("keeping %s: mounts are left below it" % self.shared)
+        else:
+            harness.remove_shared_dir(self.shared)
+
+    def next_id(self) -> int:
+        """Return an app or deployment id that no other benchmark uses."""
+        return next(self._ids)
+
+    def new_asset(self, label: str = "b") -> str:
+        """Write a new build of the sample app and return its URL."""
+        self._builds += 1
+        name = "%s%d" % (label, self._builds)
+        harness.build_asset(name, os.path.join(self.assets.root_dir, name))
+        return self.assets.url("/" + name)
+
+    def slots_body(self, app_id: int, asset_url: str, **changes) -> dict:
+        """Return a slots-model deploy body with new ports."""
+        body = {
+            "app_id": app_id, "team_id": "bench", "environment_id": 1,
+            "deployment_id": self.next_id(), "deployment_strategy": "immediate",
+            "domain": "bench%d.example.test" % app_id, "asset_url": asset_url,
+            "target_version": "v1",
+            "slots": {"blue": {"port": harness.free_port()},
+                      "green": {"port": harness.free_port()}},
+            "env_vars": {}, "health_check_path": "/healthz",
+            "callback_url": self.callbacks.url("/cb/%d" % app_id),
+        }
+        body.update(changes)
+        return body
+
+    def instances_body(self, app_id: int, asset_url: str, ids: list,
+                       **changes) -> dict:
+        """Return an instances-model deploy body with new ports."""
+        body = {
+            "app_id": app_id, "team_id": "bench", "environment_id": 1,
+            "deployment_id": self.next_id(), "deployment_strategy": "immediate",
+            "domain": "bench%d.example.test" % app_id, "asset_url": asset_url,
+            "instances": {i: {"port": harness.free_port()} for i in ids},
+            "env_vars": {}, "health_check_path": "/healthz",
+            "callback_url": self.callbacks.url("/cb/%d" % app_id),
+        }
+        body.update(changes)
+        return body
+
+    def update(self, body: dict, asset_url: str, **changes) -> dict:
+        """Return body as the next deployment of the same app."""
+        new = dict(body, deployment_id=self.next_id(), asset_url=asset_url,
+                   target_version="v%d" % self._builds)
+        new.update(changes)
+        if "instances" in new:
+            new.pop("target_version")
+        return new
+
+
+def post(operator: harness.OperatorProcess, path: str, body: dict) -> None:
+    """POST a deploy body and raise unless the operator accepted it."""
+    status, _, answer = operator.request("POST", path, body)
+    if status != 202:
+        raise RuntimeError("POST %s returned %d: %r" % (path, status, answer))
+
+
+def deploy(operator: harness.OperatorProcess, path: str, body: dict,
+           expect: str = "succeeded") -> tuple[float, dict]:
+    """Deploy body and return (seconds from POST to the terminal state, document).
+
+    The end time is the record's finished_at (millisecond precision), so
+    the status polling interval does not add to the result.
+    """
+    kind = "legacy" if path == INSTANCES else "instance"
+    started = time.time()
+    post(operator, path, body)
+    doc = operator.wait_state(body["deployment_id"], TERMINAL, timeout=120,
+                              path_kind=kind)
+    if doc["state"] != expect:
+        raise RuntimeError("deployment %s ended %s, not %s: %s"
+                           % (body["deployment_id"], doc["state"], expect,
+                              doc.get("error")))
+    return parse_time(doc["finished_at"]) - started, doc
+
+
+def parse_time(text: str) -> float:
+    """Return the epoch seconds of an RFC 3339 UTC timestamp ending in Z."""
+    moment = datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.replace(tzinfo=datetime.timezone.utc).timestamp()
+
+
+def median_ms(values: list) -> float:
+    """Return the median of seconds values in milliseconds."""
+    return statistics.median(values) * 1000.0
+
+
+# === Deploy overhead ===
+
+def bench_deploy_overhead(env: Environment, rows: list) -> None:
+    """Compare update deploys per strategy with the straight-line floor.
+
+    Floor and operator deploys alternate, so that load from other processes
+    on the host falls on both alike.
+    """
+    floor = FloorDeployer(env.shared, env.sandbox, env.caddy,
+                          "floor.example.test")
+    ports = {"blue": harness.free_port(), "green": harness.free_port()}
+    floor.deploy(env.new_asset("f"), "blue", ports["blue"])
+    floor_slot = "blue"
+    strategies = (
+        ("immediate", {}),
+        ("bluegreen", {"deployment_strategy": "bluegreen"}),
+        ("canary", {"deployment_strategy": "canary",
+                    "canary": {"steps": [100], "pause_s": 0}}),
+    )
+    bodies = {}
+    for name, _changes in strategies:
+        bodies[name] = env.slots_body(env.next_id(), env.new_asset())
+        deploy(env.operator, SLOTS, bodies[name])
+    times: dict = {name: [] for name, _ in strategies}
+    floor_times: dict = {"in place": [], "switch": []}
+    docs = {}
+    for _ in range(DEPLOY_REPEATS):
+        floor_times["in place"].append(
+            floor.deploy(env.new_asset("f"), floor_slot, ports[floor_slot]))
+        other = "green" if floor_slot == "blue" else "blue"
+        floor_times["switch"].append(
+            floor.deploy(env.new_asset("f"), other, ports[other], floor_slot))
+        floor_slot = other
+        for name, changes in strategies:
+            bodies[name] = env.update(bodies[name], env.new_asset(), **changes)
+            seconds, docs[name] = deploy(env.operator, SLOTS, bodies[name])
+            times[name].append(seconds)
+    floor.cleanup()
+    note = "median of %d%s" % (DEPLOY_REPEATS, ", quick mode" if QUICK else "")
+    for name, _changes in strategies:
+        floor_kind = "in place" if name == "immediate" else "switch"
+        ratio = statistics.median(times[name]) / \
+            statistics.median(floor_times[floor_kind])
+        log("deploy %s: %s vs floor %s" % (name, times[name],
+                                            floor_times[floor_kind]))
+        log("steps of the last %s deploy: %s" % (name, step_durations(docs[name])))
+        rows.append(("Deploy overhead", "binary %s update, POST to succeeded" % name,
+                     "%.0f ms vs floor (%s) %.0f ms: ratio %.2f (%s)"
+                     % (median_ms(times[name]), floor_kind,
+                        median_ms(floor_times[floor_kind]), ratio, note),
+                     "ratio <= 1.15", verdict(ratio <= 1.15)))
+
+
+def step_durations(doc: dict) -> str:
+    """Return each step's name and milliseconds since the previous step ended."""
+    previous = parse_time(doc["created_at"])
+    parts = []
+    for step in doc["steps"]:
+        end = parse_time(step["at"])
+        parts.append("%s %.0f" % (step["name"], (end - previous) * 1000.0))
+        previous = end
+    return ", ".join(parts)
+
+
+def verdict(met: bool) -> str:
+    """Return the table word for a met or missed target."""
+    return "met" if met else "missed"
+
+
+# === Zero downtime ===
+
+class WrkLoad:
+    """wrk with concurrent keep-alive connections, stopped with SIGINT."""
+
+    def __init__(self, url: str, host: str, connections: int = 8) -> None:
+        self.argv = ["wrk", "-t", "2", "-c", str(connections), "-d", "600s",
+                     "--timeout", "5s", "-H", "Host: " + host, url]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        """Start wrk in its own session."""
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+
+    def stop(self) -> dict:
+        """Stop wrk and return its counts parsed from the summary."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGINT)
+        output, _ = self.proc.communicate(timeout=30)
+        return parse_wrk(output)
+
+
+def parse_wrk(output: str) -> dict:
+    """Return requests, rate, p99 and error counts from wrk's summary text."""
+    result = {"requests": 0, "connect": 0, "read": 0, "write": 0, "timeout": 0,
+              "non2xx": 0, "rps": 0.0, "p99_ms": None, "text": output}
+    match = re.search(r"(\d+) requests in", output)
+    if match:
+        result["requests"] = int(match.group(1))
+    match = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), "
+                      r"timeout (\d+)", output)
+    if match:
+        for key, value in zip(("connect", "read", "write", "timeout"),
+                              match.groups()):
+            result[key] = int(value)
+    match = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    if match:
+        result["non2xx"] = int(match.group(1))
+    match = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    if match:
+        result["rps"] = float(match.group(1))
+    match = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", output)
+    if match:
+        scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[match.group(2)]
+        result["p99_ms"] = float(match.group(1)) * scale
+    return result
+
+
+def run_under_load(env: Environment, domain: str, action) -> tuple[dict, dict]:
+    """Run action() while RequestLoop and wrk send GETs to domain through Caddy."""
+    url = "http://127.0.0.1:%d/" % env.caddy.listen_port
+    loop = harness.RequestLoop(url, domain)
+    wrk = WrkLoad(url, domain)
+    loop.start()
+    wrk.start()
+    loop.wait_requests(50, timeout=30)
+    action()
+    loop.wait_requests(ZERO_DOWNTIME_REQUESTS, timeout=600)
+    wrk_counts = wrk.stop()
+    return loop.stop(), wrk_counts
+
+
+def bench_zero_downtime(env: Environment, rows: list, causes: list) -> None:
+    """Count failed requests during five traffic changes."""
+    op = env.operator
+    scenarios = []
+
+    def bluegreen():
+        body = env.slots_body(env.next_id(), env.new_asset())
+        deploy(op, SLOTS, body)
+        update = env.update(body, env.new_asset(),
+                            deployment_strategy="bluegreen")
+        return body["domain"], lambda: deploy(op, SLOTS, update)
+    scenarios.append(("bluegreen deploy", bluegreen))
+
+    def rolling():
+        body = env.instances_body(env.next_id(), env.new_asset(), ["a", "b", "c"])
+        deploy(op, INSTANCES, body)
+        update = env.update(body, env.new_asset())
+        return body["domain"], lambda: deploy(op, INSTANCES, update)
+    scenarios.append(("rolling update, 3 instances", rolling))
+
+    def canary():
+        body = env.slots_body(env.next_id(), env.new_asset())
+        deploy(op, SLOTS, body)
+        update = env.update(body, env.new_asset(), deployment_strategy="canary",
+                            canary={"steps": [10, 50, 100], "pause_s": 1})
+        return body["domain"], lambda: deploy(op, SLOTS, update)
+    scenarios.append(("canary promotion 10/50/100", canary))
+
+    def rollback():
+        flag = os.path.join(env.assets.root_dir, "health-%d" % env._builds)
+        with open(flag, "w", encoding="utf-8") as handle:
+            handle.write("ok")
+        os.chmod(flag, 0o644)
+        body = env.slots_body(env.next_id(), env.new_asset())
+        deploy(op, SLOTS, body)
+        update = env.update(body, env.new_asset(), deployment_strategy="canary",
+                            env_vars={"SAMPLE_HEALTH_FILE": flag},
+                            canary={"steps": [25, 100], "pause_s": 30})
+
+        def action():
+            post(op, SLOTS, update)
+            wait_canary_step(op, update["deployment_id"], 25)
+            time.sleep(1.0)
+            with open(flag, "w", encoding="utf-8") as handle:
+                handle.write("fail")
+            doc = op.wait_state(update["deployment_id"], TERMINAL, timeout=120)
+            if doc["state"] != "rolled_back":
+                raise RuntimeError("rollback scenario ended %s" % doc["state"])
+        return body["domain"], action
+    scenarios.append(("canary rollback at 25%", rollback))
+
+    def stop_sibling():
+        body = env.instances_body(env.next_id(), env.new_asset(), ["w1", "w2"])
+        deploy(op, INSTANCES, body)
+        request = {"app_id": body["app_id"], "team_id": body["team_id"],
+                   "environment_id": body["environment_id"],
+                   "callback_url": body["callback_url"],
+                   "domain": body["domain"], "instance_id": "w1"}
+
+        def action():
+            status, _, answer = op.request("POST", "/v1/app/stop", request)
+            if status != 202:
+                raise RuntimeError("stop returned %d: %r" % (status, answer))
+            doc = op.wait_state(answer["deployment_id"], TERMINAL, timeout=60,
+                                path_kind="legacy")
+            if doc["state"] != "succeeded":
+                raise RuntimeError("stop ended %s" % doc["state"])
+        return body["domain"], action
+    scenarios.append(("stop of an instance with a sibling", stop_sibling))
+
+    def caddy_only():
+        body = env.slots_body(env.next_id(), env.new_asset())
+        deploy(op, SLOTS, body)
+        return body["domain"], lambda: change_foreign_route(env.caddy)
+    scenarios.append(("control: 5 Caddy config changes of another route, "
+                      "no operator call", caddy_only))
+
+    for name, setup in scenarios:
+        domain, action = setup()
+        loop, wrk = run_under_load(env, domain, action)
+        log("zero downtime %s: loop %d/%d failed, wrk %s"
+            % (name, loop["failed"], loop["total"],
+               {k: v for k, v in wrk.items() if k != "text"}))
+        wrk_errors = wrk["connect"] + wrk["read"] + wrk["write"] + wrk["timeout"] \
+            + wrk["non2xx"]
+        rows.append(("Zero downtime", name,
+                     "RequestLoop %d failed of %d (%d retried); wrk %d errors of %d "
+                     "(connect %d, read %d, write %d, timeout %d, non-2xx %d)"
+                     % (loop["failed"], loop["total"], loop["retries"], wrk_errors,
+                        wrk["requests"], wrk["connect"], wrk["read"], wrk["write"],
+                        wrk["timeout"], wrk["non2xx"]),
+                     "0 failed (RequestLoop)", verdict(loop["failed"] == 0)))
+        if loop["failed"]:
+            causes.append("%s: %s" % (name, "; ".join(loop["failures"][:3])))
+        if wrk_errors:
+            causes.append("%s: %d wrk errors, compare the control row, where "
+                          "only Caddy's config changes" % (name, wrk_errors))
+
+
+def change_foreign_route(caddy: harness.CaddyProcess) -> None:
+    """Add, change three times and delete a route of an unrelated domain."""
+    route = {"@id": "bench-control-route",
+             "match": [{"host": ["control.example.test"]}],
+             "handle": [{"handler": "static_response", "body": "0"}]}
+    caddy.request("PUT", "/config/apps/http/servers/crate/routes/0", route)
+    for index in range(1, 4):
+        time.sleep(0.3)
+        route["handle"][0]["body"] = str(index)
+        caddy.request("PATCH", "/id/bench-control-route", route)
+    time.sleep(0.3)
+    caddy.request("DELETE", "/id/bench-control-route")
+
+
+def wait_canary_step(op: harness.OperatorProcess, deployment_id: int,
+                     percent: int, timeout: float = 60) -> None:
+    """Wait until the deployment's log shows a done canary_step at percent."""
+    path = op.status_path(deployment_id)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _, _, doc = op.request("GET", path)
+        steps = [s for s in doc["steps"] if s["name"] == "canary_step"
+                 and s["state"] == "done"]
+        if steps and steps[-1]["message"].startswith("%d%%" % percent):
+            return
+        time.sleep(0.05)
+    raise TimeoutError("no %d%% canary step within %.0f s" % (percent, timeout))
+
+
+# === API throughput ===
+
+def bench_api(env: Environment, rows: list) -> None:
+    """Compare GET status with wrk at 32 connections against a bare server."""
+    op = env.operator
+    body = env.slots_body(env.next_id(), env.new_asset())
+    deploy(op, SLOTS, body)
+    path = op.status_path(body["deployment_id"])
+    _, _, doc = op.request("GET", path)
+    body_file = os.path.join(env.shared, "bench-status.json")
+    with open(body_file, "w", encoding="utf-8") as handle:
+        json.dump(doc, handle)
+    bare = subprocess.Popen([harness.SYSTEM_PYTHON, "-I",
+                             os.path.join(BENCH_DIR, "bare_server.py"), body_file],
+                            stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        bare_port = int(bare.stdout.readline())
+        bare_result = run_wrk("http://127.0.0.1:%d%s" % (bare_port, path), [])
+    finally:
+        bare.terminate()
+        bare.wait(10)
+    op_url = op.base_url + path
+    op_result = run_wrk(op_url, ["-H", "Authorization: Bearer " + op.token])
+    ratio = op_result["rps"] / bare_result["rps"]
+    log("api: operator %s, bare %s" % (op_result["rps"], bare_result["rps"]))
+    rows.append(("API", "GET status, wrk 32 connections, %d s" % API_SECONDS,
+                 "%.0f req/s, p99 %.1f ms vs bare server %.0f req/s, p99 %.1f ms: "
+                 "ratio %.2f (errors %d)"
+                 % (op_result["rps"], op_result["p99_ms"] or -1, bare_result["rps"],
+                    bare_result["p99_ms"] or -1, ratio,
+                    op_result["non2xx"] + op_result["read"] + op_result["connect"]),
+                 "ratio >= 0.8", verdict(ratio >= 0.8)))
+
+
+def run_wrk(url: str, extra: list) -> dict:
+    """Run wrk for API_SECONDS at 32 connections and return parse_wrk()."""
+    argv = ["wrk", "-t", "2", "-c", "32", "-d", "%ds" % API_SECONDS,
+            "--latency"] + extra + [url]
+    output = subprocess.run(argv, capture_output=True, text=True, timeout=120,
+                            check=True).stdout
+    return parse_wrk(output)
+
+
+# === Scale ===
+
+def read_metrics(op: harness.OperatorProcess) -> dict:
+    """Return the operator's counters of time in systemctl and Caddy calls."""
+    _, _, text = op.request("GET", "/metrics")
+    if isinstance(text, bytes):
+        text = text.decode()
+    values = {}
+    for name in ("crate_systemctl_seconds_total", "crate_caddy_admin_seconds_total",
+                 "crate_systemctl_calls_total", "crate_caddy_admin_calls_total"):
+        match = re.search(r"^%s (\S+)$" % name, text, re.M)
+        values[name] = float(match.group(1)) if match else 0.0
+    return values
+
+
+def cpu_seconds(pid: int) -> float:
+    """Return user plus system CPU seconds of a process from /proc."""
+    with open("/proc/%d/stat" % pid, encoding="ascii") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(op: harness.OperatorProcess, action) -> dict:
+    """Run action() and return total, systemctl, Caddy, own and CPU seconds."""
+    before = read_metrics(op)
+    cpu_before = cpu_seconds(op.proc.pid)
+    total = action()
+    after = read_metrics(op)
+    systemctl = after["crate_systemctl_seconds_total"] - \
+        before["crate_systemctl_seconds_total"]
+    caddy = after["crate_caddy_admin_seconds_total"] - \
+        before["crate_caddy_admin_seconds_total"]
+    return {"total": total, "systemctl": systemctl, "caddy": caddy,
+            "own": total - systemctl - caddy,
+            "cpu": cpu_seconds(op.proc.pid) - cpu_before}
+
+
+def populate(env: Environment, count: int) -> None:
+    """Create apps with one instance each until the operator has count apps."""
+    op = env.operator
+    existing = len(os.listdir(os.path.join(op.state_dir, "apps")))
+    pending: list[dict] = []
+    for _ in range(max(0, count - existing)):
+        body = env.slots_body(env.next_id(), env.assets.url("/scale-app"))
+        post(op, SLOTS, body)
+        pending.append(body)
+        if len(pending) >= 8:
+            wait_all(op, pending)
+            pending = []
+    wait_all(op, pending)
+
+
+def wait_all(op: harness.OperatorProcess, bodies: list) -> None:
+    """Wait for every body's deployment to succeed."""
+    for body in bodies:
+        doc = op.wait_state(body["deployment_id"], TERMINAL, timeout=300)
+        if doc["state"] != "succeeded":
+            raise RuntimeError("populating deploy ended %s: %s"
+                               % (doc["state"], doc.get("error")))
+
+
+def bench_scale(env: Environment, rows: list) -> None:
+    """Measure the operator's own time per deploy and route change as apps grow."""
+    op = env.operator
+    harness.build_asset("scale", os.path.join(env.assets.root_dir, "scale-app"))
+    own: dict[int, tuple[float, float]] = {}
+    for count in SCALE_POINTS:
+        populate(env, count)
+        apps = len(os.listdir(os.path.join(op.state_dir, "apps")))
+        probe = env.slots_body(env.next_id(), env.new_asset())
+        deploy(op, SLOTS, probe)
+        deploys = []
+        routes = []
+        domain = probe["domain"]
+        for index in range(SCALE_REPEATS):
+            body = env.update(probe, env.new_asset())
+            deploys.append(measured(op, functools.partial(deploy_seconds, op, body)))
+            new_domain = "moved%d-%d.example.test" % (probe["app_id"], index)
+            routes.append(measured(op, functools.partial(
+                domain_update, op, probe, domain, new_domain)))
+            domain = new_domain
+            probe = dict(probe, domain=new_domain)
+        deploy_row = summarize(deploys)
+        route_row = summarize(routes)
+        own[count] = (deploy_row["own"], route_row["own"])
+        log("scale %d: deploy %s route %s" % (apps, deploy_row, route_row))
+        for label, row in (("deploy", deploy_row), ("route change", route_row)):
+            rows.append(("Scale", "%d apps: %s" % (apps, label),
+                         "total %.0f ms = systemctl %.0f + Caddy %.0f + own %.0f ms "
+                         "(own CPU %.0f ms)"
+                         % (row["total"], row["systemctl"], row["caddy"], row["own"],
+                            row["cpu"]), "", ""))
+    first, last = SCALE_POINTS[0], SCALE_POINTS[-1]
+    for index, label in ((0, "deploy"), (1, "route change")):
+        growth = own[last][index] / own[first][index]
+        rows.append(("Scale", "own time %s, %d vs %d apps" % (label, last, first),
+                     "%.2f times" % growth, "<= 1.3", verdict(growth <= 1.3)))
+
+
+def deploy_seconds(op: harness.OperatorProcess, body: dict) -> float:
+    """Deploy a slots-model body and return the seconds from POST to success."""
+    return deploy(op, SLOTS, body)[0]
+
+
+def domain_update(op: harness.OperatorProcess, body: dict, old: str,
+                  new: str) -> float:
+    """Move body's app from domain old to new and return the seconds it took."""
+    request = {"app_id": body["app_id"], "team_id": body["team_id"],
+               "environment_id": body["environment_id"], "old_domain": old,
+               "new_domain": new, "server_id": "test-host"}
+    started = time.monotonic()
+    status, _, answer = op.request("POST", "/v1/app/domain/update", request)
+    elapsed = time.monotonic() - started
+    if status != 200:
+        raise RuntimeError("domain update returned %d: %r" % (status, answer))
+    return elapsed
+
+
+def summarize(samples: list) -> dict:
+    """Return the median of each key of samples, in milliseconds."""
+    return {key: statistics.median(s[key] for s in samples) * 1000.0
+            for key in samples[0]}
+
+
+# === Footprint ===
+
+def bench_footprint(env: Environment, rows: list) -> None:
+    """Measure startup time and resident memory, idle and with 1,000 records."""
+    process = harness.OperatorProcess(env.shared, env.sandbox, env.caddy, {
+        "caddy_server": "benchfoot",
+        "caddy_listen": ["127.0.0.1:%d" % harness.free_port()],
+        "unit_dir": os.path.join(env.shared, "units-footprint"),
+        "apps_dir": os.path.join(env.shared, "apps-footprint"),
+    })
+    env.extra.append(process)
+    os.makedirs(process.config["unit_dir"], exist_ok=True)
+    idle_start, idle_rss = start_and_measure(process)
+    process.stop()
+    write_history(env, process.state_dir, HISTORY_RECORDS)
+    full_start, full_rss = start_and_measure(process)
+    process.stop()
+    rows.append(("Footprint", "VmRSS idle", "%.1f MB" % idle_rss, "", ""))
+    rows.append(("Footprint", "VmRSS with %d finished deployment records"
+                 % HISTORY_RECORDS, "%.1f MB" % full_rss, "<= 40 MB",
+                 verdict(full_rss <= 40)))
+    rows.append(("Footprint", "process start to first GET /healthz answer",
+                 "%.0f ms idle, %.0f ms with %d records (median of 5)"
+                 % (idle_start, full_start, HISTORY_RECORDS), "<= 200 ms",
+                 verdict(max(idle_start, full_start) <= 200)))
+
+
+def start_and_measure(process: harness.OperatorProcess) -> tuple[float, float]:
+    """Start the operator 5 times; return median ms to the first /healthz answer.
+
+    Also returns VmRSS in MB of the last start, 2 s after its first answer.
+    """
+    times = []
+    rss = 0.0
+    for attempt in range(5):
+        started = time.monotonic()
+        process.proc = subprocess.Popen(
+            process.argv(), cwd=process.shared_dir, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+        while True:
+            try:
+                process.request("GET", "/healthz", timeout=1)
+                break
+            except (OSError, http.client.HTTPException):
+                if process.proc.poll() is not None:
+                    raise RuntimeError("the footprint operator exited with %s"
+                                       % process.proc.returncode)
+                time.sleep(0.001)
+        times.append((time.monotonic() - started) * 1000.0)
+        if attempt == 4:
+            process.request("GET", "/healthz")
+            time.sleep(2.0)
+            rss = vm_rss_mb(process.proc.pid)
+        else:
+            process.stop()
+    return statistics.median(times), rss
+
+
+def vm_rss_mb(pid: int) -> float:
+    """Return VmRSS of a process in MB (1,000,000 bytes)."""
+    with open("/proc/%d/status" % pid, encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024 / 1e6
+    raise RuntimeError("no VmRSS in /proc/%d/status" % pid)
+
+
+def write_history(env: Environment, state_dir: str, count: int) -> None:
+    """Write count finished deployment records, copies of a real one, to state_dir.
+
+    NOTE: the copies come from one finished record of the main operator with
+    new ids, because 1,000 real deploys take too long for a benchmark run.
+    """
+    import crate_operator
+    source = crate_operator.Store(env.operator.state_dir)
+    template = next(r for r in source.deployments()
+                    if r.get("state") == "succeeded")
+    target = crate_operator.Store(state_dir)
+    for index in range(count):
+        record = json.loads(json.dumps(template))
+        record["deployment_id"] = 900000 + index
+        target.save_deployment(record)
+
+
+# === Report ===
+
+def machine_line() -> str:
+    """Return nproc, memory, kernel, Python and Caddy versions of this host."""
+    with open("/proc/meminfo", encoding="ascii") as handle:
+        total_kb = int(handle.readline().split()[1])
+    python = subprocess.run([harness.SYSTEM_PYTHON, "--version"],
+                            capture_output=True, text=True).stdout.strip()
+    caddy = subprocess.run(["caddy", "version"], capture_output=True,
+                           text=True).stdout.split(" ")[0].strip()
+    return ("%d CPUs (nproc), %.1f GB memory, Linux %s, %s, Caddy %s"
+            % (os.cpu_count() or 0, total_kb / 1e6, platform.release(), python,
+               caddy))
+
+
+TABLE_START = "<!-- bench table: written by bench/run_bench.py -->"
+TABLE_END = "<!-- end of bench table -->"
+
+
+def write_results(text: str) -> None:
+    """Replace the generated part of bench/results.md and keep the rest."""
+    block = "%s\n%s%s" % (TABLE_START, text, TABLE_END)
+    try:
+        with open(RESULTS_PATH, encoding="utf-8") as handle:
+            page = handle.read()
+    except FileNotFoundError:
+        page = "# Benchmark results\n\n%s\n" % block
+    else:
+        start = page.index(TABLE_START)
+        end = page.index(TABLE_END) + len(TABLE_END)
+        page = page[:start] + block + page[end:]
+    with open(RESULTS_PATH, "w", encoding="utf-8") as handle:
+        handle.write(page)
+
+
+def render(rows: list, causes: list) -> str:
+    """Return the results page: machine, date, mode, the table and error causes."""
+    lines = ["| section | measurement | result | target | verdict |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        lines.append("| " + " | ".join(row) + " |")
+    table = "\n".join(lines)
+    mode = "quick (BENCH_QUICK=1)" if QUICK else "full (BENCH_QUICK=0)"
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    parts = ["Machine: %s." % machine_line(), "Date: %s. Mode: %s." % (now, mode),
+             "", table]
+    if causes:
+        parts += ["", "Errors seen under load:", ""] + ["- " + c for c in causes]
+    return "\n".join(parts) + "\n"
+
+
+def main() -> int:
+    """Run every section, print the table and write bench/results.md."""
+    if not harness.is_root():
+        sys.stderr.write("bench needs root: the sandbox uses namespaces, mounts "
+                         "and a cgroup dir\n")
+        return 2
+    missing = harness.ensure_packages(("caddy", "wrk", "python3"))
+    if missing:
+        sys.stderr.write("missing Debian packages: %s\n" % " ".join(missing))
+        return 2
+    rows: list = []
+    causes: list = []
+    env = Environment()
+    try:
+        env.start()
+        sections = os.environ.get("BENCH_SECTIONS", "deploy,zero,api,scale,foot")
+        selected = set(sections.split(","))
+        if "deploy" in selected:
+            bench_deploy_overhead(env, rows)
+        if "zero" in selected:
+            bench_zero_downtime(env, rows, causes)
+        if "api" in selected:
+            bench_api(env, rows)
+        if "foot" in selected:
+            bench_footprint(env, rows)
+        if "scale" in selected:
+            bench_scale(env, rows)
+    finally:
+        env.stop()
+    text = render(rows, causes)
+    print(text)
+    if os.environ.get("BENCH_SECTIONS") is None:
+        write_results(text)
+    log("done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
