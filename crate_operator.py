@@ -19,10 +19,11 @@ On its own host the daemon:
 
 Lifecycle: ``serve`` loads the configuration (defaults, then the JSON file,
 then ``CRATE_OPERATOR_<KEY>`` variables, then flags), takes an exclusive lock
-on ``state_dir``, marks deployments that a previous process left unfinished,
-starts the callback delivery thread and the HTTP listener.  SIGTERM and
-SIGINT stop the listener, let running jobs finish their current step and
-exit.
+on ``state_dir``, queues recovery jobs that finish or roll back what a
+previous process left running, starts the callback delivery, history
+pruning and reconciliation threads and then the HTTP listener.  SIGTERM and
+SIGINT stop the listener and wait up to ``shutdown_timeout_s`` for running
+jobs; SIGHUP re-reads token files and TLS certificates.
 
 Files it touches: ``state_dir`` (state and callback outbox), ``apps_dir``
 (releases, environment files and docker bind-mount data), ``unit_dir``
