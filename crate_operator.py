@@ -380,6 +380,7 @@ class DockerError(StepError):
     def __init__(self, message: str, http_status: int | None = None):
         super().__init__(message)
         self.http_status = http_status
+        METRICS.inc("crate_adapter_errors_total", {"adapter": "docker"})
 
 
 # === Logging ===

@@ -177,6 +177,11 @@ def test_adapter_errors_counted():
     co.DomainTakenError("shop.example.test", "crate-app-1", "crate",
                         "crate-app-2")
     assert co.METRICS.value("crate_adapter_errors_total", labels) == after
+    docker = {"adapter": "docker"}
+    before = co.METRICS.value("crate_adapter_errors_total", docker)
+    co.DockerError("dockerd did not respond", None)
+    assert co.METRICS.value("crate_adapter_errors_total", docker) == \
+        before + 1
 
 
 def test_journalctl_command_derived():
