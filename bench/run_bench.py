@@ -44,6 +44,8 @@ API_SECONDS = 5 if QUICK else 15
 SCALE_POINTS = (10, 100) if QUICK else (10, 100, 500)
 SCALE_REPEATS = 3 if QUICK else 5
 HISTORY_RECORDS = 1000
+# Records the pruning row starts with; all but 100 are pruned.
+PRUNE_RECORDS = 2000 if QUICK else 5000
 
 # Settings that keep waits out of the measured time: health probes every
 # 20 ms like the floor, no drain pause and no canary pause.
@@ -483,6 +485,60 @@ def bench_api(env: Environment, rows: list) -> None:
                  "ratio >= 0.8", verdict(ratio >= 0.8)))
 
 
+def bench_prune(env: Environment, rows: list) -> None:
+    """Compare status latency while history pruning runs with it at rest.
+
+    A second operator starts with PRUNE_RECORDS finished records and
+    history_max_records 100, so its pruner removes most of them right after
+    start. One client reads the newest record's status over a kept-alive
+    connection until the log shows history.pruned, then as many times again.
+    """
+    process = harness.OperatorProcess(env.shared, env.sandbox, env.caddy, {
+        "caddy_server": "benchprune",
+        "caddy_listen": ["127.0.0.1:%d" % harness.free_port()],
+        "unit_dir": os.path.join(env.shared, "units-prune"),
+        "apps_dir": os.path.join(env.shared, "apps-prune"),
+        "history_max_records": 100,
+        "history_prune_interval_s": 3600,
+    })
+    env.extra.append(process)
+    os.makedirs(process.config["unit_dir"], exist_ok=True)
+    write_history(env, process.state_dir, PRUNE_RECORDS, spread=True)
+    process.start()
+    path = process.status_path(900000 + PRUNE_RECORDS - 1)
+    host, _, port = process.config["listen"].rpartition(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    headers = {"Authorization": "Bearer " + process.token}
+
+    def read_once() -> float:
+        started = time.perf_counter()
+        conn.request("GET", path, headers=headers)
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200, response.status
+        return (time.perf_counter() - started) * 1000
+
+    during = []
+    while "event=history.pruned" not in process.log_text():
+        during.append(read_once())
+    at_rest = [read_once() for _ in range(max(len(during), 200))]
+    conn.close()
+    process.stop()
+    left = len(os.listdir(os.path.join(process.state_dir, "deployments")))
+
+    def p99(values: list) -> float:
+        ordered = sorted(values)
+        return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+    ratio = p99(during) / p99(at_rest)
+    rows.append(("API", "GET status p99 while pruning %d of %d records"
+                 % (PRUNE_RECORDS - 100, PRUNE_RECORDS),
+                 "%.1f ms during (%d reads) vs %.1f ms at rest: ratio %.2f; "
+                 "%d records left" % (p99(during), len(during), p99(at_rest),
+                                      ratio, left),
+                 "ratio <= 1.5 (noise margin)", verdict(ratio <= 1.5)))
+
+
 def run_wrk(url: str, extra: list) -> dict:
     """Run wrk for API_SECONDS at 32 connections and return parse_wrk()."""
     argv = ["wrk", "-t", "2", "-c", "32", "-d", "%ds" % API_SECONDS,
@@ -684,8 +740,12 @@ def vm_rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS in /proc/%d/status" % pid)
 
 
-def write_history(env: Environment, state_dir: str, count: int) -> None:
+def write_history(env: Environment, state_dir: str, count: int,
+                  spread: bool = False) -> None:
     """Write count finished deployment records, copies of a real one, to state_dir.
+
+    With spread, each copy gets a created_at one second after the previous
+    one, so that history pruning has a well-defined newest record.
 
     NOTE: the copies come from one finished record of the main operator with
     new ids, because 1,000 real deploys take too long for a benchmark run.
@@ -698,6 +758,10 @@ def write_history(env: Environment, state_dir: str, count: int) -> None:
     for index in range(count):
         record = json.loads(json.dumps(template))
         record["deployment_id"] = 900000 + index
+        if spread:
+            moment = time.time() - count + index
+            record["created_at"] = crate_operator.utc_now(moment)
+            record["finished_at"] = record["created_at"]
         target.save_deployment(record)
 
 
@@ -767,7 +831,8 @@ def main() -> int:
     env = Environment()
     try:
         env.start()
-        sections = os.environ.get("BENCH_SECTIONS", "deploy,zero,api,scale,foot")
+        sections = os.environ.get("BENCH_SECTIONS",
+                                  "deploy,zero,api,scale,foot,prune")
         selected = set(sections.split(","))
         if "deploy" in selected:
             bench_deploy_overhead(env, rows)
@@ -777,6 +842,8 @@ def main() -> int:
             bench_api(env, rows)
         if "foot" in selected:
             bench_footprint(env, rows)
+        if "prune" in selected:
+            bench_prune(env, rows)
         if "scale" in selected:
             bench_scale(env, rows)
     finally:
