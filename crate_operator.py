@@ -7803,9 +7803,50 @@ class CallbackOutbox:
             conn.close()
 
 
+class PeriodicThread:
+    """A daemon thread that runs one pass at start and then every interval.
+
+    Subclasses set ``name`` and implement ``run_once`` and ``interval_s``;
+    callers use ``start`` and ``stop``.
+    """
+
+    name = "periodic"
+
+    def __init__(self):
+        self._stopping = threading.Event()
+        self._thread = None
+
+    def start(self) -> None:
+        """Start the thread; the first pass runs at once."""
+        self._thread = threading.Thread(target=self._loop, name=self.name,
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ask the thread to end after the pass in progress."""
+        self._stopping.set()
+
+    def interval_s(self) -> float:
+        """Return the pause between two passes."""
+        raise NotImplementedError
+
+    def run_once(self) -> None:
+        """Run one pass."""
+        raise NotImplementedError
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.run_once()
+            except Exception as exc:  # the one catch-all of a pass
+                log(f"{self.name}.failed", logging.ERROR, exc_info=True,
+                    error=str(exc))
+            self._stopping.wait(self.interval_s())
+
+
 # === Reconciliation ===
 
-class Reconciler:
+class Reconciler(PeriodicThread):
     """Bring routes and instances back in line with the records.
 
     At start-up and every reconcile_interval_s it checks every app, as a
@@ -7816,36 +7857,22 @@ class Reconciler:
     ``drift`` (shown by GET /healthz) until a later pass succeeds.
     """
 
+    name = "reconcile"
+
     def __init__(self, operator):
+        super().__init__()
         self.op = operator
         self.drift = {}
         self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._thread = None
 
-    def start(self) -> None:
-        """Run a first pass now and then one every reconcile_interval_s."""
-        self._thread = threading.Thread(target=self._loop, name="reconcile",
-                                        daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop after the pass in progress."""
-        self._stopping.set()
+    def interval_s(self) -> float:
+        """Return reconcile_interval_s."""
+        return self.op.config.reconcile_interval_s
 
     def report(self) -> list:
         """Return the unrepaired differences, one message each."""
         with self._lock:
             return [self.drift[key] for key in sorted(self.drift)]
-
-    def _loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                self.run_once()
-            except Exception as exc:  # the one catch-all of a pass
-                log("reconcile.crashed", logging.ERROR, exc_info=True,
-                    error=str(exc))
-            self._stopping.wait(self.op.config.reconcile_interval_s)
 
     def run_once(self) -> None:
         """Queue a check of every app behind its running jobs."""
@@ -8062,37 +8089,28 @@ def prune_history(store: Store, max_records: int, max_age_s: float,
     return removed
 
 
-class HistoryPruner:
+class HistoryPruner(PeriodicThread):
     """Background thread that applies the deployment history retention.
 
     Pruning only unlinks record files and takes no lock that status reads
     use, so reads are never blocked by it.
     """
 
+    name = "history"
+
     def __init__(self, store: Store, config: Config):
+        super().__init__()
         self.store = store
         self.config = config
-        self._stopping = threading.Event()
-        self._thread = None
 
-    def start(self) -> None:
-        """Start the thread; the first run happens at once."""
-        self._thread = threading.Thread(target=self._loop, name="history",
-                                        daemon=True)
-        self._thread.start()
+    def interval_s(self) -> float:
+        """Return history_prune_interval_s."""
+        return self.config.history_prune_interval_s
 
-    def stop(self) -> None:
-        """Ask the thread to end after its current run."""
-        self._stopping.set()
-
-    def _loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                prune_history(self.store, self.config.history_max_records,
-                              self.config.history_max_age_s)
-            except (OSError, ValueError, OperatorError) as exc:
-                log("history.prune_failed", logging.ERROR, error=str(exc))
-            self._stopping.wait(self.config.history_prune_interval_s)
+    def run_once(self) -> None:
+        """Prune once with the configured retention."""
+        prune_history(self.store, self.config.history_max_records,
+                      self.config.history_max_age_s)
 
 
 class Operator:
