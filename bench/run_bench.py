@@ -700,9 +700,10 @@ def bench_footprint(env: Environment, rows: list) -> None:
 
 
 def start_and_measure(process: harness.OperatorProcess) -> tuple[float, float]:
-    """Start the operator 5 times; return median ms to the first /healthz answer.
+    """Start the operator 5 times and measure start-up and memory.
 
-    Also returns VmRSS in MB of the last start, 2 s after its first answer.
+    Returns the median ms from process start to the first /healthz response
+    and the VmRSS in MB of the last start, 2 s after that response.
     """
     times = []
     rss = 0.0

@@ -78,11 +78,11 @@ _DEFAULT = object()
 
 # === Small helpers ===
 
-# Ports handed out by free_port, from a range below Linux's ephemeral range
-# (32768-60999 by default): a port taken from the ephemeral range can become
-# the local end of any outgoing connection a moment later, and an app that
-# should bind it then fails. The operator's own default range for bluegreen
-# siblings (20000-29999) is left alone too.
+# Range of the ports free_port hands out, below Linux's ephemeral range
+# (32768-60999 by default). A port from the ephemeral range can become the
+# local end of an outgoing connection a moment later, and the app that should
+# bind it then fails. The range also avoids the operator's default range for
+# bluegreen siblings (20000-29999).
 FREE_PORT_RANGE = (10000, 19999)
 _handed_out: set = set()
 _handed_out_lock = threading.Lock()

@@ -1,7 +1,7 @@
 """End-to-end: canary deployments with weighted traffic and rollback.
 
 Caddy 2.6.2 has no weighted selection policy, so the split is made by
-repeating upstream entries under round_robin; these tests count where the
+repeating upstream entries under round_robin. These tests count where the
 requests actually went.
 """
 

@@ -1,6 +1,6 @@
 """End-to-end: the instances model, POST /v1/app/binary/deploy.
 
-The request's instances map is the desired set; these tests run it against
+The request's instances map is the desired set. These tests run it against
 a real systemd and Caddy and check the route, the units and the traffic.
 """
 
@@ -98,7 +98,7 @@ def test_create_three_instances(operator, caddy, assets, callbacks):
     assert seen == {"web1", "web2", "web3"}
 
 
-def test_non_numeric_legacy_status_id_is_404_not_400(operator):
+def test_legacy_status_accepts_text_id(operator):
     status, _, answer = operator.request("GET",
                                          "/v1/app/deploy/abc-123/status")
     assert status == 404, answer

@@ -514,8 +514,8 @@ def test_status_reads_while_pruning(operator_factory):
             json.dump(record, handle)
     newest = first + count - 1
     op.start()
-    # The first prune starts with the operator; reads of the newest record
-    # must keep answering 200 while it runs.
+    # The first prune starts with the operator. Reads of the newest record
+    # must keep returning 200 while it runs.
     statuses = set()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -107,7 +107,7 @@ def test_sigkill_at_step_recovers(step, strategy, operator_factory, caddy,
 # --- reconciliation, shutdown, concurrency, storage
 
 def serves(caddy, domain, prefix, timeout=10.0):
-    """Wait until ``domain`` answers through Caddy with ``prefix``."""
+    """Wait until ``domain`` responds through Caddy with ``prefix``."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:

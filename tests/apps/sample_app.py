@@ -37,7 +37,7 @@ class SampleHandler(http.server.BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = "crate-sample"
-    # Without TCP_NODELAY each keep-alive answer to Caddy waits for the
+    # Without TCP_NODELAY each keep-alive response to Caddy waits for the
     # client's delayed ACK (about 40 ms per request).
     disable_nagle_algorithm = True
 

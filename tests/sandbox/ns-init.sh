@@ -120,7 +120,7 @@ printf '%s\n' '[Journal]' Storage=volatile ReadKMsg=no ForwardToWall=no \
   ForwardToConsole=no \
   > /run/systemd/journald.conf.d/50-sandbox.conf
 # multi-user.target is pulled in so that units enabled in $S/units start at
-# boot, as on a host; its vendor .wants directory was not copied above, so
+# boot, as on a host. Its vendor .wants directory was not copied above, so
 # it starts nothing else.
 printf '%s\n' '[Unit]' 'Description=Sandbox boot target' \
   'Wants=systemd-journald.service multi-user.target' AllowIsolate=yes \
