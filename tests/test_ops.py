@@ -267,6 +267,98 @@ def test_prune_never_removes_unfinished(tmp_path):
     assert len(store.deployments()) == 3
 
 
+def _write_without_key(store, deployment_id, state, created, finished):
+    """Replace a record the way a version without HISTORY_XATTR did."""
+    record = {"deployment_id": deployment_id, "state": state,
+              "created_at": co.utc_now(created),
+              "finished_at": co.utc_now(finished) if finished else None}
+    path = os.path.join(store.deployments_dir, f"{deployment_id}.json")
+    temporary = path + ".old-writer"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(record, handle)
+    os.replace(temporary, path)
+    return path
+
+
+def test_prune_ranks_by_key_without_parsing(tmp_path):
+    store = co.Store(str(tmp_path))
+    now = time.time()
+    for index in range(6):
+        _record(store, f"d{index}", "succeeded", now - 100 + index,
+                now - 99 + index)
+    # Overwriting the content in place keeps each file's attribute, so a
+    # pass that parsed the files would find no valid record to rank.
+    for name in os.listdir(store.deployments_dir):
+        with open(os.path.join(store.deployments_dir, name), "r+b") as handle:
+            handle.write(b"not json")
+    assert co.prune_history(store, 4, 3600, now) == 2
+    left = sorted(os.listdir(store.deployments_dir))
+    assert left == ["d2.json", "d3.json", "d4.json", "d5.json"]
+
+
+def test_prune_ranks_records_without_key(tmp_path):
+    store = co.Store(str(tmp_path))
+    now = time.time()
+    for index in range(6):
+        if index % 2:
+            _record(store, f"d{index}", "succeeded", now - 100 + index,
+                    now - 99 + index)
+        else:
+            path = _write_without_key(store, f"d{index}", "succeeded",
+                                      now - 100 + index, now - 99 + index)
+            with pytest.raises(OSError):
+                os.getxattr(path, co.HISTORY_XATTR)
+    assert co.prune_history(store, 3, 3600, now) == 3
+    left = sorted(r["deployment_id"] for r in store.deployments())
+    assert left == ["d3", "d4", "d5"]
+    # The pass added the attribute to the kept record it had to parse.
+    path = os.path.join(store.deployments_dir, "d4.json")
+    key = os.getxattr(path, co.HISTORY_XATTR)
+    assert key == co.history_key(co.read_json(path))
+
+
+def test_prune_key_follows_each_rewrite(tmp_path):
+    store = co.Store(str(tmp_path))
+    now = time.time()
+    _record(store, "rerun", "running", now - 5000, None)
+    _record(store, "rerun", "failed", now - 5000, now - 4000)
+    _record(store, "reverted", "failed", now - 5000, now - 4000)
+    # An older version replaces the record with a running one and no key,
+    # and the operator restarts with a new Store.
+    _write_without_key(store, "reverted", "running", now - 5000, None)
+    restarted = co.Store(str(tmp_path))
+    assert co.prune_history(restarted, 100, 3600, now) == 1
+    left = [r["deployment_id"] for r in restarted.deployments()]
+    assert left == ["reverted"]
+
+
+def test_prune_without_xattr_support(tmp_path, monkeypatch):
+    def unsupported(*_args, **_kwargs):
+        raise OSError(co.errno.ENOTSUP, "Operation not supported")
+
+    monkeypatch.setattr(co.os, "setxattr", unsupported)
+    store = co.Store(str(tmp_path))
+    now = time.time()
+    for index in range(4):
+        _record(store, f"d{index}", "succeeded", now - 100 + index,
+                now - 99 + index)
+    path = os.path.join(store.deployments_dir, "d0.json")
+    with pytest.raises(OSError):
+        os.getxattr(path, co.HISTORY_XATTR)
+    assert co.prune_history(store, 2, 3600, now) == 2
+    left = sorted(r["deployment_id"] for r in store.deployments())
+    assert left == ["d2", "d3"]
+
+
+def test_history_key_rejects_spaces():
+    record = {"created_at": "2026-12-04T10:00:00.000Z", "state": "succeeded",
+              "finished_at": None}
+    assert co.history_key(record) == \
+        b"1 2026-12-04T10:00:00.000Z succeeded -"
+    assert co.history_key(dict(record, state="in progress")) is None
+    assert co.history_key(dict(record, created_at=12)) is None
+
+
 # === End to end ===
 
 
