@@ -2619,7 +2619,7 @@ def _atomic_write(path: str, directory: str, data: bytes, mode: int,
 
 
 def _set_xattr(fd: int, name: str, value: bytes) -> None:
-    """Set an extended attribute; skip it where the filesystem has none.
+    """Set an extended attribute unless the filesystem or seccomp rejects it.
 
     Callers treat a missing attribute as unknown and read the file instead.
     """
@@ -2627,7 +2627,8 @@ def _set_xattr(fd: int, name: str, value: bytes) -> None:
         os.setxattr(fd, name, value)
     except OSError as exc:
         if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.E2BIG,
-                             errno.ERANGE, errno.ENOSPC, errno.EDQUOT):
+                             errno.ERANGE, errno.ENOSPC, errno.EDQUOT,
+                             errno.EPERM, errno.EACCES):
             raise
 
 

@@ -532,8 +532,13 @@ def bench_prune(env: Environment, rows: list) -> None:
         phase: dict = {"during": ([], []), "control": ([], [])}
         cpu_start = (cpu_seconds(pruning.proc.pid), cpu_seconds(resting.proc.pid))
         batches = 0
+        deadline = time.monotonic() + 120
         while not log_contains(pruning.log_path, log_offset,
                                "event=history.pruned"):
+            if time.monotonic() > deadline:
+                raise RuntimeError("no history.pruned in %s within 120 s; "
+                                   "read its end for history.failed"
+                                   % pruning.log_path)
             read_pair(phase["during"], batches, (prune_conn, pruning),
                       (rest_conn, resting), path)
             batches += 1
