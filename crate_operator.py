@@ -8143,9 +8143,15 @@ def _read_history_entry(path: str) -> tuple[dict | None, bool]:
     with handle:
         try:
             record = json.loads(handle.read())
-        except ValueError:
-            return None, True
+        except ValueError as exc:
+            record, error = None, str(exc)
+        else:
+            error = "the file contains no JSON object"
         if not isinstance(record, dict) or not record:
+            # Such a record is neither ranked nor removed, so it needs a
+            # look or removal by hand.
+            log("history.record_invalid", logging.WARNING, path=path,
+                error=error)
             return None, True
         key = history_key(record)
         if key is not None:

@@ -353,6 +353,20 @@ def test_prune_without_xattr_support(tmp_path, monkeypatch):
     assert left == ["d2", "d3"]
 
 
+def test_prune_skips_invalid_record(tmp_path):
+    store = co.Store(str(tmp_path))
+    now = time.time()
+    for index in range(3):
+        _record(store, f"d{index}", "succeeded", now - 100 + index,
+                now - 99 + index)
+    invalid = os.path.join(store.deployments_dir, "broken.json")
+    with open(invalid, "w", encoding="utf-8") as handle:
+        handle.write("{not json")
+    assert co.prune_history(store, 1, 3600, now) == 2
+    assert os.path.exists(invalid)
+    assert os.path.exists(os.path.join(store.deployments_dir, "d2.json"))
+
+
 def test_history_key_rejects_spaces():
     record = {"created_at": "2026-12-04T10:00:00.000Z", "state": "succeeded",
               "finished_at": None}
