@@ -8,6 +8,7 @@ deployment succeeded and the previous one otherwise.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import time
@@ -56,7 +57,8 @@ def wait_dead_or_done(operator, deployment_id, timeout=60):
             return True
         try:
             status, _, doc = operator.request("GET", path, timeout=2)
-        except OSError:
+        except (OSError, http.client.HTTPException):
+            # The kill can land while the operator writes this answer.
             continue
         if status == 200 and doc["state"] in TERMINAL:
             return False
