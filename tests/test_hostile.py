@@ -6,6 +6,7 @@ App ids are 700000 and up so that no other module's apps are disturbed.
 
 from __future__ import annotations
 
+import copy
 import http.client
 import http.server
 import json
@@ -16,11 +17,15 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
 import harness
+from openapi_bodies import (DocumentStrategies, Mutator, SafeTargets,
+                            apply_mutation, operations, safe_bodies,
+                            safe_strategies)
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import crate_operator as co  # noqa: E402
@@ -367,45 +372,180 @@ JSON_VALUES = st.recursive(
     lambda inner: st.lists(inner, max_size=3)
     | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=8)
-
-
-def host_snapshot(shared_dir, caddy):
-    units = sorted(os.listdir(os.path.join(shared_dir, "units")))
-    apps = sorted(os.listdir(os.path.join(shared_dir, "apps")))
-    routes = json.dumps(caddy.get_config(), sort_keys=True)
-    return units, apps, routes
+# Path and query values: valid ones come from the parameter's schema, these
+# try to break out of the path or the query string.
+HOSTILE_TEXT = st.one_of(
+    st.text(max_size=20),
+    st.sampled_from(["../../etc/passwd", "%00", "a\nb", "-1", "1e3", " 1",
+                     "9" * 30, "\u0661", "x?y=1", "a/b", "%2e%2e", ""]))
+# No shrink phase, because each shrink step sends requests and may start a
+# deployment. Bounded examples and a fixed seed keep every run the same.
+FUZZ = settings(max_examples=10, derandomize=True, database=None,
+                deadline=None,
+                phases=[Phase.explicit, Phase.reuse, Phase.generate],
+                suppress_health_check=list(HealthCheck))
+BODY_KINDS = ["valid", "mutated", "random field", "random body"]
+POST_OPERATIONS = sorted(name for name, endpoint in co.ENDPOINTS.items()
+                         if endpoint["body"] is not None)
 
 
 @pytest.fixture(scope="module")
-def post_paths(operator):
-    status, _, doc = operator.request("GET", "/v1/openapi.json")
-    assert status == 200
-    return sorted(path for path, item in doc["paths"].items() if "post" in item)
+def served(operator) -> dict:
+    """The OpenAPI document as the running operator serves it."""
+    status, _, document = operator.request("GET", "/v1/openapi.json")
+    assert status == 200, document
+    return document
 
 
-FUZZ = settings(max_examples=40, derandomize=True, database=None,
-                deadline=None, suppress_health_check=list(HealthCheck))
+@pytest.fixture(scope="module")
+def fuzz_targets(operator, callbacks, asset_server) -> SafeTargets:
+    return SafeTargets(
+        callback_url=callbacks.url("/cb/hostile-fuzz"),
+        asset_url=asset_server.url("/missing/hostile-fuzz-asset"),
+        closed_port=harness.free_port(),
+        server_id=operator.config["server_id"])
 
 
-def test_fuzz_mutated_bodies(operator, shared_dir, caddy, post_paths,
-                             callbacks):
+def host_snapshot(shared_dir, caddy, sandbox, dockerd) -> dict:
+    """Return the names of what requests could create on the host, by kind."""
+    listed = sandbox.systemctl("list-units", "--all", "--plain", "--no-legend",
+                               "--full", "crate-*")
+    apps_dir = os.path.join(shared_dir, "apps")
+    app_dirs = set()
+    for directory, subdirs, _ in os.walk(apps_dir):
+        relative = os.path.relpath(directory, apps_dir)
+        app_dirs.add(relative)
+        if relative.count(os.sep) >= 2:
+            subdirs.clear()  # releases and data below an app are deep enough
+    status, containers = dockerd.api("GET", "/containers/json?all=1")
+    assert status == 200, containers
+    servers = (caddy.get_config().get("apps", {}).get("http", {})
+               .get("servers") or {})
+    return {
+        "unit files": set(os.listdir(os.path.join(shared_dir, "units"))),
+        "units": {line.split()[0] for line in listed.stdout.splitlines()
+                  if line.strip()},
+        "containers": {container["Names"][0] for container in containers},
+        "app dirs": app_dirs,
+        "caddy routes": {json.dumps([name, route], sort_keys=True)
+                         for name, server in servers.items()
+                         for route in server.get("routes") or []},
+    }
+
+
+def created_between(before: dict, after: dict) -> dict:
+    """Return what is in after but not in before, by kind (empty kinds left out)."""
+    return {kind: sorted(after[kind] - before[kind]) for kind in after
+            if after[kind] - before[kind]}
+
+
+def assert_no_server_error(status, answer, context) -> None:
+    assert status < 500, (context, status, answer)
+    text = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
+    assert b"Traceback" not in text, (context, text[:2000])
+    assert b'File "' not in text, (context, text[:2000])
+
+
+def settle(operator, answer) -> None:
+    """Wait until the job a 202 response started has finished.
+
+    Instance deploys return an integer deployment_id, and the other jobs
+    return a text id for the legacy status path.
+    """
+    job_id = answer["deployment_id"]
+    kind = "instance" if isinstance(job_id, int) else "legacy"
+    operator.wait_state(job_id, co.STATES_TERMINAL, timeout=60, path_kind=kind)
+
+
+@pytest.mark.parametrize("operation_id", POST_OPERATIONS)
+def test_fuzz_bodies_from_served_schema(operator, shared_dir, caddy, sandbox,
+                                        dockerd, served, fuzz_targets,
+                                        operation_id):
+    paths = [path for path, method, operation in operations(served)
+             if operation["operationId"] == operation_id]
+    assert len(paths) == 1, (operation_id, paths)
+    path = paths[0]
+    strategies = safe_strategies(served, fuzz_targets)
+    schema = strategies.request_schema(operation_id)
+    mutator = Mutator(strategies)
+    kinds_sent = set()
+
+    def variant(data, valid, kind):
+        """Return a copy of the valid body, changed as kind names."""
+        body = copy.deepcopy(valid)
+        if kind == "mutated":
+            choices = mutator.mutations(body, schema)
+            _, site, new_value, _ = data.draw(st.sampled_from(choices),
+                                              label="mutation")
+            apply_mutation(site, new_value)
+        elif kind == "random field":
+            key = data.draw(st.one_of(st.sampled_from(sorted(body)),
+                                      st.text(max_size=12)), label="field")
+            body[key] = data.draw(JSON_VALUES, label="value")
+        elif kind == "random body":
+            body = data.draw(JSON_VALUES, label="body")
+        return body
+
     @FUZZ
-    @given(path=st.sampled_from(post_paths), key=st.text(max_size=20),
-           value=JSON_VALUES, base=st.booleans())
-    def run(path, key, value, base):
-        body = deploy_body(next_id(), "http://127.0.0.1:9/a", callbacks)
-        body = dict(body, **{key: value}) if base else value
-        before = host_snapshot(shared_dir, caddy)
-        status, _, answer = operator.request("POST", path, body)
-        assert status != 500, (path, body, answer)
-        assert "Traceback" not in json.dumps(answer, default=str)
-        if status >= 400:
-            assert host_snapshot(shared_dir, caddy) == before
-        elif status == 202 and isinstance(body, dict):
-            # An accepted body must finish before the next snapshot.
-            operator.wait_state(body["deployment_id"], co.STATES_TERMINAL)
+    @given(data=st.data())
+    def run(data):
+        valid = data.draw(safe_bodies(strategies, operation_id, fuzz_targets,
+                                      next_id), label="valid body")
+        for kind in BODY_KINDS:
+            body = variant(data, valid, kind)
+            kinds_sent.add(kind)
+            before = host_snapshot(shared_dir, caddy, sandbox, dockerd)
+            status, _, answer = operator.request("POST", path, body)
+            assert_no_server_error(status, answer, (kind, body))
+            if kind == "valid":
+                assert status != 400, (body, answer)
+            if kind == "mutated":
+                # The document declares every mutation invalid.
+                assert status == 400, (body, answer)
+            if status >= 400:
+                after = host_snapshot(shared_dir, caddy, sandbox, dockerd)
+                assert created_between(before, after) == {}, (kind, body, answer)
+            elif status == 202:
+                settle(operator, answer)
 
     run()
+    assert kinds_sent == set(BODY_KINDS)
+
+
+def test_fuzz_get_parameters(operator, shared_dir, caddy, sandbox, dockerd,
+                             served):
+    gets = [(path, operation) for path, method, operation in operations(served)
+            if method == "get"]
+    assert gets
+    strategies = DocumentStrategies(served)
+    before = host_snapshot(shared_dir, caddy, sandbox, dockerd)
+
+    def parameter_value(data, parameter):
+        valid = strategies.for_schema(parameter["schema"]).map(str)
+        return data.draw(st.one_of(valid, HOSTILE_TEXT),
+                         label=parameter["name"])
+
+    @FUZZ
+    @given(data=st.data())
+    def run(data):
+        for template, operation in gets:
+            path = template
+            query = {}
+            for parameter in operation.get("parameters", []):
+                if parameter["in"] == "path":
+                    value = parameter_value(data, parameter)
+                    path = path.replace("{%s}" % parameter["name"],
+                                        urllib.parse.quote(value, safe=""))
+                elif data.draw(st.booleans(), label="send " + parameter["name"]):
+                    query[parameter["name"]] = parameter_value(data, parameter)
+            if query:
+                path += "?" + urllib.parse.urlencode(query)
+            status, _, answer = operator.request("GET", path)
+            assert_no_server_error(status, answer, path)
+
+    run()
+    after = host_snapshot(shared_dir, caddy, sandbox, dockerd)
+    assert created_between(before, after) == {}
 
 
 # === Callback delivery bounds, in process ===

@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 
 import crate_operator as co
 import harness
-import openapi_bodies
-from openapi_bodies import (DocumentStrategies, Mutator, apply_mutation,
-                            iter_refs, operations, pointer_target)
+from openapi_bodies import (DocumentStrategies, Mutator, SafeTargets,
+                            apply_mutation, iter_refs, operations,
+                            pointer_target, safe_bodies, safe_strategies)
 
 OPENAPI = "/v1/openapi.json"
 DEPLOY = "/v1/app/instance/binary/deploy"
@@ -656,82 +656,9 @@ GENERATED = settings(max_examples=25, derandomize=True, database=None,
 MUTATIONS_PER_EXAMPLE = 8
 
 
-class SafeTargets(NamedTuple):
-    """Where generated requests may point: only peers of the test session.
-
-    callback_url is the callback receiver, asset_url a path that the asset
-    server does not have (so every download fails before a change), and
-    closed_port a loopback port nothing listens on, for registry hosts.
-    """
-
-    callback_url: str
-    asset_url: str
-    closed_port: int
-    server_id: str
-
-
-def free_ports(count: int) -> list:
-    ports: set = set()
-    while len(ports) < count:
-        ports.add(harness.free_port())
-    return sorted(ports)
-
-
-def make_safe(body: dict, targets: SafeTargets) -> dict:
-    """Point a generated body at this module's ids, ports and peers only.
-
-    Every change keeps the body valid: fresh ids from this module's range,
-    ports from free_port, the test peers as URLs and this host's server_id.
-    """
-    app_id = next_id()
-    body["app_id"] = app_id
-    if body.get("deployment_id") is not None:
-        body["deployment_id"] = app_id
-    for field in ("callback_url", "asset_url"):
-        if field in body:
-            body[field] = getattr(targets, field)
-    if "server_id" in body:
-        body["server_id"] = targets.server_id
-    if "domain" in body:
-        body["domain"] = f"h{app_id}.{body['domain']}"
-    entries = [entry for field in ("slots", "instances")
-               for entry in (body.get(field) or {}).values()]
-    for entry, port in zip(entries, free_ports(len(entries))):
-        entry["port"] = port
-    return body
-
-
-def check_distinct_ports(body: dict) -> None:
-    ports = [entry["port"] for field in ("slots", "instances")
-             for entry in (body.get(field) or {}).values()]
-    assert len(ports) == len(set(ports))
-
-
-def safe_strategies(document: dict, targets: SafeTargets) -> DocumentStrategies:
-    """Return body strategies whose URLs and registries are only SafeTargets.
-
-    make_safe gives every slot and instance its own free port, so the
-    distinct-ports rule only checks that here.
-    """
-    image_names = st.from_regex(r"[a-z0-9]{1,8}", fullmatch=True).map(
-        lambda name: f"127.0.0.1:{targets.closed_port}/http-test/{name}")
-    return DocumentStrategies(
-        document,
-        formats={
-            "http-url": lambda schema: st.sampled_from(
-                [targets.callback_url, targets.asset_url]),
-            "registry-host": lambda schema: st.just(
-                f"127.0.0.1:{targets.closed_port}"),
-            "image-name": lambda schema: image_names,
-        },
-        rules={"distinct-ports":
-               lambda strategies, draw, body: check_distinct_ports(body)})
-
-
 def valid_bodies(strategies: DocumentStrategies, operation_id: str,
                  targets: SafeTargets):
-    return openapi_bodies.valid_bodies(
-        strategies, operation_id, prepare=lambda body: make_safe(body, targets))
+    return safe_bodies(strategies, operation_id, targets, next_id)
 
 
 @pytest.fixture(scope="module")
