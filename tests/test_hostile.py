@@ -94,6 +94,65 @@ def get_json(port, path):
         conn.close()
 
 
+# --- What a request leaves on the host ---
+
+def host_snapshot(shared_dir, caddy, sandbox, dockerd=None) -> dict:
+    """Return the names of what requests could create on the host, by kind.
+
+    Containers are listed only with a dockerd.
+    """
+    listed = sandbox.systemctl("list-units", "--all", "--plain", "--no-legend",
+                               "--full", "crate-*")
+    apps_dir = os.path.join(shared_dir, "apps")
+    app_dirs = set()
+    for directory, subdirs, _ in os.walk(apps_dir):
+        relative = os.path.relpath(directory, apps_dir)
+        app_dirs.add(relative)
+        if relative.count(os.sep) >= 2:
+            subdirs.clear()  # releases and data below an app are deep enough
+    containers = []
+    if dockerd is not None:
+        status, containers = dockerd.api("GET", "/containers/json?all=1")
+        assert status == 200, containers
+    servers = (caddy.get_config().get("apps", {}).get("http", {})
+               .get("servers") or {})
+    return {
+        "unit files": set(os.listdir(os.path.join(shared_dir, "units"))),
+        "units": {line.split()[0] for line in listed.stdout.splitlines()
+                  if line.strip()},
+        "containers": {container["Names"][0] for container in containers},
+        "app dirs": app_dirs,
+        "caddy routes": {json.dumps([name, route], sort_keys=True)
+                         for name, server in servers.items()
+                         for route in server.get("routes") or []},
+    }
+
+
+def created_between(before: dict, after: dict) -> dict:
+    """Return what is in after but not in before, by kind (empty kinds left out)."""
+    return {kind: sorted(after[kind] - before[kind]) for kind in after
+            if after[kind] - before[kind]}
+
+
+def assert_no_server_error(status, answer, context) -> None:
+    assert status < 500, (context, status, answer)
+    text = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
+    assert b"Traceback" not in text, (context, text[:2000])
+    assert b'File "' not in text, (context, text[:2000])
+
+
+def settle(operator, answer) -> None:
+    """Wait until the job a 202 response started has finished.
+
+    Instance deploys return an integer deployment_id, and the other jobs
+    return a text id for the legacy status path.
+    """
+    job_id = answer["deployment_id"]
+    kind = "instance" if isinstance(job_id, int) else "legacy"
+    operator.wait_state(job_id, co.STATES_TERMINAL, timeout=60, path_kind=kind)
+
+
+
 # === Outbound guard, in process ===
 
 class _HostRecorder(http.server.BaseHTTPRequestHandler):
@@ -245,52 +304,119 @@ def test_redirect_to_blocked_fails_deploy(guarded, callbacks):
 
 # === Injection: each value is rejected or arrives inert ===
 
-REJECTED = [
-    ("slot id newline", {"slots": {"blue\nExecStartPre=/bin/sh": {
-        "port": 20001}}}),
-    ("slot id traversal", {"slots": {"../../etc": {"port": 20001}}}),
-    ("version newline", {"target_version": "v1\nUser=root"}),
-    ("version quote", {"target_version": 'v1"; rm -rf /'}),
-    ("domain quote", {"domain": 'a.example.test"},{"x":"'}),
-    ("domain look-alike", {"domain": "\u0430pp.example.test"}),
-    ("env name newline", {"env_vars": {"A\nExecStart": "x"}}),
-    ("env name reserved", {"env_vars": {"PORT": "1"}}),
-    ("env value NUL", {"env_vars": {"A": "x\x00y"}}),
-    ("health path CRLF", {"health_check_path": "/h\r\nX-Evil: 1"}),
-    ("asset url newline", {"asset_url": "http://127.0.0.1/a\nb"}),
-    ("callback url credentials", {"callback_url": "http://u:p@127.0.0.1/"}),
+# Each character breaks out of something when a value is pasted unquoted:
+# a unit file line (newline, quotes, backslash, % specifiers, $ variables),
+# a shell command line (;, $, quotes, space), a path (../), an HTTP header
+# (CR, LF), a C string (NUL). The last three look like ASCII or reverse
+# the text shown to a person.
+HOSTILE = [
+    ("newline", "\n"), ("carriage return", "\r"), ("double quote", '"'),
+    ("single quote", "'"), ("traversal", "../"), ("percent", "%n"),
+    ("dollar", "$HOME"), ("semicolon", ";"), ("NUL", "\x00"),
+    ("backslash", "\\"), ("space", " "), ("cyrillic a", "\u0430"),
+    ("fullwidth semicolon", "\uff1b"), ("right-to-left override", "\u202e"),
 ]
+HOSTILE_IDS = [name for name, _ in HOSTILE]
+INSTANCES_DEPLOY = "/v1/app/binary/deploy"
+DOCKER_DEPLOY = "/v1/app/instance/docker/deploy"
 
 
-@pytest.mark.parametrize("case,changes", REJECTED,
-                         ids=[case for case, _ in REJECTED])
-def test_injection_rejected(operator, shared_dir, callbacks, case, changes):
-    app_id = next_id()
-    body = deploy_body(app_id, "http://127.0.0.1:9/a", callbacks)
-    body.update(changes)
-    status, _, answer = operator.request("POST", DEPLOY, body)
-    assert status == 400, (case, answer)
-    assert "Traceback" not in json.dumps(answer)
-    units = os.listdir(os.path.join(shared_dir, "units"))
-    assert not [n for n in units if n.startswith(f"crate-app-{app_id}-")]
+def assert_rejected_cleanly(operator, shared_dir, caddy, sandbox, path, body,
+                            field_prefix):
+    """POST body; expect 400 naming a field below field_prefix, and no trace."""
+    before = host_snapshot(shared_dir, caddy, sandbox, None)
+    status, _, answer = operator.request("POST", path, body)
+    assert_no_server_error(status, answer, body)
+    assert status == 400, answer
+    fields = [error["field"] for error in answer["errors"]]
+    assert any(field.startswith(field_prefix) for field in fields), fields
+    after = host_snapshot(shared_dir, caddy, sandbox, None)
+    assert created_between(before, after) == {}
 
 
-DOCKER_REJECTED = [
-    ("docker command NUL", {"docker_command": ["sh", "-c\x00x"]}),
-    ("volume traversal", {"volumes": ["../../etc:/etc"]}),
-    ("volume comma", {"volumes": ["data:/data,ro"]}),
-]
-
-
-@pytest.mark.parametrize("case,changes", DOCKER_REJECTED,
-                         ids=[case for case, _ in DOCKER_REJECTED])
-def test_docker_injection_rejected(operator, callbacks, case, changes):
-    body = deploy_body(next_id(), None, callbacks, image="example/app",
-                       image_tag="v1", **changes)
+def docker_deploy_body(app_id, callbacks, image="example/app", **changes):
+    body = deploy_body(app_id, None, callbacks, image=image, image_tag="v1",
+                       **changes)
     del body["asset_url"]
-    status, _, answer = operator.request(
-        "POST", "/v1/app/instance/docker/deploy", body)
-    assert status == 400, (case, answer)
+    return body
+
+
+@pytest.mark.parametrize("char", [char for _, char in HOSTILE], ids=HOSTILE_IDS)
+def test_instance_id_injection_rejected(operator, shared_dir, caddy, sandbox,
+                                        callbacks, char):
+    slots = deploy_body(next_id(), "http://127.0.0.1:9/a", callbacks,
+                        slots={f"b{char}x": {"port": harness.free_port()}})
+    assert_rejected_cleanly(operator, shared_dir, caddy, sandbox, DEPLOY,
+                            slots, "$.slots")
+    instances = deploy_body(next_id(), "http://127.0.0.1:9/a", callbacks,
+                            instances={f"i{char}x": {"port": harness.free_port()}})
+    del instances["slots"], instances["target_version"]
+    assert_rejected_cleanly(operator, shared_dir, caddy, sandbox,
+                            INSTANCES_DEPLOY, instances, "$.instances")
+    restart = {"app_id": next_id(), "team_id": "team-h", "environment_id": 7,
+               "domain": "restart.example.test", "instance_id": f"i{char}x",
+               "callback_url": callbacks.url("/cb/restart")}
+    assert_rejected_cleanly(operator, shared_dir, caddy, sandbox,
+                            "/v1/app/restart", restart, "$.instance_id")
+
+
+@pytest.mark.parametrize("char", [char for _, char in HOSTILE], ids=HOSTILE_IDS)
+def test_version_injection_rejected(operator, shared_dir, caddy, sandbox,
+                                    callbacks, char):
+    body = deploy_body(next_id(), "http://127.0.0.1:9/a", callbacks,
+                       target_version=f"v1{char}x")
+    assert_rejected_cleanly(operator, shared_dir, caddy, sandbox, DEPLOY, body,
+                            "$.target_version")
+
+
+@pytest.mark.parametrize("char", [char for _, char in HOSTILE], ids=HOSTILE_IDS)
+def test_domain_injection_rejected(operator, shared_dir, caddy, sandbox,
+                                   callbacks, char):
+    body = deploy_body(next_id(), "http://127.0.0.1:9/a", callbacks,
+                       domain=f"a{char}b.example.test")
+    assert_rejected_cleanly(operator, shared_dir, caddy, sandbox, DEPLOY, body,
+                            "$.domain")
+
+
+def test_domain_breaking_caddy_json_rejected(operator, shared_dir, caddy,
+                                             sandbox, callbacks):
+    body = deploy_body(next_id(), "http://127.0.0.1:9/a", callbacks,
+                       domain='a.example.test"},{"handle":[{"handler":"x"}]}')
+    assert_rejected_cleanly(operator, shared_dir, caddy, sandbox, DEPLOY, body,
+                            "$.domain")
+
+
+@pytest.mark.parametrize("char", [char for _, char in HOSTILE], ids=HOSTILE_IDS)
+def test_env_name_injection_rejected(operator, shared_dir, caddy, sandbox,
+                                     callbacks, char):
+    body = deploy_body(next_id(), "http://127.0.0.1:9/a", callbacks,
+                       env_vars={f"A{char}B": "x"})
+    assert_rejected_cleanly(operator, shared_dir, caddy, sandbox, DEPLOY, body,
+                            "$.env_vars")
+
+
+def test_env_value_nul_rejected(operator, shared_dir, caddy, sandbox,
+                                callbacks):
+    # Environment entries are C strings, so a NUL would cut the value.
+    body = deploy_body(next_id(), "http://127.0.0.1:9/a", callbacks,
+                       env_vars={"A": "x\x00y"})
+    assert_rejected_cleanly(operator, shared_dir, caddy, sandbox, DEPLOY, body,
+                            "$.env_vars")
+
+
+def test_asset_url_newline_rejected(operator, shared_dir, caddy, sandbox,
+                                    callbacks):
+    body = deploy_body(next_id(), "http://127.0.0.1/a\nb", callbacks)
+    assert_rejected_cleanly(operator, shared_dir, caddy, sandbox, DEPLOY, body,
+                            "$.asset_url")
+
+
+def test_callback_url_credentials_rejected(operator, shared_dir, caddy,
+                                           sandbox, callbacks):
+    body = deploy_body(next_id(), "http://127.0.0.1:9/a", callbacks,
+                       callback_url="http://u:p@127.0.0.1/")
+    assert_rejected_cleanly(operator, shared_dir, caddy, sandbox, DEPLOY, body,
+                            "$.callback_url")
 
 
 INERT_ENV = {
@@ -300,6 +426,9 @@ INERT_ENV = {
     "SPACES": "  lead and trail  ",
     "UNICODE": "\u0430\u200b\u202e",
 }
+# Every hostile character but NUL, which test_env_value_nul_rejected covers.
+INERT_ENV.update({f"CHAR_{index}": f"a{char}b"
+                  for index, (_, char) in enumerate(HOSTILE) if char != "\x00"})
 
 
 def test_env_values_arrive_verbatim(operator, shared_dir, sample_url,
@@ -404,57 +533,6 @@ def fuzz_targets(operator, callbacks, asset_server) -> SafeTargets:
         asset_url=asset_server.url("/missing/hostile-fuzz-asset"),
         closed_port=harness.free_port(),
         server_id=operator.config["server_id"])
-
-
-def host_snapshot(shared_dir, caddy, sandbox, dockerd) -> dict:
-    """Return the names of what requests could create on the host, by kind."""
-    listed = sandbox.systemctl("list-units", "--all", "--plain", "--no-legend",
-                               "--full", "crate-*")
-    apps_dir = os.path.join(shared_dir, "apps")
-    app_dirs = set()
-    for directory, subdirs, _ in os.walk(apps_dir):
-        relative = os.path.relpath(directory, apps_dir)
-        app_dirs.add(relative)
-        if relative.count(os.sep) >= 2:
-            subdirs.clear()  # releases and data below an app are deep enough
-    status, containers = dockerd.api("GET", "/containers/json?all=1")
-    assert status == 200, containers
-    servers = (caddy.get_config().get("apps", {}).get("http", {})
-               .get("servers") or {})
-    return {
-        "unit files": set(os.listdir(os.path.join(shared_dir, "units"))),
-        "units": {line.split()[0] for line in listed.stdout.splitlines()
-                  if line.strip()},
-        "containers": {container["Names"][0] for container in containers},
-        "app dirs": app_dirs,
-        "caddy routes": {json.dumps([name, route], sort_keys=True)
-                         for name, server in servers.items()
-                         for route in server.get("routes") or []},
-    }
-
-
-def created_between(before: dict, after: dict) -> dict:
-    """Return what is in after but not in before, by kind (empty kinds left out)."""
-    return {kind: sorted(after[kind] - before[kind]) for kind in after
-            if after[kind] - before[kind]}
-
-
-def assert_no_server_error(status, answer, context) -> None:
-    assert status < 500, (context, status, answer)
-    text = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
-    assert b"Traceback" not in text, (context, text[:2000])
-    assert b'File "' not in text, (context, text[:2000])
-
-
-def settle(operator, answer) -> None:
-    """Wait until the job a 202 response started has finished.
-
-    Instance deploys return an integer deployment_id, and the other jobs
-    return a text id for the legacy status path.
-    """
-    job_id = answer["deployment_id"]
-    kind = "instance" if isinstance(job_id, int) else "legacy"
-    operator.wait_state(job_id, co.STATES_TERMINAL, timeout=60, path_kind=kind)
 
 
 @pytest.mark.parametrize("operation_id", POST_OPERATIONS)
