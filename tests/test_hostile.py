@@ -6,6 +6,7 @@ App ids are 700000 and up so that no other module's apps are disturbed.
 
 from __future__ import annotations
 
+import base64
 import copy
 import http.client
 import http.server
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.parse
 
 import pytest
@@ -457,6 +459,179 @@ def test_env_values_arrive_verbatim(operator, shared_dir, sample_url,
         capture_output=True, text=True, timeout=30).stdout
     assert "MemoryMax=268435456" in shown
     assert "CPUQuotaPerSecUSec=1.500000s" in shown
+    delete_app(operator, body)
+
+
+class _RequestHeadRecorder:
+    """A one-shot TCP server on 127.0.0.1 that stores the raw request head."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1)
+        self.port = self.sock.getsockname()[1]
+        self.head = b""
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        conn, _ = self.sock.accept()
+        with conn:
+            conn.settimeout(5)
+            while b"\r\n\r\n" not in self.head:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                self.head += chunk
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    def close(self):
+        self.thread.join(10)
+        self.sock.close()
+
+
+@pytest.mark.parametrize("char", [char for _, char in HOSTILE], ids=HOSTILE_IDS)
+def test_health_path_injection(operator, shared_dir, caddy, sandbox,
+                               callbacks, char):
+    path = f"/healthz?q=a{char}b"
+    body = deploy_body(next_id(), "http://127.0.0.1:9/a", callbacks,
+                       health_check_path=path)
+    result = co.validate_body("deploy_binary_slots", body)
+    if result.errors:
+        assert_rejected_cleanly(operator, shared_dir, caddy, sandbox, DEPLOY,
+                                body, "$.health_check_path")
+        return
+    # Accepted: the probe must send the path as the request target of one
+    # request line, with no header or line of its own.
+    cleaned = result.value["health_check_path"]
+    assert cleaned == path
+    recorder = _RequestHeadRecorder()
+    try:
+        ready, detail = co.probe_http(recorder.port, cleaned)
+    finally:
+        recorder.close()
+    assert ready, detail
+    lines = recorder.head.split(b"\r\n")
+    assert lines[0] == b"GET " + path.encode() + b" HTTP/1.1"
+    names = sorted(line.split(b":", 1)[0].lower() for line in lines[1:] if line)
+    assert names == [b"accept-encoding", b"host", b"user-agent"]
+
+
+def test_health_path_with_accepted_characters_deploys(operator, sample_url,
+                                                      callbacks):
+    # Every character the health path accepts, in one path: the deploy
+    # succeeds only if the probe reached /healthz of the app.
+    accepted = [char for _, char in HOSTILE
+                if co.validate_body("deploy_binary_slots", deploy_body(
+                    1, sample_url, callbacks,
+                    health_check_path=f"/healthz?q={char}")).ok]
+    assert len(accepted) >= 5, accepted
+    body = deploy_body(next_id(), sample_url, callbacks,
+                       health_check_path="/healthz?q=" + "".join(accepted))
+    status, _, answer = operator.request("POST", DEPLOY, body)
+    assert status == 202, answer
+    doc = operator.wait_state(body["deployment_id"],
+                              ("succeeded", "failed", "rolled_back"))
+    assert doc["state"] == "succeeded", doc
+    delete_app(operator, body)
+
+
+# --- Docker: volumes and docker_command ---
+
+@pytest.fixture(scope="module")
+def hostile_image(dockerd, registry):
+    """Push a busybox httpd image to the registry; return its name without tag."""
+    login = dockerd.docker("login", "-u", registry.username, "--password-stdin",
+                           registry.address, input_text=registry.password)
+    assert login.returncode == 0, login.stderr
+    name = f"{registry.address}/crate-test/hostile"
+    dockerd.build_busybox_image(f"{name}:v1", "hostile\n")
+    dockerd.docker("push", f"{name}:v1")
+    dockerd.docker("rmi", "-f", f"{name}:v1")
+    return name
+
+
+def volume_target_accepted(char) -> bool:
+    """Return whether the validator accepts char inside a volume's target."""
+    offline = types.SimpleNamespace(url=lambda path: "http://127.0.0.1" + path)
+    body = docker_deploy_body(1, offline, volumes=[f"data:/da{char}ta"])
+    return co.validate_body("deploy_docker_slots", body).ok
+
+
+@pytest.mark.parametrize("char", [char for _, char in HOSTILE], ids=HOSTILE_IDS)
+def test_volume_injection(operator, shared_dir, caddy, sandbox, callbacks,
+                          char):
+    # Sources name a volume or a path inside the app's data dir, so every
+    # hostile character is rejected there except inside a path word
+    # ("da../ta" is a dir named "da.."). Targets are container paths: what
+    # they accept is carried through as inert data by
+    # test_docker_values_arrive_inert.
+    source = docker_deploy_body(next_id(), callbacks,
+                                volumes=[f"{char}data:/data"])
+    assert_rejected_cleanly(operator, shared_dir, caddy, sandbox,
+                            DOCKER_DEPLOY, source, "$.volumes")
+    if not volume_target_accepted(char):
+        target = docker_deploy_body(next_id(), callbacks,
+                                    volumes=[f"data:/da{char}ta"])
+        assert_rejected_cleanly(operator, shared_dir, caddy, sandbox,
+                                DOCKER_DEPLOY, target, "$.volumes")
+
+
+def test_volume_comma_and_traversal_rejected(operator, shared_dir, caddy,
+                                             sandbox, callbacks):
+    for volumes in (["data:/data,ro"], ["../../etc:/etc"], ["./../up:/x"],
+                    ["data:/x:rw,z"]):
+        body = docker_deploy_body(next_id(), callbacks, volumes=volumes)
+        assert_rejected_cleanly(operator, shared_dir, caddy, sandbox,
+                                DOCKER_DEPLOY, body, "$.volumes")
+
+
+def test_docker_command_nul_rejected(operator, shared_dir, caddy, sandbox,
+                                     callbacks):
+    body = docker_deploy_body(next_id(), callbacks,
+                              docker_command=["/bin/busybox", "a\x00b"])
+    assert_rejected_cleanly(operator, shared_dir, caddy, sandbox,
+                            DOCKER_DEPLOY, body, "$.docker_command")
+
+
+def test_docker_values_arrive_inert(operator, dockerd, registry, hostile_image,
+                                    callbacks):
+    words = [f"a{char}b" for _, char in HOSTILE if char != "\x00"]
+    # sh stays PID 1 because a command follows httpd, so /proc/1/cmdline is
+    # the docker_command itself; the hostile words are sh's $1, $2, ...
+    command = ["/bin/busybox", "sh", "-c",
+               '/bin/busybox httpd -f -p "$PORT" -h /www; exit 3',
+               "crate-sh", *words]
+    targets = [f"/t{index}{char}x" for index, (_, char) in enumerate(HOSTILE)
+               if volume_target_accepted(char)]
+    assert len(targets) >= 5, targets
+    volumes = [f"v{index}:{target}" for index, target in enumerate(targets)]
+    app_id = next_id()
+    body = docker_deploy_body(
+        app_id, callbacks, image=hostile_image, docker_command=command,
+        volumes=volumes, health_check_path="/",
+        registry_credentials={"username": registry.username,
+                              "password": registry.password})
+    status, _, answer = operator.request("POST", DOCKER_DEPLOY, body)
+    assert status == 202, answer
+    doc = operator.wait_state(body["deployment_id"],
+                              ("succeeded", "failed", "rolled_back"), timeout=90)
+    assert doc["state"] == "succeeded", doc
+    name = f"crate-{app_id}-blue-{body['deployment_id']}"
+    status, details = dockerd.api("GET", f"/containers/{name}/json")
+    assert status == 200, details
+    assert details["Config"]["Cmd"] == command
+    destinations = sorted(mount["Destination"] for mount in details["Mounts"])
+    assert destinations == sorted(targets)
+    # base64, because the CLI's text output turns a CR into a newline.
+    encoded = dockerd.docker("exec", name, "/bin/busybox", "base64", "/proc/1/cmdline")
+    cmdline = base64.b64decode(encoded.stdout).decode()
+    assert cmdline.split("\0")[:-1] == command
+    for target in targets:
+        # The target is one argv element of test -d inside the container.
+        found = dockerd.docker("exec", name, "/bin/busybox", "test", "-d", target,
+                               check=False)
+        assert found.returncode == 0, (target, found.stderr)
     delete_app(operator, body)
 
 
