@@ -10,12 +10,15 @@ import base64
 import copy
 import http.client
 import http.server
+import io
 import json
 import os
 import pathlib
+import shlex
 import socket
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 import types
@@ -633,6 +636,95 @@ def test_docker_values_arrive_inert(operator, dockerd, registry, hostile_image,
                                check=False)
         assert found.returncode == 0, (target, found.stderr)
     delete_app(operator, body)
+
+
+# --- Procfile lines ---
+
+# Words of a Procfile web line, each quoted for sh by shlex.quote. Each must
+# arrive as one argv element, unchanged: systemd must not expand % or $, and
+# nothing may split a word at a space or a semicolon.
+PROCFILE_WORDS = ["semi;colon", 'dq"uote', "sq'uote", "dollar$HOME",
+                  "${PATH}", "%n%h%%", "back\\slash", "two words", "../x",
+                  "\u0430\uff1b\u202e", "", "--flag=$PORT"]
+# Lines after the web line that would add unit settings if pasted into the
+# unit file. A Procfile parser skips them: they are not "web:" lines.
+PROCFILE_EXTRA = ("ExecStartPre=/bin/touch /run/crate-procfile-pwned\n"
+                  "[Service]\nUser=root\nworker: ./app; touch /run/x\n")
+
+
+def release_archive(asset_server, name, procfile):
+    """Write a tar.gz of the sample app as ./app and this Procfile; return its URL."""
+    work = os.path.join(asset_server.root_dir, name + ".d")
+    app = harness.build_asset("procfile", os.path.join(work, "app"))
+    archive = os.path.join(asset_server.root_dir, name + ".tar.gz")
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(app, arcname="app")
+        info = tarfile.TarInfo("Procfile")
+        data = procfile.encode("utf-8")
+        info.size = len(data)
+        info.mode = 0o644
+        tar.addfile(info, io.BytesIO(data))
+    return asset_server.url(f"/{name}.tar.gz")
+
+
+def test_procfile_words_arrive_as_argv(operator, shared_dir, asset_server,
+                                       callbacks):
+    line = "web: ./app " + " ".join(shlex.quote(word) for word in PROCFILE_WORDS)
+    url = release_archive(asset_server, "hostile-procfile",
+                          line + " $PORT\n" + PROCFILE_EXTRA)
+    app_id = next_id()
+    body = deploy_body(app_id, url, callbacks)
+    status, _, answer = operator.request("POST", DEPLOY, body)
+    assert status == 202, answer
+    doc = operator.wait_state(body["deployment_id"],
+                              ("succeeded", "failed", "rolled_back"))
+    assert doc["state"] == "succeeded", doc
+    port = body["slots"]["blue"]["port"]
+    assert get_json(port, "/argv") == PROCFILE_WORDS + [str(port)]
+    unit = pathlib.Path(shared_dir, "units", f"crate-app-{app_id}-blue.service")
+    text = unit.read_text()
+    assert text.count("\nExecStart=") == 1
+    assert "ExecStartPre" not in text
+    assert "User=root" not in text
+    assert text.count("[Service]") == 1
+    delete_app(operator, body)
+
+
+PROCFILE_BREAKOUTS = [
+    ("NUL", "web: ./app a\x00b\n"),
+    ("newline inside quotes", "web: ./app 'a\nExecStartPre=/bin/true'\n"),
+    ("semicolon", "web: ./app; touch /run/crate-procfile-pwned\n"),
+    ("and operator", "web: ./app && touch /run/crate-procfile-pwned\n"),
+    ("pipe", "web: ./app | cat\n"),
+    ("variable", "web: ./app $HOME\n"),
+    ("backquote", "web: ./app `id`\n"),
+    ("command substitution", "web: ./app $(id)\n"),
+    ("unterminated quote", "web: ./app 'open\n"),
+    ("look-alike program", "web: ./\u0430pp\n"),
+]
+
+
+@pytest.mark.parametrize("procfile", [text for _, text in PROCFILE_BREAKOUTS],
+                         ids=[case for case, _ in PROCFILE_BREAKOUTS])
+def test_procfile_breakout_fails_deploy(operator, shared_dir, caddy, sandbox,
+                                        asset_server, callbacks, procfile):
+    # The Procfile arrives after the request was accepted, so a bad line
+    # fails the deployment before any unit is written or started.
+    app_id = next_id()
+    url = release_archive(asset_server, f"hostile-procfile-{app_id}", procfile)
+    body = deploy_body(app_id, url, callbacks)
+    before = host_snapshot(shared_dir, caddy, sandbox)
+    status, _, answer = operator.request("POST", DEPLOY, body)
+    assert status == 202, answer
+    doc = operator.wait_state(body["deployment_id"],
+                              ("succeeded", "failed", "rolled_back"))
+    assert doc["state"] == "failed", doc
+    assert "Procfile" in json.dumps(doc), doc
+    after = host_snapshot(shared_dir, caddy, sandbox)
+    created = created_between(before, after)
+    assert created.get("unit files", []) == []
+    assert created.get("units", []) == []
+    assert created.get("caddy routes", []) == []
 
 
 def test_busybox_httpd_runs_hardened(operator, asset_server, callbacks,
