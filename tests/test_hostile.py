@@ -1,7 +1,10 @@
 """Hostile input: outbound guards, injection attempts and fuzzed bodies.
 
-Every value here either gets a 400 or reaches its target as inert data.
-App ids are 700000 and up so that no other module's apps are disturbed.
+Every request value here either gets a 400 or reaches its target as inert
+data. A Procfile line arrives after the request was accepted, so a hostile
+one fails the deployment before a unit exists. The fuzz tests draw bodies
+and parameters from the OpenAPI document the operator serves. App ids are
+700000 and up so that no other module's apps are disturbed.
 """
 
 from __future__ import annotations
@@ -309,11 +312,11 @@ def test_redirect_to_blocked_fails_deploy(guarded, callbacks):
 
 # === Injection: each value is rejected or arrives inert ===
 
-# Each character breaks out of something when a value is pasted unquoted:
-# a unit file line (newline, quotes, backslash, % specifiers, $ variables),
-# a shell command line (;, $, quotes, space), a path (../), an HTTP header
-# (CR, LF), a C string (NUL). The last three look like ASCII or reverse
-# the text shown to a person.
+# Each character breaks out of something when a value is pasted unquoted.
+# Newline, quotes, backslash, % specifiers and $ variables break a unit file
+# line. ;, $, quotes and space break a shell command line. ../ leaves a
+# path, CR and LF end an HTTP header, and NUL ends a C string. The last
+# three look like ASCII or reverse the text shown to a person.
 HOSTILE = [
     ("newline", "\n"), ("carriage return", "\r"), ("double quote", '"'),
     ("single quote", "'"), ("traversal", "../"), ("percent", "%n"),
