@@ -8,7 +8,7 @@ SHELL_SCRIPTS := .ci/run tests/sandbox/ns-init.sh \
 	tests/sandbox/ns-init-overlay.sh packaging/deb/build-deb.sh \
 	packaging/deb/postinst packaging/deb/prerm packaging/deb/postrm
 
-.PHONY: test demo run bench lint deb install clean fuzz
+.PHONY: test demo run bench lint deb install clean fuzz fuzz-in-namespace
 
 test:
 	@$(PYTHON) -c 'import pytest, hypothesis' 2>/dev/null \
@@ -49,11 +49,21 @@ lint:
 	if [ -n "$$output" ]; then echo "$$output" >&2; exit 1; fi
 
 # schemathesis against the development operator of `make run`.  The
-# operator may only reach loopback, so generated asset and callback URLs
-# never leave the host.
+# operator may only connect to loopback, but it resolves the host names of
+# generated URLs before it checks them, and that asks the host's DNS
+# resolver.  So both run in a new network namespace that has only a
+# loopback interface (unshare; --map-root-user when not root).
 fuzz:
 	@command -v schemathesis >/dev/null \
 		|| { echo "schemathesis is missing: pip install schemathesis" >&2; exit 1; }
+	@command -v unshare >/dev/null \
+		|| { echo "unshare is missing: apt-get install util-linux" >&2; exit 1; }
+	@if [ "$$(id -u)" = 0 ]; then user_ns=; else user_ns=--map-root-user; fi; \
+	unshare $$user_ns --net sh -c 'ip link set lo up && exec "$$@"' sh \
+		$(MAKE) --no-print-directory fuzz-in-namespace
+
+# The body of `make fuzz`, run inside its network namespace.
+fuzz-in-namespace:
 	@mkdir -p $(BUILD_DIR)
 	@CRATE_OPERATOR_OUTBOUND_ALLOW='["127.0.0.0/8", "::1/128"]' \
 	$(PYTHON) tools/run_dev.py $(BUILD_DIR)/dev > $(BUILD_DIR)/fuzz.log 2>&1 & \
@@ -72,4 +82,4 @@ install:
 
 clean:
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
-	rm -rf .pytest_cache .hypothesis .ruff_cache $(BUILD_DIR)
+	rm -rf .pytest_cache .hypothesis .ruff_cache .schemathesis $(BUILD_DIR)

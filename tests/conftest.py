@@ -1,7 +1,8 @@
 """pytest fixtures that start real systemd, Caddy and HTTP peers for the tests.
 
 Session fixtures: shared_dir, sandbox, caddy, asset_server, callbacks,
-operator, dockerd and registry (started only when a test requests them).
+operator, dockerd, host_dockerd and registry (started only when a test
+requests them).
 Function fixture: operator_factory. Fixtures that need root
 (namespaces, mounts, cgroups) skip with a stated reason when not root.
 Teardown runs even when a test or a later fixture fails: operator
@@ -145,6 +146,26 @@ def dockerd(sandbox: harness.SystemdSandbox,
         yield daemon
     finally:
         daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def host_dockerd(packages: list[str]) -> Iterator[harness.HostDockerDaemon]:
+    """dockerd on the host (not in the sandbox), in its own /tmp/crhost-* dir.
+
+    Only this daemon applies memory and pids limits on a host with the
+    hybrid cgroup layout. The finalizer removes its processes, mounts,
+    cgroups, bridge and dir, also after dockerd crashed.
+    """
+    if not harness.is_root():
+        pytest.skip(ROOT_REASON)
+    if "docker.io" in packages:
+        pytest.skip("docker.io is not installed")
+    daemon = harness.HostDockerDaemon()
+    try:
+        daemon.start()  # a failed start() cleans up before it raises
+        yield daemon
+    finally:
+        daemon.cleanup()
 
 
 @pytest.fixture(scope="session")

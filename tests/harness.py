@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import glob
 import hashlib
 import hmac
 import http.client
@@ -40,6 +41,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -1658,6 +1660,275 @@ class DockerDaemon:
             self.docker("build", "-q", "-t", tag, context)
         finally:
             shutil.rmtree(context, ignore_errors=True)
+
+
+def host_docker_names(run_dir: str) -> tuple[str, str]:
+    """Return (base name, bridge address/prefix) of the host dockerd in run_dir.
+
+    The base name "crhost-<8 hex>" is 15 characters, the longest name a
+    network interface can have, and names the bridge and the two cgroups.
+    The /24 comes from 10.232.1.0 to 10.232.254.0, so it never clashes
+    with the 10.231.x.0/24 bridges of docker_bridge_for().
+    """
+    digest = hashlib.sha256(os.path.basename(run_dir).encode()).hexdigest()
+    subnet = int(digest[8:12], 16) % 254 + 1
+    return "crhost-" + digest[:8], "10.232.%d.1/24" % subnet
+
+
+class HostDockerDaemon(DockerDaemon):
+    """dockerd 20.10 directly on the host, in a new /tmp/crhost-* dir.
+
+    The sandbox dockerd cannot apply memory and pids limits: on a host with
+    the hybrid cgroup layout the sandbox's cgroup2 has no controllers, and
+    dockerd drops those limits without an error. This daemon uses the host's
+    cgroup controllers. Callers use start() and stop() (same as cleanup()),
+    plus api(), docker() and build_busybox_image() of DockerDaemon.
+
+    cleanup() removes every host-visible object, and those with a name carry
+    base_name: the bridge, the cgroup "<base>-dockerd" of dockerd and
+    containerd, and the cgroup "<base>-docker" of the containers (in every
+    v1 hierarchy too). It also removes the mounts below the run dir, the
+    shim sockets in /run/containerd/s, and /run/containerd and /run/docker
+    when they did not exist before.
+    """
+
+    # Dirs below the host's /run that dockerd 20.10 and containerd 1.6
+    # create regardless of --exec-root.
+    RUN_DIRS = ("/run/containerd", "/run/containerd/s", "/run/docker",
+                "/run/docker/plugins")
+
+    def __init__(self, parent_dir: str = "/tmp") -> None:
+        # No DockerDaemon.__init__: there is no sandbox.
+        self.dir = tempfile.mkdtemp(prefix="crhost-", dir=parent_dir)
+        self.base_name, self.bridge_addr = host_docker_names(self.dir)
+        self.bridge = self.base_name
+        self.socket_path = os.path.join(self.dir, "docker.sock")
+        self.exec_root = os.path.join(self.dir, "exec")
+        self.log_path = os.path.join(self.dir, "dockerd.log")
+        self.cgroup_parent = self.base_name + "-docker"
+        self.daemon_cgroup = os.path.join(cgroup_root(), self.base_name + "-dockerd")
+        self.proc: subprocess.Popen | None = None
+        self.missing_run_dirs = [path for path in self.RUN_DIRS
+                                 if not os.path.isdir(path)]
+
+    def argv(self) -> list[str]:
+        """Return the dockerd command line.
+
+        --iptables=false and --ip-forward=false keep the host firewall and
+        sysctls unchanged. --exec-opt native.cgroupdriver=cgroupfs keeps
+        dockerd from asking a systemd over D-Bus for scopes.
+        """
+        return [
+            "/usr/sbin/dockerd",
+            "--data-root", os.path.join(self.dir, "data"),
+            "--exec-root", self.exec_root,
+            "-H", "unix://" + self.socket_path,
+            "--pidfile", os.path.join(self.dir, "docker.pid"),
+            "--config-file", os.path.join(self.dir, "daemon.json"),
+            "--iptables=false", "--ip-forward=false", "--ip-masq=false",
+            "--bridge=" + self.bridge,
+            "--storage-driver=overlay2",
+            "--exec-opt", "native.cgroupdriver=cgroupfs",
+            "--cgroup-parent=" + self.cgroup_parent,
+            "--shutdown-timeout=2",
+        ]
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Create the bridge and cgroup, start dockerd, and wait for GET /_ping.
+
+        A failed start calls cleanup() before it raises.
+        """
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def _start(self, timeout: float) -> None:
+        os.makedirs(os.path.join(self.dir, "data"), exist_ok=True)
+        with open(os.path.join(self.dir, "daemon.json"), "w",
+                  encoding="utf-8") as handle:
+            json.dump({"deprecated-key-path": os.path.join(self.dir, "key.json")},
+                      handle)
+
+        # dockerd only creates a bridge named docker0 itself. A fixed MAC
+        # keeps the bridge MAC from changing as containers come and go.
+        digest = hashlib.sha256(self.bridge.encode()).hexdigest()
+        mac = "02:" + ":".join(digest[i:i + 2] for i in range(0, 10, 2))
+        if subprocess.run(["ip", "link", "show", self.bridge],
+                          capture_output=True, check=False).returncode != 0:
+            subprocess.run(["ip", "link", "add", self.bridge, "type", "bridge"],
+                           check=True)
+        subprocess.run(["ip", "link", "set", self.bridge, "address", mac], check=True)
+        subprocess.run(["ip", "addr", "replace", self.bridge_addr, "dev", self.bridge],
+                       check=True)
+        subprocess.run(["ip", "link", "set", self.bridge, "up"], check=True)
+
+        os.makedirs(self.daemon_cgroup, exist_ok=True)
+        # The shell moves itself into the cgroup before exec, so dockerd and
+        # every process it starts (containerd, the shims) are in it from
+        # their first instruction, and cleanup() can kill them all.
+        script = 'echo $$ > "$1" && shift && exec "$@"'
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                ["/bin/sh", "-c", script, "sh",
+                 os.path.join(self.daemon_cgroup, "cgroup.procs"), *self.argv()],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError("host dockerd exited with %s:\n%s"
+                                   % (self.proc.returncode, log_tail(self.log_path)))
+            try:
+                status, _ = self.api("GET", "/_ping", timeout=2)
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("host dockerd /_ping timed out:\n%s"
+                                   % log_tail(self.log_path))
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Remove everything start() and dockerd made; see cleanup()."""
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        """Remove what this daemon left on the host, also after dockerd was killed.
+
+        After SIGKILL of dockerd the shims and containers keep running, and
+        the data-root bind mount, overlay mounts and network namespace
+        mounts stay. Raises RuntimeError naming what could not be removed.
+        """
+        problems = []
+        self._stop_daemon()
+        self._kill_cgroup_processes(problems)
+        for point in sorted(mounts_under(self.dir), key=len, reverse=True):
+            if subprocess.run(["umount", point], capture_output=True,
+                              check=False).returncode != 0:
+                subprocess.run(["umount", "-l", point], check=False)
+        for path in self._cgroup_dirs():
+            _remove_cgroup_tree(path, problems)
+        self._remove_shim_sockets()
+        for path in reversed(self.missing_run_dirs):
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass  # absent, or another dockerd now uses it
+        if subprocess.run(["ip", "link", "show", self.bridge], capture_output=True,
+                          check=False).returncode == 0:
+            subprocess.run(["ip", "link", "del", self.bridge], check=False)
+        mounts = mounts_under(self.dir)
+        if mounts:
+            problems.append("mounts left below %s: %s" % (self.dir, mounts))
+        elif os.path.isdir(self.dir):
+            shutil.rmtree(self.dir)
+        if problems:
+            raise RuntimeError("host dockerd cleanup incomplete: "
+                               + "; ".join(problems))
+
+    def _stop_daemon(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                # A container whose PID 1 ignores SIGTERM would hold up the
+                # dockerd stop for docker's 10 s stop timeout.
+                status, containers = self.api("GET", "/containers/json?all=1",
+                                              timeout=10)
+                for container in containers if status == 200 else []:
+                    self.api("DELETE", "/containers/%s?force=1" % container["Id"],
+                             timeout=30)
+            except OSError as exc:
+                sys.stderr.write("removing host containers failed: %r\n" % exc)
+        _stop_popen(self.proc, 20)
+
+    def _cgroup_dirs(self) -> list[str]:
+        """Return the cgroup dirs of this daemon that exist, in any hierarchy."""
+        paths = [self.daemon_cgroup,
+                 os.path.join(cgroup_root(), self.cgroup_parent)]
+        # The cgroupfs driver makes the parent in every v1 hierarchy (named
+        # ones too), and in the memory hierarchy below the memory cgroup of
+        # dockerd, which is the caller's.
+        paths.extend(glob.glob(os.path.join("/sys/fs/cgroup/*", self.cgroup_parent)))
+        with open("/proc/self/cgroup", encoding="utf-8") as handle:
+            for line in handle:
+                _, controllers, own = line.rstrip("\n").split(":", 2)
+                if "memory" in controllers.split(","):
+                    paths.append("/sys/fs/cgroup/memory%s/%s"
+                                 % (own.rstrip("/"), self.cgroup_parent))
+        return sorted({path for path in paths if os.path.isdir(path)})
+
+    def cgroup_processes(self) -> list[int]:
+        """Return the PIDs in this daemon's cgroup2 dirs: dockerd, shims, containers."""
+        pids = []
+        for top in (self.daemon_cgroup,
+                    os.path.join(cgroup_root(), self.cgroup_parent)):
+            for directory, _, files in os.walk(top):
+                if "cgroup.procs" in files:
+                    with open(os.path.join(directory, "cgroup.procs"),
+                              encoding="ascii") as handle:
+                        pids.extend(int(pid) for pid in handle.read().split())
+        return pids
+
+    def _kill_cgroup_processes(self, problems: list[str]) -> None:
+        for top in (self.daemon_cgroup,
+                    os.path.join(cgroup_root(), self.cgroup_parent)):
+            kill_file = os.path.join(top, "cgroup.kill")
+            if os.path.exists(kill_file):  # Linux 5.14 and later
+                with open(kill_file, "w", encoding="ascii") as handle:
+                    handle.write("1")
+        for pid in self.cgroup_processes():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        while True:
+            alive = [pid for pid in self.cgroup_processes() if _process_alive(pid)]
+            if not alive:
+                return
+            if time.monotonic() > deadline:
+                problems.append("processes still alive in the cgroups: %s" % alive)
+                return
+            time.sleep(0.05)
+
+    def _remove_shim_sockets(self) -> None:
+        """Delete the shim sockets of this daemon's containers from /run/containerd/s.
+
+        containerd 1.6 puts them at the fixed path
+        /run/containerd/s/<sha256 of "<containerd.sock>/moby/<container id>">.
+        """
+        containers = os.path.join(self.dir, "data", "containers")
+        if not os.path.isdir(containers):
+            return
+        address = os.path.join(self.exec_root, "containerd", "containerd.sock")
+        for container_id in os.listdir(containers):
+            key = "%s/moby/%s" % (address, container_id)
+            name = hashlib.sha256(key.encode()).hexdigest()
+            try:
+                os.unlink(os.path.join("/run/containerd/s", name))
+            except FileNotFoundError:
+                pass
+
+
+def _remove_cgroup_tree(path: str, problems: list[str]) -> None:
+    """Remove a cgroup dir and its children, the deepest first."""
+    deadline = time.monotonic() + 5
+    while os.path.isdir(path):
+        walk = sorted(os.walk(path), key=lambda entry: -entry[0].count("/"))
+        for directory, _, _ in walk:
+            try:
+                os.rmdir(directory)
+            except OSError:
+                pass
+        if not os.path.isdir(path):
+            return
+        if time.monotonic() > deadline:
+            problems.append("cgroup %s could not be removed" % path)
+            return
+        time.sleep(0.05)
 
 
 def registry_auth_header(username: str, password: str, server: str) -> str:

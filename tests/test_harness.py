@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import os
@@ -662,6 +663,45 @@ def test_docker_pull_and_run(dockerd, registry):
     finally:
         dockerd.api("DELETE", "/containers/%s?force=1" % created["Id"])
 
+
+
+def test_host_dockerd_cleanup_after_crash(packages):
+    if not harness.is_root():
+        pytest.skip("needs root: a host dockerd makes a bridge, mounts and cgroups")
+    if "docker.io" in packages:
+        pytest.skip("docker.io is not installed")
+    run_dirs_before = {path: os.path.isdir(path)
+                       for path in harness.HostDockerDaemon.RUN_DIRS}
+    daemon = harness.HostDockerDaemon()
+    try:
+        daemon.start()
+        daemon.build_busybox_image("crhost-crash:1")
+        started = daemon.docker("run", "-d", "crhost-crash:1")
+        container_id = started.stdout.strip()
+        inspected = daemon.docker("inspect", "-f", "{{.State.Pid}}", container_id)
+        container_pid = int(inspected.stdout)
+        key = "%s/containerd/containerd.sock/moby/%s" % (daemon.exec_root,
+                                                         container_id)
+        shim_socket = "/run/containerd/s/" + hashlib.sha256(key.encode()).hexdigest()
+        # A crashed dockerd leaves its shim, the container and its mounts.
+        daemon.proc.kill()
+        daemon.proc.wait(10)
+        assert harness._process_alive(container_pid)
+        assert harness.mounts_under(daemon.dir)
+        assert os.path.exists(shim_socket)
+    finally:
+        daemon.cleanup()
+    assert not harness._process_alive(container_pid)
+    assert daemon.cgroup_processes() == []
+    assert daemon._cgroup_dirs() == []
+    assert harness.mounts_under(daemon.dir) == []
+    assert not os.path.exists(daemon.dir)
+    link = subprocess.run(["ip", "link", "show", daemon.bridge],
+                          capture_output=True, check=False)
+    assert link.returncode != 0, link.stdout
+    assert not os.path.exists(shim_socket)
+    run_dirs_after = {path: os.path.isdir(path) for path in run_dirs_before}
+    assert run_dirs_after == run_dirs_before
 
 # === Operator process (with stand-in scripts) ===
 

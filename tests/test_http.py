@@ -12,7 +12,6 @@ from __future__ import annotations
 import http.client
 import itertools
 import json
-import math
 import re
 import socket
 import time
@@ -24,6 +23,9 @@ from hypothesis import strategies as st
 
 import crate_operator as co
 import harness
+from openapi_bodies import (DocumentStrategies, Mutator, SafeTargets,
+                            apply_mutation, iter_refs, operations,
+                            pointer_target, safe_bodies, safe_strategies)
 
 OPENAPI = "/v1/openapi.json"
 DEPLOY = "/v1/app/instance/binary/deploy"
@@ -582,10 +584,6 @@ def test_status_of_accepted_deploy_both_paths(operator, callbacks,
 
 # === The served OpenAPI document: structure ===
 
-METHODS = ("get", "put", "post", "delete", "patch", "head", "options",
-           "trace")
-
-
 @pytest.fixture(scope="module")
 def served(operator) -> dict:
     """The OpenAPI document as GET /v1/openapi.json returns it."""
@@ -593,36 +591,6 @@ def served(operator) -> dict:
     assert status == 200, document
     assert headers["Content-Type"] == "application/json"
     return document
-
-
-def iter_refs(node):
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "$ref":
-                yield value
-            else:
-                yield from iter_refs(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from iter_refs(item)
-
-
-def pointer_target(document: dict, ref: str):
-    """Resolve a local JSON pointer (RFC 6901) such as #/components/x."""
-    assert ref.startswith("#/"), ref
-    node = document
-    for part in ref[2:].split("/"):
-        part = part.replace("~1", "/").replace("~0", "~")
-        assert isinstance(node, dict) and part in node, ref
-        node = node[part]
-    return node
-
-
-def operations(document: dict):
-    for path, item in document["paths"].items():
-        for method in METHODS:
-            if method in item:
-                yield path, method, item[method]
 
 
 def test_served_document_header(served):
@@ -677,10 +645,6 @@ def test_served_document_v1_security(served):
 
 # === Generated bodies from the served document ===
 
-INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
-# Entries of a generated map or list beyond its minimum; small bodies keep
-# the module fast.
-MAX_GENERATED_ENTRIES = 3
 # No shrink phase: each shrink step sends requests and may start a deployment,
 # which made one failing test run for minutes. The first failing example is
 # reported as generated, and bodies are small enough to read.
@@ -691,270 +655,10 @@ GENERATED = settings(max_examples=25, derandomize=True, database=None,
 # Mutated copies of each generated body that one example sends.
 MUTATIONS_PER_EXAMPLE = 8
 
-WRONG_TYPES = [True, 1.5, "text", 7, [], {}, None]
-BAD_STRINGS = ["", " ", "a b", "-x", "\x00", "#", "../x", "x" * 300, "ü",
-               "x\n", "PORT", "A=B", "1X"]
-BAD_FORMATS = {
-    "http-url": ["ftp://x.example.test/", "https://u:p@x.example.test/",
-                 "https:///x"],
-    "domain-name": ["bad domain", "x.example.test:8080",
-                    "https://x.example.test/", "localhost"],
-    "env-name": ["PORT", "CRATE_SECRET"],
-    "registry-host": ["https://r.example.test", "r.example.test:0"],
-    "image-name": ["team/app:1.0", "Team/App", "app@sha256:" + "a" * 64],
-    "volume-spec": ["/etc:/x", "../up:/x", "data:/"],
-    "canary-steps": [[50, 10], [10, 50]],
-    "volume-list": [["a:/x", "b:/x"]],
-}
-MISSING = object()
 
-
-class SafeTargets(NamedTuple):
-    """Where generated requests may point: only peers of the test session.
-
-    callback_url is the callback receiver, asset_url a path that the asset
-    server does not have (so every download fails before a change), and
-    closed_port a loopback port nothing listens on, for registry hosts.
-    """
-
-    callback_url: str
-    asset_url: str
-    closed_port: int
-    server_id: str
-
-
-class DocumentStrategies:
-    """Hypothesis strategies for the request bodies of an OpenAPI document.
-
-    Callers use body(operation_id), request_schema(operation_id) and
-    resolve(schema). Fields with a format get strategies that point only at
-    SafeTargets; everything else follows type, bounds, pattern and enum.
-    """
-
-    def __init__(self, document: dict, targets: SafeTargets):
-        self.document = document
-        self.targets = targets
-        self.formats = {
-            "http-url": lambda schema: st.sampled_from(
-                [targets.callback_url, targets.asset_url]),
-            "domain-name": lambda schema: self.domains(),
-            "env-name": lambda schema: st.from_regex(
-                schema["pattern"], fullmatch=True).filter(
-                lambda name: name != "PORT" and not name.startswith("CRATE_")),
-            "registry-host": lambda schema: st.just(
-                f"127.0.0.1:{targets.closed_port}"),
-            "image-name": lambda schema: st.from_regex(
-                r"[a-z0-9]{1,8}", fullmatch=True).map(
-                lambda name: f"127.0.0.1:{targets.closed_port}/http-test/"
-                             f"{name}"),
-            "volume-spec": lambda schema: self.volume_specs(),
-            "volume-list": lambda schema: st.lists(
-                self.volume_specs(), max_size=MAX_GENERATED_ENTRIES,
-                unique_by=lambda spec: spec.split(":")[1]),
-            "canary-steps": lambda schema: st.lists(
-                st.integers(1, 99), unique=True, max_size=9).map(
-                lambda steps: sorted(steps) + [100]),
-        }
-        self.bodies = {
-            operation["operationId"]: self.for_schema(self.request_schema(
-                operation["operationId"]))
-            for _, _, operation in operations(document)
-            if "requestBody" in operation
-        }
-
-    def operation(self, operation_id: str) -> dict:
-        for _, _, operation in operations(self.document):
-            if operation["operationId"] == operation_id:
-                return operation
-        raise KeyError(operation_id)
-
-    def request_schema(self, operation_id: str) -> dict:
-        content = self.operation(operation_id)["requestBody"]["content"]
-        return self.resolve(content["application/json"]["schema"])
-
-    def resolve(self, schema: dict) -> dict:
-        while "$ref" in schema:
-            schema = pointer_target(self.document, schema["$ref"])
-        return schema
-
-    def body(self, operation_id: str):
-        return self.bodies[operation_id]
-
-    @staticmethod
-    def domains():
-        label = st.from_regex(r"[a-z0-9](?:[a-z0-9-]{0,8}[a-z0-9])?",
-                              fullmatch=True)
-        top = st.from_regex(r"[a-z][a-z0-9]{1,5}", fullmatch=True)
-        return st.tuples(st.lists(label, min_size=1, max_size=3), top,
-                         st.booleans(), st.booleans()).map(
-            lambda parts: DocumentStrategies.join_domain(*parts))
-
-    @staticmethod
-    def join_domain(labels, top, upper, trailing_dot):
-        name = ".".join(labels + [top])
-        name = name.upper() if upper else name
-        return name + "." if trailing_dot else name
-
-    @staticmethod
-    def volume_specs():
-        segment = st.from_regex(r"[a-z0-9_-]{1,8}", fullmatch=True)
-        source = st.one_of(
-            st.from_regex(r"[a-z0-9][a-z0-9_.-]{0,7}", fullmatch=True),
-            segment.map("./{}".format))
-        mode = st.sampled_from(["", ":ro", ":rw"])
-        return st.tuples(source, segment, mode).map(
-            lambda parts: f"{parts[0]}:/{parts[1]}{parts[2]}")
-
-    def types(self, schema: dict) -> list:
-        schema = self.resolve(schema)
-        if "anyOf" in schema:
-            return [kind for branch in schema["anyOf"]
-                    for kind in self.types(branch)]
-        kinds = schema.get("type", [])
-        return [kinds] if isinstance(kinds, str) else list(kinds)
-
-    def for_schema(self, schema: dict):
-        schema = self.resolve(schema)
-        if "anyOf" in schema:
-            return st.one_of([self.for_schema(branch)
-                              for branch in schema["anyOf"]])
-        if "enum" in schema:
-            return st.sampled_from(schema["enum"])
-        return st.one_of([self.typed(schema, kind)
-                          for kind in self.types(schema)])
-
-    def typed(self, schema: dict, kind: str):
-        low, high = (INT32_MIN, INT32_MAX) if schema.get(
-            "format") == "int32" else (None, None)
-        low = schema.get("minimum", low)
-        high = schema.get("maximum", high)
-        if kind == "null":
-            return st.none()
-        if kind == "boolean":
-            return st.booleans()
-        if kind == "integer":
-            return st.integers(low, high)
-        if kind == "number":
-            return st.one_of(st.integers(low, high), st.floats(
-                low, high, allow_nan=False, allow_infinity=False))
-        if kind == "string":
-            return self.strings(schema)
-        if kind == "array":
-            return self.arrays(schema)
-        return self.objects(schema)
-
-    def format_strategy(self, schema: dict):
-        name = schema["format"]
-        assert name in self.formats, (
-            f"format {name!r} of the served document has no strategy; add "
-            f"one to DocumentStrategies")
-        return self.formats[name](schema)
-
-    def strings(self, schema: dict):
-        if "format" in schema:
-            strategy = self.format_strategy(schema)
-        elif "pattern" in schema:
-            strategy = st.from_regex(schema["pattern"], fullmatch=True)
-        else:
-            strategy = st.text(max_size=20)
-        low = schema.get("minLength", 0)
-        high = schema.get("maxLength", math.inf)
-        return strategy.filter(lambda text: low <= len(text) <= high)
-
-    def arrays(self, schema: dict):
-        if "format" in schema:
-            return self.format_strategy(schema)
-        low = schema.get("minItems", 0)
-        high = min(schema.get("maxItems", math.inf),
-                   low + MAX_GENERATED_ENTRIES)
-        return st.lists(self.for_schema(schema.get("items", {})),
-                        min_size=low, max_size=high,
-                        unique=schema.get("uniqueItems", False))
-
-    def objects(self, schema: dict):
-        if "properties" in schema:
-            required = set(schema.get("required", []))
-            fields = {name: self.for_schema(sub)
-                      for name, sub in schema["properties"].items()}
-            return st.fixed_dictionaries(
-                {name: fields[name] for name in fields if name in required},
-                optional={name: fields[name] for name in fields
-                          if name not in required})
-        keys = self.strings(dict(schema.get("propertyNames", {}),
-                                 type="string"))
-        low = schema.get("minProperties", 0)
-        high = min(schema.get("maxProperties", math.inf),
-                   low + MAX_GENERATED_ENTRIES)
-        return st.dictionaries(
-            keys, self.for_schema(schema.get("additionalProperties", {})),
-            min_size=low, max_size=high)
-
-
-def free_ports(count: int) -> list:
-    ports: set = set()
-    while len(ports) < count:
-        ports.add(harness.free_port())
-    return sorted(ports)
-
-
-def make_safe(body: dict, targets: SafeTargets) -> dict:
-    """Point a generated body at this module's ids, ports and peers only.
-
-    Every change keeps the body valid: fresh ids from this module's range,
-    ports from free_port, the test peers as URLs and this host's server_id.
-    """
-    app_id = next_id()
-    body["app_id"] = app_id
-    if body.get("deployment_id") is not None:
-        body["deployment_id"] = app_id
-    for field in ("callback_url", "asset_url"):
-        if field in body:
-            body[field] = getattr(targets, field)
-    if "server_id" in body:
-        body["server_id"] = targets.server_id
-    if "domain" in body:
-        body["domain"] = f"h{app_id}.{body['domain']}"
-    entries = [entry for field in ("slots", "instances")
-               for entry in (body.get(field) or {}).values()]
-    for entry, port in zip(entries, free_ports(len(entries))):
-        entry["port"] = port
-    return body
-
-
-def slot_count_for_strategy(body: dict) -> None:
-    if len(body["slots"]) != 2 and body["deployment_strategy"] != "immediate":
-        body["deployment_strategy"] = "immediate"
-
-
-def check_distinct_ports(body: dict) -> None:
-    ports = [entry["port"] for field in ("slots", "instances")
-             for entry in (body.get(field) or {}).values()]
-    assert len(ports) == len(set(ports))
-
-
-def check_small_env(body: dict) -> None:
-    assert len(json.dumps(body.get("env_vars") or {})) < 100_000
-
-
-# Cross-field rules named in x-crate-rules: how a generated body is made to
-# satisfy each one (make_safe already gives every entry its own port).
-RULE_ADJUSTMENTS = {
-    "distinct-ports": check_distinct_ports,
-    "strategy-slot-count": slot_count_for_strategy,
-    "env-total-size": check_small_env,
-}
-
-
-@st.composite
-def valid_bodies(draw, strategies: DocumentStrategies, operation_id: str,
+def valid_bodies(strategies: DocumentStrategies, operation_id: str,
                  targets: SafeTargets):
-    body = make_safe(draw(strategies.body(operation_id)), targets)
-    schema = strategies.request_schema(operation_id)
-    for rule in schema.get("x-crate-rules", {}):
-        assert rule in RULE_ADJUSTMENTS, (
-            f"rule {rule!r} of the served document has no adjustment")
-        RULE_ADJUSTMENTS[rule](body)
-    return body
+    return safe_bodies(strategies, operation_id, targets, next_id)
 
 
 @pytest.fixture(scope="module")
@@ -968,7 +672,7 @@ def targets(operator, callbacks, asset_server) -> SafeTargets:
 
 @pytest.fixture(scope="module")
 def strategies(served, targets) -> DocumentStrategies:
-    return DocumentStrategies(served, targets)
+    return safe_strategies(served, targets)
 
 
 @pytest.fixture(scope="module")
@@ -1038,171 +742,6 @@ def test_generated_valid_body_not_400(operator, served, strategies, targets,
 
 
 # --- Mutations: one field at a time ---
-
-
-class Site(NamedTuple):
-    """One value inside a body: its error path, schema, parent and key."""
-
-    path: str
-    schema: dict
-    parent: Any
-    key: Any
-    required: bool
-
-
-def json_type(value) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    return "array" if isinstance(value, list) else "object"
-
-
-def type_allowed(kinds: list, value) -> bool:
-    kind = json_type(value)
-    return kind in kinds or (kind == "integer" and "number" in kinds)
-
-
-def child_path(path: str, key) -> str:
-    """Return the error path of key below path, as the validator writes it."""
-    if isinstance(key, int):
-        return f"{path}[{key}]"
-    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-        return f"{path}.{key}"
-    return f"{path}[{json.dumps(key)}]"
-
-
-class Mutator:
-    """Single-field mutations of a body that its schema declares invalid."""
-
-    def __init__(self, strategies: DocumentStrategies):
-        self.strategies = strategies
-
-    def effective(self, schema: dict, value) -> dict:
-        """Resolve schema and pick the anyOf branch whose type fits value."""
-        schema = self.strategies.resolve(schema)
-        for branch in schema.get("anyOf", []):
-            if type_allowed(self.strategies.types(branch), value):
-                return self.strategies.resolve(branch)
-        return schema
-
-    def walk(self, schema, value, path, parent=None, key=None,
-             required=False):
-        yield Site(path, schema, parent, key, required)
-        current = self.effective(schema, value)
-        if isinstance(value, dict) and "properties" in current:
-            names = set(current.get("required", []))
-            for name, sub in current["properties"].items():
-                if name in value:
-                    yield from self.walk(sub, value[name],
-                                         child_path(path, name), value, name,
-                                         name in names)
-        elif isinstance(value, dict):
-            for name, item in value.items():
-                yield from self.walk(current.get("additionalProperties", {}),
-                                     item, child_path(path, name), value, name)
-        elif isinstance(value, list):
-            for index, item in enumerate(value):
-                yield from self.walk(current.get("items", {}), item,
-                                     child_path(path, index), value, index)
-
-    def mutations(self, body: dict, schema: dict) -> list:
-        """Return (label, site, new value, expected error path) tuples.
-
-        The sites point into body, so apply at most one mutation per copy.
-        """
-        found = []
-        for site in self.walk(schema, body, "$"):
-            if site.parent is None:
-                continue
-            found += [(label, site, value, site.path)
-                      for label, value in self.value_mutations(site)]
-            if site.required:
-                found.append(("missing", site, MISSING, site.path))
-            found += self.key_mutations(site)
-        return found
-
-    def value_mutations(self, site: Site) -> list:
-        value = site.parent[site.key]
-        schema = self.effective(site.schema, value)
-        kinds = self.strategies.types(site.schema)
-        found = [("wrong type", wrong) for wrong in WRONG_TYPES
-                 if kinds and not type_allowed(kinds, wrong)]
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if "minimum" in schema:
-                found.append(("below minimum", schema["minimum"] - 1))
-            if "maximum" in schema:
-                found.append(("above maximum", schema["maximum"] + 1))
-            elif schema.get("format") == "int32":
-                found.append(("above int32", INT32_MAX + 1))
-        if isinstance(value, str):
-            found += self.string_mutations(schema)
-        if isinstance(value, list):
-            found += self.array_mutations(schema, value)
-        if isinstance(value, dict) and schema.get("minProperties", 0) >= 1:
-            found.append(("too few entries", {}))
-        if "enum" in schema and isinstance(value, str):
-            found.append(("not in enum", "not-a-choice"))
-        return found
-
-    @staticmethod
-    def string_mutations(schema: dict) -> list:
-        found = []
-        if schema.get("minLength", 0) >= 1:
-            found.append(("too short", ""))
-        if "maxLength" in schema:
-            found.append(("too long", "a" * (schema["maxLength"] + 1)))
-        for bad in BAD_FORMATS.get(schema.get("format"), []):
-            found.append(("bad format", bad))
-        if "pattern" in schema:
-            found += [("bad pattern", bad) for bad in BAD_STRINGS
-                      if not re.fullmatch(schema["pattern"], bad)]
-        return found
-
-    @staticmethod
-    def array_mutations(schema: dict, value: list) -> list:
-        found = []
-        if schema.get("minItems", 0) >= 1:
-            found.append(("too few items", []))
-        if "maxItems" in schema and value:
-            found.append(("too many items", value * (schema["maxItems"] + 1)))
-        for bad in BAD_FORMATS.get(schema.get("format"), []):
-            found.append(("bad format", bad))
-        return found
-
-    def key_mutations(self, site: Site) -> list:
-        value = site.parent[site.key]
-        current = self.effective(site.schema, value)
-        key_schema = current.get("propertyNames")
-        if not isinstance(value, dict) or not value or key_schema is None:
-            return []
-        bad_keys = [key for key in BAD_STRINGS + BAD_FORMATS.get(
-            key_schema.get("format"), []) if self.key_is_bad(key_schema, key)]
-        return [("bad key", site, ("rename", key), child_path(site.path, key))
-                for key in bad_keys if key not in value]
-
-    @staticmethod
-    def key_is_bad(key_schema: dict, key: str) -> bool:
-        if not re.fullmatch(key_schema["pattern"], key):
-            return True
-        return key_schema.get("format") == "env-name" and (
-            key == "PORT" or key.startswith("CRATE_"))
-
-
-def apply_mutation(site: Site, new_value) -> None:
-    if new_value is MISSING:
-        del site.parent[site.key]
-    elif isinstance(new_value, tuple) and new_value[0] == "rename":
-        mapping = site.parent[site.key]
-        mapping[new_value[1]] = mapping.pop(next(iter(mapping)))
-    else:
-        site.parent[site.key] = new_value
 
 
 @pytest.mark.parametrize("path", POST_PATHS)

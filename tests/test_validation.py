@@ -3,18 +3,23 @@ import crate_operator as co
 import copy
 import itertools
 import json
-import math
 import re
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import openapi_bodies
+from openapi_bodies import (BAD_FORMATS, BOUND_FORMATS, FORMAT_STRATEGIES,
+                            METHODS, MISSING, RULE_ADJUSTMENTS,
+                            DocumentStrategies, Mutator, apply_mutation,
+                            iter_refs, iter_schemas, operations,
+                            pointer_target)
+
 # === Fixtures: one valid body per endpoint ===
 
 URL = "https://platform.example.test/callbacks/7"
 ASSET = "https://cdn.example.test/releases/app-1.2.3.tar.gz"
-MISSING = object()  # marks a field to delete
 
 COMMON = {
     "app_id": 7,
@@ -1154,18 +1159,6 @@ def test_legacy_status_id_rejects(raw):
 # === Schema tables ===
 
 
-def iter_schemas(schema):
-    """Yield schema and every subschema inside it."""
-    yield schema
-    for name in ("items", "additionalProperties", "propertyNames"):
-        if isinstance(schema.get(name), dict):
-            yield from iter_schemas(schema[name])
-    for branch in schema.get("anyOf", []):
-        yield from iter_schemas(branch)
-    for field_schema in schema.get("properties", {}).values():
-        yield from iter_schemas(field_schema)
-
-
 REQUEST_SCHEMAS = [endpoint["body"] for endpoint in co.ENDPOINTS.values()
                    if endpoint["body"] is not None]
 
@@ -1208,39 +1201,6 @@ def test_endpoint_table_shape():
 
 DOC = co.openapi_document("1.2.3-test")
 COMPONENTS = DOC["components"]["schemas"]
-METHODS = ("get", "put", "post", "delete", "patch", "head", "options",
-           "trace")
-
-
-def iter_refs(node):
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "$ref":
-                yield value
-            else:
-                yield from iter_refs(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from iter_refs(item)
-
-
-def pointer_target(document, ref):
-    assert ref.startswith("#/"), ref
-    node = document
-    for part in ref[2:].split("/"):
-        part = part.replace("~1", "/").replace("~0", "~")
-        assert part in node, ref
-        node = node[part]
-    return node
-
-
-def operations(document):
-    for path, item in document["paths"].items():
-        for method in METHODS:
-            if method in item:
-                yield path, method, item[method]
-
-
 def test_openapi_header():
     assert DOC["openapi"] == "3.1.0"
     assert DOC["info"]["title"] == "crate-operator"
@@ -1393,281 +1353,16 @@ def test_openapi_document_fresh_copy():
 
 
 # === Generator built from the OpenAPI document ===
-# The strategies below read only DOC. Formats get their own strategies, and
-# everything else follows type, bounds, pattern and enum.
+# openapi_bodies builds the strategies and mutations from DOC only.
 
-INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
-# Maximum entries of a generated map or list beyond its minimum, which keeps
-# bodies small and the run fast.
-MAX_GENERATED_ENTRIES = 3
-
-
-def resolve(schema):
-    while "$ref" in schema:
-        schema = pointer_target(DOC, schema["$ref"])
-    return schema
+STRATEGIES = DocumentStrategies(DOC)
+REQUESTS = STRATEGIES.requests
+MUTATOR = Mutator(STRATEGIES)
+resolve = STRATEGIES.resolve
 
 
-def schema_types(schema):
-    schema = resolve(schema)
-    if "anyOf" in schema:
-        return [kind for branch in schema["anyOf"]
-                for kind in schema_types(branch)]
-    kinds = schema.get("type", [])
-    return [kinds] if isinstance(kinds, str) else list(kinds)
-
-
-def json_type(value):
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    return "array" if isinstance(value, list) else "object"
-
-
-def type_allowed(kinds, value):
-    kind = json_type(value)
-    return kind in kinds or (kind == "integer" and "number" in kinds)
-
-
-LABEL = st.from_regex(r"[a-z0-9](?:[a-z0-9-]{0,8}[a-z0-9])?", fullmatch=True)
-TOP_LABEL = st.from_regex(r"[a-z][a-z0-9]{1,5}", fullmatch=True)
-PORT_TEXT = st.integers(1, 65535).map(str)
-IPV4 = st.tuples(*[st.integers(0, 255)] * 4).map(
-    lambda parts: ".".join(map(str, parts)))
-
-
-@st.composite
-def plain_domains(draw):
-    labels = draw(st.lists(LABEL, min_size=1, max_size=3))
-    return ".".join(labels + [draw(TOP_LABEL)])
-
-
-@st.composite
-def domains(draw, schema):
-    name = draw(plain_domains())
-    if draw(st.booleans()):
-        name = name.upper()
-    if draw(st.booleans()):
-        name += "."
-    return name
-
-
-@st.composite
-def http_urls(draw, schema):
-    scheme = draw(st.sampled_from(["http", "https", "HTTPS"]))
-    host = draw(st.one_of(plain_domains(), IPV4, st.just("[::1]")))
-    port = draw(st.one_of(st.just(""), PORT_TEXT.map(":{}".format)))
-    path = draw(st.from_regex(r"(?:/[A-Za-z0-9._~%-]{0,10}){0,3}",
-                              fullmatch=True))
-    query = draw(st.one_of(st.just(""), st.just("?a=1&b=%20")))
-    return f"{scheme}://{host}{port}{path}{query}"
-
-
-@st.composite
-def registry_hosts(draw, schema=None):
-    host = draw(st.one_of(plain_domains(), IPV4, st.just("localhost")))
-    port = draw(st.one_of(st.just(""), PORT_TEXT.map(":{}".format)))
-    return host + port
-
-
-IMAGE_COMPONENT = st.from_regex(
-    r"[a-z0-9]{1,6}(?:(?:[._]|__|-{1,3})[a-z0-9]{1,6}){0,2}", fullmatch=True)
-DOTLESS_COMPONENT = st.from_regex(
-    r"[a-z0-9]{1,6}(?:(?:_|__|-{1,3})[a-z0-9]{1,6}){0,2}", fullmatch=True)
-
-
-@st.composite
-def image_names(draw, schema):
-    # Docker reads a first component with "." or ":" as a registry host, so
-    # without a host the first of several components must have no ".".
-    host = draw(st.one_of(st.none(), registry_hosts()))
-    components = draw(st.lists(IMAGE_COMPONENT, min_size=1, max_size=3))
-    if host is None and len(components) > 1:
-        components[0] = draw(DOTLESS_COMPONENT)
-    return "/".join(([host] if host else []) + components)
-
-
-SEGMENT = st.from_regex(r"[a-z0-9_-]{1,8}", fullmatch=True)
-
-
-@st.composite
-def volume_specs(draw, schema=None):
-    if draw(st.booleans()):
-        source = draw(st.from_regex(co.ID_PATTERN, fullmatch=True))
-    else:
-        segments = draw(st.lists(SEGMENT, min_size=1, max_size=3))
-        source = draw(st.sampled_from(["./", "", "data/"])) + "/".join(
-            segments)
-        if "/" not in source:
-            source = "./" + source
-    target = "/" + "/".join(draw(st.lists(SEGMENT, min_size=1, max_size=3)))
-    mode = draw(st.sampled_from(["", ":ro", ":rw"]))
-    return f"{source}:{target}{mode}"
-
-
-def volume_lists(schema):
-    return st.lists(volume_specs(), max_size=MAX_GENERATED_ENTRIES,
-                    unique_by=lambda spec: spec.split(":")[1])
-
-
-def canary_steps(schema):
-    return st.lists(st.integers(1, 99), unique=True, max_size=9).map(
-        lambda steps: sorted(steps) + [100])
-
-
-def env_names(schema):
-    return st.from_regex(schema["pattern"], fullmatch=True).filter(
-        lambda name: name != "PORT" and not name.startswith("CRATE_"))
-
-
-FORMAT_STRATEGIES = {
-    "http-url": http_urls,
-    "domain-name": domains,
-    "env-name": env_names,
-    "registry-host": registry_hosts,
-    "image-name": image_names,
-    "volume-spec": volume_specs,
-    "volume-list": volume_lists,
-    "canary-steps": canary_steps,
-}
-# Formats that only bound an integer, so they need no strategy of their own.
-BOUND_FORMATS = {"int32": (INT32_MIN, INT32_MAX)}
-
-
-def strategy_for(schema):
-    schema = resolve(schema)
-    if "anyOf" in schema:
-        return st.one_of([strategy_for(branch) for branch in schema["anyOf"]])
-    if "enum" in schema:
-        return st.sampled_from(schema["enum"])
-    kinds = schema_types(schema)
-    return st.one_of([typed_strategy(schema, kind) for kind in kinds])
-
-
-def typed_strategy(schema, kind):
-    low, high = BOUND_FORMATS.get(schema.get("format"), (None, None))
-    low = schema.get("minimum", low)
-    high = schema.get("maximum", high)
-    if kind == "null":
-        return st.none()
-    if kind == "boolean":
-        return st.booleans()
-    if kind == "integer":
-        return st.integers(low, high)
-    if kind == "number":
-        return st.one_of(st.integers(low, high), st.floats(
-            low, high, allow_nan=False, allow_infinity=False))
-    if kind == "string":
-        return string_strategy(schema)
-    if kind == "array":
-        return array_strategy(schema)
-    return object_strategy(schema)
-
-
-def string_strategy(schema):
-    name = schema.get("format")
-    if name:
-        strategy = FORMAT_STRATEGIES[name](schema)
-    elif "pattern" in schema:
-        strategy = st.from_regex(schema["pattern"], fullmatch=True)
-    else:
-        strategy = st.text(max_size=20)
-    low = schema.get("minLength", 0)
-    high = schema.get("maxLength", math.inf)
-    return strategy.filter(lambda text: low <= len(text) <= high)
-
-
-def array_strategy(schema):
-    if "format" in schema:
-        return FORMAT_STRATEGIES[schema["format"]](schema)
-    low = schema.get("minItems", 0)
-    high = min(schema.get("maxItems", math.inf), low + MAX_GENERATED_ENTRIES)
-    return st.lists(strategy_for(schema.get("items", {})), min_size=low,
-                    max_size=high, unique=schema.get("uniqueItems", False))
-
-
-def object_strategy(schema):
-    if "properties" in schema:
-        required = set(schema.get("required", []))
-        fields = {name: strategy_for(sub)
-                  for name, sub in schema["properties"].items()}
-        return st.fixed_dictionaries(
-            {name: fields[name] for name in fields if name in required},
-            optional={name: fields[name] for name in fields
-                      if name not in required})
-    keys = string_strategy(dict(schema.get("propertyNames", {}),
-                                type="string"))
-    low = schema.get("minProperties", 0)
-    high = min(schema.get("maxProperties", math.inf),
-               low + MAX_GENERATED_ENTRIES)
-    return st.dictionaries(keys, strategy_for(
-        schema.get("additionalProperties", {})), min_size=low, max_size=high)
-
-
-# Cross-field rules that a schema names in x-crate-rules, and how a generated
-# body is adjusted to satisfy each one.
-
-
-def distinct_ports(draw, body):
-    entries = [entry for field in ("slots", "instances")
-               for entry in (body.get(field) or {}).values()]
-    port = COMPONENTS["InstancePort"]["properties"]["port"]
-    ports = draw(st.lists(st.integers(port["minimum"], port["maximum"]),
-                          min_size=len(entries), max_size=len(entries),
-                          unique=True))
-    for entry, number in zip(entries, ports):
-        entry["port"] = number
-
-
-def slot_count_for_strategy(draw, body):
-    if len(body["slots"]) != 2 and body["deployment_strategy"] != "immediate":
-        body["deployment_strategy"] = "immediate"
-
-
-def small_env(draw, body):
-    # Generated maps contain a few short values, far below the total limit.
-    assert len(json.dumps(body.get("env_vars") or {})) < 100_000
-
-
-RULE_ADJUSTMENTS = {
-    "distinct-ports": distinct_ports,
-    "strategy-slot-count": slot_count_for_strategy,
-    "env-total-size": small_env,
-}
-
-
-def request_schemas():
-    found = {}
-    for _, _, operation in operations(DOC):
-        if "requestBody" in operation:
-            content = operation["requestBody"]["content"]["application/json"]
-            found[operation["operationId"]] = resolve(content["schema"])
-    return found
-
-
-REQUESTS = request_schemas()
-
-
-# Built once, because building strategies (regexes above all) costs more than
-# drawing from them.
-BODY_STRATEGIES = {name: strategy_for(schema)
-                   for name, schema in REQUESTS.items()}
-
-
-@st.composite
-def valid_bodies(draw, operation_id):
-    schema = REQUESTS[operation_id]
-    body = draw(BODY_STRATEGIES[operation_id])
-    for rule in schema.get("x-crate-rules", {}):
-        RULE_ADJUSTMENTS[rule](draw, body)
-    return body
+def valid_bodies(operation_id):
+    return openapi_bodies.valid_bodies(STRATEGIES, operation_id)
 
 
 def test_generator_covers_document():
@@ -1701,162 +1396,6 @@ def test_generated_bodies_valid(operation_id, data):
 
 # === Mutations: one field at a time ===
 
-WRONG_TYPES = [True, 1.5, "text", 7, [], {}, None]
-BAD_STRINGS = ["", " ", "a b", "-x", "\x00", "#", "../x", "x" * 300, "ü",
-               "x\n", "PORT", "A=B", "1X"]
-BAD_FORMATS = {
-    "http-url": ["ftp://x.example.test/", "https://u:p@x.example.test/",
-                 "https:///x"],
-    "domain-name": ["bad domain", "x.example.test:8080",
-                    "https://x.example.test/", "localhost"],
-    "env-name": ["PORT", "CRATE_SECRET"],
-    "registry-host": ["https://r.example.test", "r.example.test:0"],
-    "image-name": ["team/app:1.0", "Team/App", "app@sha256:" + "a" * 64],
-    "volume-spec": ["/etc:/x", "../up:/x", "data:/"],
-    "canary-steps": [[50, 10], [10, 50]],
-    "volume-list": [["a:/x", "b:/x"]],
-}
-
-
-class Site:
-    """One value inside a body: where it is and which schema describes it."""
-
-    def __init__(self, path, schema, parent, key, required):
-        self.path = path
-        self.schema = schema
-        self.parent = parent
-        self.key = key
-        self.required = required
-
-
-def effective(schema, value):
-    """Resolve schema and pick the anyOf branch whose type fits value."""
-    schema = resolve(schema)
-    for branch in schema.get("anyOf", []):
-        if type_allowed(schema_types(branch), value):
-            return resolve(branch)
-    return schema
-
-
-def child_path(path, key):
-    return path + path_of([key])[1:]
-
-
-def walk(schema, value, path, parent=None, key=None, required=False):
-    yield Site(path, schema, parent, key, required)
-    current = effective(schema, value)
-    if isinstance(value, dict) and "properties" in current:
-        required_names = set(current.get("required", []))
-        for name, sub in current["properties"].items():
-            if name in value:
-                yield from walk(sub, value[name], child_path(path, name),
-                                value, name, name in required_names)
-    elif isinstance(value, dict):
-        for name, item in value.items():
-            yield from walk(current.get("additionalProperties", {}), item,
-                            child_path(path, name), value, name)
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            yield from walk(current.get("items", {}), item,
-                            f"{path}[{index}]", value, index)
-
-
-def key_is_bad(key_schema, key):
-    if not re.fullmatch(key_schema["pattern"], key):
-        return True
-    return key_schema.get("format") == "env-name" and (
-        key == "PORT" or key.startswith("CRATE_"))
-
-
-def value_mutations(site):
-    """Return (label, new value) pairs that make the value at site invalid."""
-    value = site.parent[site.key]
-    schema = effective(site.schema, value)
-    kinds = schema_types(site.schema)
-    found = [("wrong type", wrong) for wrong in WRONG_TYPES
-             if not type_allowed(kinds, wrong)]
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if "minimum" in schema:
-            found.append(("below minimum", schema["minimum"] - 1))
-        if "maximum" in schema:
-            found.append(("above maximum", schema["maximum"] + 1))
-    if isinstance(value, str):
-        found += string_mutations(schema)
-    if isinstance(value, list):
-        found += array_mutations(schema, value)
-    if isinstance(value, dict) and schema.get("minProperties", 0) >= 1:
-        found.append(("too few entries", {}))
-    if "enum" in schema and isinstance(value, str):
-        found.append(("not in enum", "not-a-choice"))
-    return found
-
-
-def string_mutations(schema):
-    found = []
-    if schema.get("minLength", 0) >= 1:
-        found.append(("too short", ""))
-    if "maxLength" in schema:
-        found.append(("too long", "a" * (schema["maxLength"] + 1)))
-    for bad in BAD_FORMATS.get(schema.get("format"), []):
-        found.append(("bad format", bad))
-    if "pattern" in schema:
-        found += [("bad pattern", bad) for bad in BAD_STRINGS
-                  if not re.fullmatch(schema["pattern"], bad)]
-    return found
-
-
-def array_mutations(schema, value):
-    found = []
-    if schema.get("minItems", 0) >= 1:
-        found.append(("too few items", []))
-    if "maxItems" in schema and value:
-        found.append(("too many items", value * (schema["maxItems"] + 1)))
-    for bad in BAD_FORMATS.get(schema.get("format"), []):
-        found.append(("bad format", bad))
-    return found
-
-
-def mutations(body, schema):
-    """Return (label, site, new value, expected error field) for every mutation.
-
-    Each mutation changes one value, deletes one required field or renames
-    one map key. The sites point into body, so apply at most one mutation.
-    """
-    found = []
-    for site in walk(schema, body, "$"):
-        if site.parent is None:
-            continue
-        found += [(label, site, value, site.path)
-                  for label, value in value_mutations(site)]
-        if site.required:
-            found.append(("missing", site, MISSING, site.path))
-        found += key_mutations(site)
-    return found
-
-
-def key_mutations(site):
-    value = site.parent[site.key]
-    current = effective(site.schema, value)
-    key_schema = current.get("propertyNames")
-    if not isinstance(value, dict) or not value or key_schema is None:
-        return []
-    bad_keys = [key for key in BAD_STRINGS + BAD_FORMATS.get(
-        key_schema.get("format"), []) if key_is_bad(key_schema, key)]
-    return [("bad key", site, ("rename", key), child_path(site.path, key))
-            for key in bad_keys if key not in value]
-
-
-def apply_mutation(site, new_value):
-    if new_value is MISSING:
-        del site.parent[site.key]
-    elif isinstance(new_value, tuple) and new_value[0] == "rename":
-        mapping = site.parent[site.key]
-        old_key = next(iter(mapping))
-        mapping[new_value[1]] = mapping.pop(old_key)
-    else:
-        site.parent[site.key] = new_value
-
-
 def mutation_failures(operation_id, body):
     """Apply each single-field mutation to a fresh copy of body in turn.
 
@@ -1864,9 +1403,10 @@ def mutation_failures(operation_id, body):
     """
     schema = REQUESTS[operation_id]
     failures = []
-    for index in range(len(mutations(copy.deepcopy(body), schema))):
+    for index in range(len(MUTATOR.mutations(copy.deepcopy(body), schema))):
         mutated = copy.deepcopy(body)
-        label, site, new_value, expected = mutations(mutated, schema)[index]
+        label, site, new_value, expected = MUTATOR.mutations(mutated,
+                                                             schema)[index]
         apply_mutation(site, new_value)
         result = co.validate_body(operation_id, mutated)
         fields = [error["field"] for error in result.errors]
@@ -1910,7 +1450,7 @@ PATH_PARAMS = {
 @given(data=st.data())
 def test_generated_path_params_valid(operation_id, data):
     schema = PATH_PARAMS[operation_id]
-    value = data.draw(strategy_for(schema))
+    value = data.draw(STRATEGIES.for_schema(schema))
     value, errors = co.validate_path_param(operation_id, str(value))
     assert errors == []
     assert type(value).__name__ == {"integer": "int", "string": "str"}[
