@@ -8398,8 +8398,9 @@ class Operator:
             self._check_app_ownership(plan)
             self._check_domain(plan["app_id"], plan["domain"])
             record = self._new_record(plan, digest, ignored)
-            self.store.save_deployment(record)
-        self.outbox.emit(record, "deployment.queued")
+            # emit stores the record before its event; inside the lock, so
+            # that a repeat of this request finds the record.
+            self.outbox.emit(record, "deployment.queued")
         log("deployment.accepted", strategy=plan["strategy"],
             version=plan["version"], app_id=plan["app_id"],
             deployment_id=key)
