@@ -12,8 +12,8 @@ DockerFloorDeployer does the same for a docker app: pull the image tag
 from the registry with credentials, create the container (with the
 operator's port binding, user and restart policy), start it, poll the
 health path every 20 ms and make one Caddy admin call. In place, the old
-container is stopped before the new one starts, since both bind the same
-port; after a switch the old one is stopped at the end.
+container is stopped before the new one starts, because both bind the
+same port. After a switch the old one is stopped at the end.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class FloorDeployer:
 
 
 def wait_healthy(port: int) -> None:
-    """Poll GET /healthz on 127.0.0.1:port every 20 ms until it answers 200."""
+    """Poll GET /healthz on 127.0.0.1:port every 20 ms until it returns 200."""
     deadline = time.monotonic() + HEALTH_TIMEOUT_S
     while True:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
@@ -228,7 +228,7 @@ class DockerFloorDeployer:
         if status != expect:
             raise RuntimeError("dockerd returned %d for %s %s: %r"
                                % (status, method, path, answer))
-        # A pull answers 200 with a stream of JSON lines, and reports a
+        # A pull returns 200 with a stream of JSON lines and reports a
         # failure as a line with an "error" key.
         text = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
         if b'"error"' in text:

@@ -170,13 +170,13 @@ def test_store_seq_increases_across_threads(tmp_path):
 
 def test_store_seq_never_repeats_after_restart(tmp_path):
     first = co.Store(str(tmp_path))
-    taken = [first.next_seq() for _ in range(3)]
+    first_values = [first.next_seq() for _ in range(3)]
     # A new process on the same state_dir (a restart, or a crash right
     # after the values were handed out) continues above every one of them.
     second = co.Store(str(tmp_path))
     later = [second.next_seq() for _ in range(co.SEQ_BLOCK + 2)]
-    assert taken == [1, 2, 3]
-    assert later[0] > taken[-1]
+    assert first_values == [1, 2, 3]
+    assert later[0] > first_values[-1]
     assert later == list(range(later[0], later[0] + co.SEQ_BLOCK + 2))
     third = co.Store(str(tmp_path))
     assert third.next_seq() > later[-1]
@@ -379,7 +379,7 @@ def _recording_systemd(tmp_path):
     return co.Systemd([str(fake)], str(tmp_path)), calls
 
 
-def test_reset_failed_beside_reload_then_before_every_start(tmp_path):
+def test_reset_failed_before_every_start(tmp_path):
     systemd, calls = _recording_systemd(tmp_path)
     unit = "crate-app-5-blue.service"
     systemd.daemon_reload(reset=(unit,))
