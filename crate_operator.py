@@ -6842,8 +6842,7 @@ class Strategies:
         try:
             job.step("write_unit", runtime.install, plan, instance, release,
                      message=instance["unit"])
-            job.step("daemon_reload", runtime.reload,
-                     (instance,))
+            job.step("daemon_reload", runtime.reload, (instance,))
             self._start_and_check(job, instance)
             instance.update(state="running", serving=True)
             job.step("switch_route", self._route, job, app, [instance],
@@ -6908,8 +6907,7 @@ class Strategies:
         try:
             job.step("write_unit", runtime.install, plan, instance, release,
                      message=instance["unit"])
-            job.step("daemon_reload", runtime.reload,
-                     (instance,))
+            job.step("daemon_reload", runtime.reload, (instance,))
             self._start_and_check(job, instance)
         except Exception as exc:
             self._undo_new(job, instance, snap)
