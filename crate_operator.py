@@ -268,7 +268,10 @@ EVENTS_MAX_LIMIT = 1000
 HEALTH_PROBE_TIMEOUT_S = 2.0
 # Minimum time between two unit state checks (a systemctl call) while a
 # health check waits; the first check comes after this time of failed probes.
-HEALTH_UNIT_CHECK_S = 0.2
+# Each check stops the probes for one systemctl call (10 to 30 ms), so it
+# comes after the start-up time of a typical app, not during it; a unit that
+# exits is reported at most this much later.
+HEALTH_UNIT_CHECK_S = 0.5
 # Prefix of every unit this program writes; nothing else is touched.
 UNIT_PREFIX = "crate-app-"
 # Newest Engine API this program speaks (docker 20.10); newer daemons are
@@ -288,6 +291,9 @@ DOCKER_LOG_MAX_FILES = "3"
 # "dynamic": nobody:nogroup on Debian.
 NOBODY_UID = 65534
 NOBODY_GID = 65534
+
+# Callback seq values reserved by one durable write of seq.json.
+SEQ_BLOCK = 64
 
 # Test-only: the name of a deploy step at which the process kills itself
 # with SIGKILL, so that the tests can crash it at every step.
@@ -2669,6 +2675,8 @@ class Store:
         self.deployments_dir = os.path.join(state_dir, "deployments")
         self.outbox_dir = os.path.join(state_dir, "outbox")
         self._seq_lock = threading.Lock()
+        self._seq_next = None
+        self._seq_reserved = 0
         self._lock_handle = None
         for path in (state_dir, self.apps_dir, self.deployments_dir,
                      self.outbox_dir):
@@ -2769,13 +2777,25 @@ class Store:
     # --- callback outbox
 
     def next_seq(self) -> int:
-        """Return the next value of the operator-wide event counter."""
+        """Return the next value of the operator-wide event counter.
+
+        seq.json holds the highest value this or an earlier process may
+        have handed out.  Values are reserved in blocks of SEQ_BLOCK, so
+        that one durable write covers many events; after a restart the
+        counter continues above the block, which leaves a gap but never
+        repeats a value.
+        """
         path = os.path.join(self.root, "seq.json")
         with self._seq_lock:
-            current = read_json(path) or {"seq": 0}
-            current["seq"] += 1
-            atomic_write_json(path, current)
-            return current["seq"]
+            if self._seq_next is None or self._seq_next > self._seq_reserved:
+                if self._seq_next is None:
+                    stored = read_json(path) or {"seq": 0}
+                    self._seq_next = stored["seq"] + 1
+                self._seq_reserved = self._seq_next + SEQ_BLOCK - 1
+                atomic_write_json(path, {"seq": self._seq_reserved})
+            value = self._seq_next
+            self._seq_next += 1
+            return value
 
     def outbox_add(self, event: dict) -> None:
         """Persist one callback event before anyone tries to deliver it."""
@@ -3017,6 +3037,10 @@ class Systemd:
         self._reload_requested = 0
         self._reload_done = 0
         self._reload_running = False
+        # Units whose reset-failed ran beside a daemon-reload and that were
+        # not stopped since; their next start skips its own reset-failed.
+        self._reset_done = set()
+        self._reset_lock = threading.Lock()
         self.time_in_systemctl = 0.0
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -3075,12 +3099,49 @@ class Systemd:
         fsync_dir(self.unit_dir)
         return True
 
-    def daemon_reload(self) -> None:
+    def daemon_reload(self, reset: tuple = ()) -> None:
         """Reload unit files, sharing one reload among concurrent callers.
 
         A caller returns only after a reload that started after its own
         request finished, so every unit written before the call is loaded.
+        ``reset`` names stopped units that start next: their reset-failed
+        runs in threads beside the reload, which saves a systemctl call's
+        time before each start.
         """
+        threads = []
+        for name in reset:
+            thread = threading.Thread(target=self._reset_failed, args=(name,),
+                                      name="reset-failed", daemon=True)
+            thread.start()
+            threads.append(thread)
+        try:
+            self._daemon_reload()
+        finally:
+            for thread in threads:
+                thread.join()
+
+    def _reset_failed(self, name: str) -> None:
+        try:
+            self.run("reset-failed", name, check=False)
+        except SystemdError:
+            return  # start() runs its own reset-failed
+        with self._reset_lock:
+            self._reset_done.add(name)
+
+    def _reset_before_start(self, name: str) -> None:
+        """Clear a failed state (start limit included) unless that was done
+        beside the last daemon-reload and the unit was not stopped since."""
+        with self._reset_lock:
+            done = name in self._reset_done
+            self._reset_done.discard(name)
+        if not done:
+            self.run("reset-failed", name, check=False)
+
+    def _forget_reset(self, name: str) -> None:
+        with self._reset_lock:
+            self._reset_done.discard(name)
+
+    def _daemon_reload(self) -> None:
         with self._reload_cond:
             self._reload_requested += 1
             ticket = self._reload_requested
@@ -3103,11 +3164,12 @@ class Systemd:
 
     def start(self, name: str) -> None:
         """Clear a failed state (start limit included), then start."""
-        self.run("reset-failed", name, check=False)
+        self._reset_before_start(name)
         self.run("start", name)
 
     def stop(self, name: str) -> None:
         """Stop a unit; stopping an absent or stopped unit succeeds."""
+        self._forget_reset(name)
         self.run("stop", name, check=False)
 
     # enable and disable only change the [Install] symlinks, which systemd
@@ -3124,7 +3186,7 @@ class Systemd:
     def enable_and_start(self, name: str) -> None:
         """Clear a failed state (start limit included), then enable and
         start the unit in one systemctl call."""
-        self.run("reset-failed", name, check=False)
+        self._reset_before_start(name)
         self.run("enable", "--no-reload", "--now", name)
 
     def disable_and_stop(self, name: str) -> None:
@@ -3133,6 +3195,7 @@ class Systemd:
         systemctl skips the stop when the disable fails, so a failed call
         is followed by a plain stop.
         """
+        self._forget_reset(name)
         result = self.run("disable", "--no-reload", "--now", name, check=False)
         if result.returncode != 0:
             self.stop(name)
@@ -5934,9 +5997,14 @@ class BinaryRuntime:
         """Return the unit name of one instance."""
         return unit_name(plan["app_id"], instance_id)
 
-    def reload(self) -> None:
-        """Load the unit files that install wrote (a coalesced reload)."""
-        self.systemd.daemon_reload()
+    def reload(self, starting: tuple = ()) -> None:
+        """Load the unit files that install wrote (a coalesced reload).
+
+        ``starting`` lists stopped instances that start next; their
+        reset-failed runs beside the reload.
+        """
+        self.systemd.daemon_reload(
+            reset=tuple(instance["unit"] for instance in starting))
 
     def probe(self, instance: dict, path: str | None) -> tuple:
         """Return (ready, detail): the HTTP path answers, or the port accepts."""
@@ -6371,7 +6439,7 @@ class DockerRuntime:
             config["Cmd"] = list(plan["docker_command"])
         return config
 
-    def reload(self) -> None:
+    def reload(self, starting: tuple = ()) -> None:
         """Do nothing: dockerd reads a container's config when it is created."""
 
     def start(self, instance: dict) -> None:
@@ -6563,8 +6631,7 @@ class DeployJob:
             self.record["finished_at"] = now
             self._count_outcome(state)
         self.refresh_view()
-        self.save()
-        self.op.outbox.emit(self.record, f"deployment.{state}")
+        self.op.outbox.emit(self.record, f"deployment.{state}")  # saves
         level = logging.WARNING if state in ("failed", "rolled_back") \
             else logging.INFO
         log(f"deployment.{state}", level, error=error, **self.ids)
@@ -6581,10 +6648,13 @@ class DeployJob:
                             {"kind": kind}, time.monotonic() - started)
 
     def journal_new(self, *instances: dict) -> None:
-        """Record instances this job creates, before it creates them."""
+        """Record instances this job creates, before it creates them.
+
+        Every caller runs the write_unit step next, whose start entry is
+        saved together with this change before any unit is written.
+        """
         journal = self.record.setdefault("journal", {"new": []})
         journal["new"] += [copy.deepcopy(i) for i in instances]
-        self.save()
 
     def journal_moved(self) -> None:
         """Record that traffic has moved to the new version for good."""
@@ -6594,8 +6664,7 @@ class DeployJob:
     def progress(self, event_name: str) -> None:
         """Store the record and send a callback without a state change."""
         self.refresh_view()
-        self.save()
-        self.op.outbox.emit(self.record, event_name)
+        self.op.outbox.emit(self.record, event_name)  # saves
 
     def refresh_view(self) -> None:
         """Copy the app's instances and route weights into the record."""
@@ -6628,8 +6697,11 @@ class DeployJob:
             log("step.failed", logging.WARNING, step=name, error=str(exc),
                 **ids)
             raise
+        # The done entry is saved with the next change (the next step's
+        # start entry, a journal entry or a state change): a crash before
+        # that leaves the step looking unfinished, which recovery treats
+        # like a crash inside the step.
         entry.update(state="done", at=utc_now())
-        self.save()
         return result
 
     # --- entry point
@@ -6722,7 +6794,8 @@ class Strategies:
         job.record["action"] = "update" if app["instances"] else "create"
         job.record["journal"] = {"app_before": copy.deepcopy(app),
                                  "new": [], "moved": False}
-        job.save()
+        # Saved with the start entry of the fetch_asset step, which every
+        # strategy runs first.
         if plan["model"] == "instances":
             return InstanceSetDeploy(self, job, app).run()
         live = [i for i in app["instances"].values() if i.get("serving")]
@@ -6792,7 +6865,7 @@ class Strategies:
         try:
             job.step("write_unit", runtime.install, plan, instance, release,
                      message=instance["unit"])
-            job.step("daemon_reload", runtime.reload)
+            job.step("daemon_reload", runtime.reload, (instance,))
             self._start_and_check(job, instance)
             instance.update(state="running", serving=True)
             job.step("switch_route", self._route, job, app, [instance],
@@ -6857,7 +6930,7 @@ class Strategies:
         try:
             job.step("write_unit", runtime.install, plan, instance, release,
                      message=instance["unit"])
-            job.step("daemon_reload", runtime.reload)
+            job.step("daemon_reload", runtime.reload, (instance,))
             self._start_and_check(job, instance)
         except Exception as exc:
             self._undo_new(job, instance, snap)
@@ -7051,7 +7124,7 @@ class InstanceSetDeploy:
         self.job.record["changes"] = {"create": self.creates,
                                       "update": self.updates,
                                       "remove": self.removes}
-        self.job.save()
+        # Saved with the start entry of the fetch_asset step below.
         log("deployment.instance_set", create=self.creates,
             update=self.updates, remove=self.removes, **self.job.ids)
         self.release = self.job.step(
@@ -7084,7 +7157,7 @@ class InstanceSetDeploy:
         for member in members:
             self.job.step("write_unit", self.runtime.install, self.plan,
                           member, self.release, message=member["unit"])
-        self.job.step("daemon_reload", self.runtime.reload)
+        self.job.step("daemon_reload", self.runtime.reload, tuple(members))
         for member in members:
             self.active_id = member["instance_id"]
             self.strategies._start_and_check(self.job, member)
@@ -7692,8 +7765,13 @@ class CallbackOutbox:
                 self._pending[event["seq"]] = event
 
     def emit(self, record: dict, event_name: str) -> None:
-        """Queue one event about a deployment record (which it updates)."""
+        """Store a deployment record and queue one event about it.
+
+        The record is stored even when it has no callback_url, so that a
+        state change needs one write of the record.
+        """
         if not record.get("callback_url"):
+            self.store.save_deployment(record)
             return
         record["deployment_seq"] = record.get("deployment_seq", 0) + 1
         seq = self.store.next_seq()
@@ -7705,8 +7783,10 @@ class CallbackOutbox:
                  "deployment_id": record["deployment_id"],
                  "app_id": record["app_id"], "body": raw, "attempts": 0,
                  "created_at": time.time(), "next_at": 0.0}
-        self.store.outbox_add(event)
+        # The record goes first, so that no event (which may be delivered
+        # after a restart) reports a state the record on disk lacks.
         self.store.save_deployment(record)
+        self.store.outbox_add(event)
         with self._lock:
             self._pending[seq] = event
             self._start_worker(event["url"])
@@ -8442,8 +8522,9 @@ class Operator:
             self._check_app_ownership(plan)
             self._check_domain(plan["app_id"], plan["domain"])
             record = self._new_record(plan, digest, ignored)
-            self.store.save_deployment(record)
-        self.outbox.emit(record, "deployment.queued")
+            # emit stores the record before its event; inside the lock, so
+            # that a repeat of this request finds the record.
+            self.outbox.emit(record, "deployment.queued")
         log("deployment.accepted", strategy=plan["strategy"],
             version=plan["version"], app_id=plan["app_id"],
             deployment_id=key)

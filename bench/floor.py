@@ -1,4 +1,4 @@
-"""Straight-line deploy: the floor that the operator's deploy time is compared with.
+"""Straight-line deploys: the floors that the operator's deploy times are compared with.
 
 FloorDeployer does only the steps that every binary deploy needs, in one
 thread and without records, callbacks or checks: download the asset, write
@@ -7,6 +7,13 @@ health path every 20 ms and make one Caddy admin call. A blue-green switch
 also stops the old unit afterwards, as the operator does before it reports
 success. The unit and env file texts come from crate_operator's own
 render_unit and render_env_file, so that systemd does the same work for both.
+
+DockerFloorDeployer does the same for a docker app: pull the image tag
+from the registry with credentials, create the container (with the
+operator's port binding, user and restart policy), start it, poll the
+health path every 20 ms and make one Caddy admin call. In place, the old
+container is stopped before the new one starts, because both bind the
+same port. After a switch the old one is stopped at the end.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import http.client
 import json
 import os
 import time
+import urllib.parse
 import urllib.request
 
 import crate_operator
@@ -24,6 +32,7 @@ import harness
 HEALTH_POLL_S = 0.02
 HEALTH_TIMEOUT_S = 30.0
 ROUTE_ID = "bench-floor-route"
+DOCKER_ROUTE_ID = "bench-floor-docker-route"
 
 
 class FloorDeployer:
@@ -103,33 +112,126 @@ class FloorDeployer:
         self.sandbox.systemctl(*args)
 
     def _wait_healthy(self, port: int) -> None:
-        deadline = time.monotonic() + HEALTH_TIMEOUT_S
-        while True:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            try:
-                conn.request("GET", "/healthz")
-                if conn.getresponse().status == 200:
-                    return
-            except OSError:
-                pass
-            finally:
-                conn.close()
-            if time.monotonic() > deadline:
-                raise TimeoutError("floor app on port %d was not healthy within "
-                                   "%.0f s" % (port, HEALTH_TIMEOUT_S))
-            time.sleep(HEALTH_POLL_S)
+        wait_healthy(port)
 
     def _set_route(self, port: int) -> None:
-        route = {"@id": ROUTE_ID, "match": [{"host": [self.domain]}],
-                 "handle": [{"handler": "reverse_proxy",
-                             "upstreams": [{"dial": "127.0.0.1:%d" % port}]}],
-                 "terminal": True}
+        self.route_created = set_route(self.caddy, ROUTE_ID, self.domain,
+                                       port, self.route_created)
+
+
+def wait_healthy(port: int) -> None:
+    """Poll GET /healthz on 127.0.0.1:port every 20 ms until it returns 200."""
+    deadline = time.monotonic() + HEALTH_TIMEOUT_S
+    while True:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        try:
+            conn.request("GET", "/healthz")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        finally:
+            conn.close()
+        if time.monotonic() > deadline:
+            raise TimeoutError("floor app on port %d was not healthy within "
+                               "%.0f s" % (port, HEALTH_TIMEOUT_S))
+        time.sleep(HEALTH_POLL_S)
+
+
+def set_route(caddy: harness.CaddyProcess, route_id: str, domain: str,
+              port: int, exists: bool) -> bool:
+    """Create or replace one route with one Caddy admin call; return True."""
+    route = {"@id": route_id, "match": [{"host": [domain]}],
+             "handle": [{"handler": "reverse_proxy",
+                         "upstreams": [{"dial": "127.0.0.1:%d" % port}]}],
+             "terminal": True}
+    if exists:
+        status, body = caddy.request("PATCH", "/id/" + route_id, route)
+    else:
+        path = "/config/apps/http/servers/crate/routes/0"
+        status, body = caddy.request("PUT", path, route)
+    if status != 200:
+        raise RuntimeError("Caddy returned %d for the floor route %s: %s"
+                           % (status, route_id, json.dumps(body)[:300]))
+    return True
+
+
+class DockerFloorDeployer:
+    """Deploys one docker app in the fewest steps, containers bench-floor-<slot>-<n>."""
+
+    def __init__(self, dockerd: harness.DockerDaemon,
+                 registry: harness.RegistryProcess,
+                 caddy: harness.CaddyProcess, domain: str) -> None:
+        self.dockerd = dockerd
+        self.caddy = caddy
+        self.domain = domain
+        self.auth = harness.registry_auth_header(
+            registry.username, registry.password, registry.address)
+        self.route_created = False
+        self.count = 0
+        self.running: dict = {}  # slot -> container name
+
+    def deploy(self, image: str, tag: str, slot: str, port: int,
+               old_slot: str | None = None) -> float:
+        """Deploy image:tag to slot and return the wall time in seconds.
+
+        With old_slot None the container of slot is replaced in place.
+        Otherwise the container of old_slot is stopped after the switch.
+        """
+        self.count += 1
+        started = time.monotonic()
+        self._api("POST", "/images/create?" + urllib.parse.urlencode(
+            {"fromImage": image, "tag": tag}), None,
+            {"X-Registry-Auth": self.auth}, 200)
+        if old_slot is None and slot in self.running:
+            self._stop(self.running.pop(slot))
+        name = "bench-floor-%s-%d" % (slot, self.count)
+        key = "%d/tcp" % port
+        self._api("POST", "/containers/create?name=" + name, {
+            "Image": "%s:%s" % (image, tag),
+            "Env": ["PORT=%d" % port], "User": "65534:65534",
+            "Labels": {"crate-bench": "floor"},
+            "ExposedPorts": {key: {}},
+            "HostConfig": {
+                "PortBindings": {key: [{"HostIp": "127.0.0.1",
+                                        "HostPort": str(port)}]},
+                "RestartPolicy": {"Name": "unless-stopped"},
+                "SecurityOpt": ["no-new-privileges"], "CapDrop": ["ALL"]},
+        }, None, 201)
+        self._api("POST", "/containers/%s/start" % name, None, None, 204)
+        self.running[slot] = name
+        wait_healthy(port)
+        self.route_created = set_route(self.caddy, DOCKER_ROUTE_ID,
+                                       self.domain, port, self.route_created)
+        if old_slot is not None and old_slot in self.running:
+            self._stop(self.running.pop(old_slot))
+        return time.monotonic() - started
+
+    def cleanup(self) -> None:
+        """Remove the floor's containers and its route."""
+        status, items = self.dockerd.api(
+            "GET", "/containers/json?all=1&filters=" + urllib.parse.quote(
+                json.dumps({"label": ["crate-bench=floor"]})))
+        for item in items if status == 200 else []:
+            self.dockerd.api("DELETE", "/containers/%s?force=1" % item["Id"])
+        self.running.clear()
         if self.route_created:
-            status, body = self.caddy.request("PATCH", "/id/" + ROUTE_ID, route)
-        else:
-            path = "/config/apps/http/servers/crate/routes/0"
-            status, body = self.caddy.request("PUT", path, route)
-            self.route_created = True
-        if status != 200:
-            raise RuntimeError("Caddy returned %d for the floor route: %s"
-                               % (status, json.dumps(body)[:300]))
+            self.caddy.request("DELETE", "/id/" + DOCKER_ROUTE_ID)
+
+    def _stop(self, name: str) -> None:
+        # The bench images stop on SIGKILL (STOPSIGNAL), as the operator's
+        # stop does after its timeout.
+        self._api("POST", "/containers/%s/stop?t=30" % name, None, None, 204)
+
+    def _api(self, method: str, path: str, body, headers, expect: int):
+        status, answer = self.dockerd.api(method, path, body, headers=headers)
+        if status != expect:
+            raise RuntimeError("dockerd returned %d for %s %s: %r"
+                               % (status, method, path, answer))
+        # A pull returns 200 with a stream of JSON lines and reports a
+        # failure as a line with an "error" key.
+        text = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
+        if b'"error"' in text:
+            raise RuntimeError("dockerd reported an error for %s %s: %r"
+                               % (method, path, text[-300:]))
+        return answer

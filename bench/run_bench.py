@@ -2,9 +2,10 @@
 
 Run as root: `make bench` (quick mode) or `BENCH_QUICK=0 make bench` (full
 mode). Prints one markdown table and writes it, with the machine and the
-date, to bench/results.md. Sections: deploy overhead against a straight-line
-floor, failed requests during traffic changes, API throughput, operator time
-at 10/100/500 apps and memory and startup footprint.
+date, to bench/results.md. Sections: deploy overhead of binary and docker
+apps against straight-line floors, failed requests during traffic changes,
+API throughput, operator time at 10/100/500 apps and memory and startup
+footprint.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -28,12 +30,13 @@ sys.path.insert(0, os.path.join(REPO_DIR, "tests"))
 sys.path.insert(0, REPO_DIR)
 
 import harness  # noqa: E402  (needs the sys.path entries above)
-from floor import FloorDeployer  # noqa: E402
+from floor import DockerFloorDeployer, FloorDeployer  # noqa: E402
 
 QUICK = os.environ.get("BENCH_QUICK", "1") != "0"
 RESULTS_PATH = os.path.join(BENCH_DIR, "results.md")
 
 SLOTS = "/v1/app/instance/binary/deploy"
+DOCKER_SLOTS = "/v1/app/instance/docker/deploy"
 INSTANCES = "/v1/app/binary/deploy"
 TERMINAL = ("succeeded", "failed", "rolled_back", "cancelled")
 
@@ -79,6 +82,9 @@ class Environment:
         self.callbacks = harness.CallbackReceiver()
         self.operator: harness.OperatorProcess | None = None
         self.extra: list[harness.OperatorProcess] = []
+        self.dockerd: harness.DockerDaemon | None = None
+        self.registry: harness.RegistryProcess | None = None
+        self._images = 0
         self._ids = iter(range(700000, 800000))
         self._builds = 0
 
@@ -97,6 +103,10 @@ class Environment:
         for process in [self.operator] + self.extra:
             if process is not None:
                 process.stop()
+        if self.dockerd is not None:
+            self.dockerd.stop()
+        if self.registry is not None:
+            self.registry.stop()
         self.callbacks.stop()
         self.assets.stop()
         self.caddy.stop()
@@ -116,6 +126,56 @@ class Environment:
         name = "%s%d" % (label, self._builds)
         harness.build_asset(name, os.path.join(self.assets.root_dir, name))
         return self.assets.url("/" + name)
+
+    def start_docker(self) -> None:
+        """Start dockerd (a sandbox unit) and the registry, and log in."""
+        self.registry = harness.RegistryProcess(self.shared)
+        self.registry.start()
+        self.dockerd = harness.DockerDaemon(self.sandbox)
+        self.dockerd.start()
+        login = self.dockerd.docker(
+            "login", "-u", self.registry.username, "--password-stdin",
+            self.registry.address, input_text=self.registry.password)
+        if login.returncode != 0:
+            raise RuntimeError("docker login to the bench registry failed: %s"
+                               % login.stderr)
+
+    def new_images(self, count: int) -> tuple[str, list]:
+        """Build and push count images of one repository; return (repo, tags).
+
+        Each image serves its own text, so every deploy pulls a new layer;
+        the local copies are removed so that the pulls reach the registry.
+        """
+        repository = "%s/crate-bench/web" % self.registry.address
+        tags = []
+        for _ in range(count):
+            self._images += 1
+            tag = "b%d" % self._images
+            build_docker_image(self.dockerd, "%s:%s" % (repository, tag),
+                               "bench image %s\n" % tag)
+            self.dockerd.docker("push", "%s:%s" % (repository, tag))
+            tags.append(tag)
+        for tag in tags:
+            self.dockerd.docker("rmi", "-f", "%s:%s" % (repository, tag))
+        return repository, tags
+
+    def docker_body(self, app_id: int, image: str, tag: str,
+                    **changes) -> dict:
+        """Return a docker slots-model deploy body with new ports."""
+        body = {
+            "app_id": app_id, "team_id": "bench", "environment_id": 1,
+            "deployment_id": self.next_id(), "deployment_strategy": "immediate",
+            "domain": "bench%d.example.test" % app_id, "image": image,
+            "image_tag": tag, "target_version": tag,
+            "slots": {"blue": {"port": harness.free_port()},
+                      "green": {"port": harness.free_port()}},
+            "env_vars": {}, "health_check_path": "/healthz",
+            "registry_credentials": {"username": self.registry.username,
+                                     "password": self.registry.password},
+            "callback_url": self.callbacks.url("/cb/%d" % app_id),
+        }
+        body.update(changes)
+        return body
 
     def slots_body(self, app_id: int, asset_url: str, **changes) -> dict:
         """Return a slots-model deploy body with new ports."""
@@ -154,6 +214,38 @@ class Environment:
         if "instances" in new:
             new.pop("target_version")
         return new
+
+
+# A FROM-scratch busybox httpd on $PORT with a /healthz file, as in
+# tests/test_docker.py. STOPSIGNAL SIGKILL because httpd as PID 1 ignores
+# SIGTERM.
+DOCKERFILE = """\
+FROM scratch
+COPY busybox /bin/busybox
+COPY www /www
+STOPSIGNAL SIGKILL
+CMD ["/bin/busybox", "sh", "-c", \
+"exec /bin/busybox httpd -f -p \\"$PORT\\" -h /www"]
+"""
+
+
+def build_docker_image(dockerd: harness.DockerDaemon, tag: str,
+                       text: str) -> None:
+    """Build an image whose busybox httpd serves text at / and ok at /healthz."""
+    context = os.path.join(dockerd.dir, "bench-build")
+    os.makedirs(os.path.join(context, "www"))
+    try:
+        shutil.copy("/bin/busybox", os.path.join(context, "busybox"))
+        for name, content in (("index.html", text), ("healthz", "ok\n")):
+            with open(os.path.join(context, "www", name), "w",
+                      encoding="utf-8") as handle:
+                handle.write(content)
+        with open(os.path.join(context, "Dockerfile"), "w",
+                  encoding="utf-8") as handle:
+            handle.write(DOCKERFILE)
+        dockerd.docker("build", "-q", "-t", tag, context)
+    finally:
+        shutil.rmtree(context, ignore_errors=True)
 
 
 def post(operator: harness.OperatorProcess, path: str, body: dict) -> None:
@@ -231,15 +323,69 @@ def bench_deploy_overhead(env: Environment, rows: list) -> None:
             seconds, docs[name] = deploy(env.operator, SLOTS, bodies[name])
             times[name].append(seconds)
     floor.cleanup()
+    add_overhead_rows(rows, "binary", strategies, times, floor_times, docs)
+
+
+def bench_docker_deploy_overhead(env: Environment, rows: list) -> None:
+    """Compare docker update deploys per strategy with the docker floor.
+
+    Every deploy pulls its own image tag with registry credentials, and
+    floor and operator deploys alternate, as in the binary rows.
+    """
+    env.start_docker()
+    strategies = (
+        ("immediate", {}),
+        ("bluegreen", {"deployment_strategy": "bluegreen"}),
+        ("canary", {"deployment_strategy": "canary",
+                    "canary": {"steps": [100], "pause_s": 0}}),
+    )
+    repository, tags = env.new_images(1 + len(strategies)
+                                      + DEPLOY_REPEATS * (2 + len(strategies)))
+    tags = iter(tags)
+    floor = DockerFloorDeployer(env.dockerd, env.registry, env.caddy,
+                                "floor-docker.example.test")
+    ports = {"blue": harness.free_port(), "green": harness.free_port()}
+    floor.deploy(repository, next(tags), "blue", ports["blue"])
+    floor_slot = "blue"
+    bodies = {}
+    for name, _changes in strategies:
+        bodies[name] = env.docker_body(env.next_id(), repository, next(tags))
+        deploy(env.operator, DOCKER_SLOTS, bodies[name])
+    times: dict = {name: [] for name, _ in strategies}
+    floor_times: dict = {"in place": [], "switch": []}
+    docs = {}
+    for _ in range(DEPLOY_REPEATS):
+        floor_times["in place"].append(floor.deploy(
+            repository, next(tags), floor_slot, ports[floor_slot]))
+        other = "green" if floor_slot == "blue" else "blue"
+        floor_times["switch"].append(floor.deploy(
+            repository, next(tags), other, ports[other], floor_slot))
+        floor_slot = other
+        for name, changes in strategies:
+            tag = next(tags)
+            bodies[name] = dict(bodies[name], deployment_id=env.next_id(),
+                                image_tag=tag, target_version=tag, **changes)
+            seconds, docs[name] = deploy(env.operator, DOCKER_SLOTS,
+                                         bodies[name])
+            times[name].append(seconds)
+    floor.cleanup()
+    add_overhead_rows(rows, "docker", strategies, times, floor_times, docs)
+
+
+def add_overhead_rows(rows: list, kind: str, strategies: tuple, times: dict,
+                      floor_times: dict, docs: dict) -> None:
+    """Append one deploy overhead row per strategy and log the step times."""
     note = "median of %d%s" % (DEPLOY_REPEATS, ", quick mode" if QUICK else "")
     for name, _changes in strategies:
         floor_kind = "in place" if name == "immediate" else "switch"
         ratio = statistics.median(times[name]) / \
             statistics.median(floor_times[floor_kind])
-        log("deploy %s: %s vs floor %s" % (name, times[name],
-                                            floor_times[floor_kind]))
-        log("steps of the last %s deploy: %s" % (name, step_durations(docs[name])))
-        rows.append(("Deploy overhead", "binary %s update, POST to succeeded" % name,
+        log("deploy %s %s: %s vs floor %s" % (kind, name, times[name],
+                                               floor_times[floor_kind]))
+        log("steps of the last %s %s deploy: %s"
+            % (kind, name, step_durations(docs[name])))
+        rows.append(("Deploy overhead", "%s %s update, POST to succeeded"
+                     % (kind, name),
                      "%.0f ms vs floor (%s) %.0f ms: ratio %.2f (%s)"
                      % (median_ms(times[name]), floor_kind,
                         median_ms(floor_times[floor_kind]), ratio, note),
@@ -956,7 +1102,9 @@ def main() -> int:
         sys.stderr.write("bench needs root: the sandbox uses namespaces, mounts "
                          "and a cgroup dir\n")
         return 2
-    missing = harness.ensure_packages(("caddy", "wrk", "python3"))
+    missing = harness.ensure_packages(("caddy", "wrk", "python3", "docker.io",
+                                       "docker-registry", "busybox-static",
+                                       "apache2-utils"))
     if missing:
         sys.stderr.write("missing Debian packages: %s\n" % " ".join(missing))
         return 2
@@ -970,6 +1118,8 @@ def main() -> int:
         selected = set(sections.split(","))
         if "deploy" in selected:
             bench_deploy_overhead(env, rows)
+        if "deploy" in selected or "docker" in selected:
+            bench_docker_deploy_overhead(env, rows)
         if "zero" in selected:
             bench_zero_downtime(env, rows, causes)
         if "api" in selected:

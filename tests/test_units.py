@@ -168,6 +168,48 @@ def test_store_seq_increases_across_threads(tmp_path):
     assert sorted(seen) == list(range(1, 81))
 
 
+def test_store_seq_never_repeats_after_restart(tmp_path):
+    first = co.Store(str(tmp_path))
+    first_values = [first.next_seq() for _ in range(3)]
+    # A new process on the same state_dir (a restart, or a crash right
+    # after the values were handed out) continues above every one of them.
+    second = co.Store(str(tmp_path))
+    later = [second.next_seq() for _ in range(co.SEQ_BLOCK + 2)]
+    assert first_values == [1, 2, 3]
+    assert later[0] > first_values[-1]
+    assert later == list(range(later[0], later[0] + co.SEQ_BLOCK + 2))
+    third = co.Store(str(tmp_path))
+    assert third.next_seq() > later[-1]
+
+
+def test_emit_stores_record_before_its_event(tmp_path):
+    order = []
+
+    class Recording(co.Store):
+        def save_deployment(self, record):
+            order.append(("record", record["state"], record["deployment_seq"]))
+            super().save_deployment(record)
+
+        def outbox_add(self, event):
+            order.append(("event", event["event"]))
+            super().outbox_add(event)
+
+    store = Recording(str(tmp_path))
+    config = co.load_config(write_config(tmp_path, BASE), {}, {})
+    outbox = co.CallbackOutbox(store, config)
+    outbox.stop()  # no delivery threads: only the order of the writes counts
+    record = {"deployment_id": 9, "app_id": 9, "state": "running",
+              "callback_url": "http://127.0.0.1:9/cb"}
+    outbox.emit(record, "deployment.running")
+    assert order == [("record", "running", 1), ("event", "deployment.running")]
+    assert store.deployment(9)["deployment_seq"] == 1
+    del record["callback_url"]
+    record["state"] = "succeeded"
+    outbox.emit(record, "deployment.succeeded")
+    assert order[-1] == ("record", "succeeded", 1)
+    assert store.deployment(9)["state"] == "succeeded"
+
+
 def test_request_digest_keyed_not_plain(tmp_path):
     store = co.Store(str(tmp_path))
     body = {"registry_credentials": {"password": "hunter2"}}
@@ -327,6 +369,40 @@ def test_daemon_reload_after_request_runs_again(tmp_path):
     systemd.daemon_reload()
     systemd.daemon_reload()
     assert len(calls.read_text().splitlines()) == 2
+
+
+def _recording_systemd(tmp_path):
+    calls = tmp_path / "calls"
+    fake = tmp_path / "systemctl"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    fake.chmod(0o755)
+    return co.Systemd([str(fake)], str(tmp_path)), calls
+
+
+def test_reset_failed_before_every_start(tmp_path):
+    systemd, calls = _recording_systemd(tmp_path)
+    unit = "crate-app-5-blue.service"
+    systemd.daemon_reload(reset=(unit,))
+    systemd.enable_and_start(unit)
+    # The reset beside the reload covers one start only; a stop in between
+    # also means a new reset-failed, because the stop can leave it failed.
+    systemd.start(unit)
+    systemd.disable_and_stop(unit)
+    systemd.daemon_reload(reset=(unit,))
+    systemd.stop(unit)
+    systemd.start(unit)
+    lines = calls.read_text().splitlines()
+    assert lines[:2] in (["daemon-reload", f"reset-failed {unit}"],
+                         [f"reset-failed {unit}", "daemon-reload"])
+    assert lines[2:] == [
+        f"enable --no-reload --now {unit}",
+        f"reset-failed {unit}", f"start {unit}",
+        f"disable --no-reload --now {unit}",
+    ] + lines[6:8] + [
+        f"stop {unit}",
+        f"reset-failed {unit}", f"start {unit}",
+    ]
+    assert sorted(lines[6:8]) == ["daemon-reload", f"reset-failed {unit}"]
 
 
 def test_systemd_refuses_foreign_units(tmp_path):
