@@ -526,7 +526,14 @@ class MetricsRegistry:
     def inc(self, name: str, labels: dict | None = None,
             value: float = 1.0) -> None:
         """Add ``value`` (at least 0 for a counter) to one series."""
-        key = self._key(labels)
+        self.inc_series(name, self._key(labels), value)
+
+    def series_key(self, labels: dict | None) -> tuple:
+        """Return the key of a series for inc_series."""
+        return self._key(labels)
+
+    def inc_series(self, name: str, key: tuple, value: float = 1.0) -> None:
+        """inc() with a key from series_key, for callers on a hot path."""
         with self._lock:
             kind = self._meta[name][0]
             if kind == "histogram" or (kind == "counter" and value < 0):
@@ -8750,8 +8757,19 @@ ROUTES = (
     ("GET", r"/v1/app/logs", "app_logs", True),
     ("GET", r"/v1/events", "events", True),
 )
-_ROUTE_PATTERNS = [(method, re.compile(pattern + r"\Z"), name, auth)
-                   for method, pattern, name, auth in ROUTES]
+# Paths without a parameter are looked up in a dict; only the two status
+# paths are matched with a regular expression. Each value lists every
+# (method, handler name, auth) of the path, for the 405 answer.
+_STATIC_ROUTES: dict = {}
+_PARAM_ROUTES = []
+for _method, _pattern, _name, _auth in ROUTES:
+    if "(" in _pattern:
+        _PARAM_ROUTES.append((re.compile(_pattern + r"\Z"),
+                              [(_method, _name, _auth)]))
+    else:
+        _STATIC_ROUTES.setdefault(_pattern.replace("\\", ""), []).append(
+            (_method, _name, _auth))
+del _method, _pattern, _name, _auth
 
 # Request bodies over max_body_bytes but up to this size are read and dropped
 # after the 413, so that the connection stays usable. A larger body closes it.
@@ -8784,6 +8802,22 @@ class JSONBytes(NamedTuple):
     body: bytes
 
 
+# Longest raw status id whose validation is memoized; ids are at most 128
+# characters, so the memo stays small even when clients send long paths.
+STATUS_ID_MEMO_MAX_CHARS = 160
+
+
+@functools.lru_cache(maxsize=1024)
+def _status_id(endpoint: str, raw_id: str) -> tuple:
+    """Return validate_path_param of a raw status path segment, memoized.
+
+    Clients poll the same ids over and over, and the schema walk of the
+    validation cost about as much as the rest of a cached status read.
+    """
+    value, errors = validate_path_param(endpoint, urllib.parse.unquote(raw_id))
+    return value, tuple(errors)
+
+
 def render_status(record: dict) -> bytes:
     """Return the status response body of a deployment record.
 
@@ -8795,6 +8829,9 @@ def render_status(record: dict) -> bytes:
 
 # (second, text) of the last Date header; see ApiHandler.date_time_string.
 _date_header = (0, "")
+# Series keys of crate_http_requests_total by (endpoint, status). Both come
+# from small fixed sets, so the dict stays small.
+_REQUEST_SERIES: dict = {}
 
 
 # Sent on a connection over max_connections before it is closed.
@@ -9169,7 +9206,10 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                 self._deadline_passed = True
                 raise socket.timeout("request_deadline_s passed")
             timeout = min(timeout, remaining)
-        self.connection.settimeout(timeout)
+        # settimeout is a system call; between requests the timeout is
+        # already request_timeout_s.
+        if timeout != self.connection.gettimeout():
+            self.connection.settimeout(timeout)
         try:
             count = self.connection.recv_into(buffer)
         except socket.timeout:
@@ -9228,8 +9268,9 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         """End the request's deadline, so that writes get request_timeout_s."""
         self._responded = True
         self._deadline = None
-        with contextlib.suppress(OSError):
-            self.connection.settimeout(self.timeout)
+        if self.connection.gettimeout() != self.timeout:
+            with contextlib.suppress(OSError):
+                self.connection.settimeout(self.timeout)
 
     def log_message(self, format, *args):  # noqa: A002 (stdlib signature)
         """Silence the stdlib access log; dispatch logs each request."""
@@ -9357,6 +9398,10 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         decoded with the same limits. Invalid framing, a larger body and a
         read timeout close the connection instead.
         """
+        headers = self.headers
+        if "Content-Length" not in headers and \
+                "Transfer-Encoding" not in headers:
+            return b""
         try:
             if self._is_chunked():
                 return self._read_chunked()
@@ -9554,8 +9599,11 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             self.send_json(500, {"error": "internal error; see the "
                                           "crate-operator log"})
         finally:
-            METRICS.inc("crate_http_requests_total",
-                        {"endpoint": name, "status": status})
+            key = _REQUEST_SERIES.get((name, status))
+            if key is None:
+                key = METRICS.series_key({"endpoint": name, "status": status})
+                _REQUEST_SERIES[name, status] = key
+            METRICS.inc_series("crate_http_requests_total", key)
             if self.command not in ("GET", "HEAD") or status >= 500:
                 log("http.request", method=self.command,
                     path=self.path[:200], status=status,
@@ -9566,14 +9614,20 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
 
     def _route(self) -> tuple:
         path = urllib.parse.urlsplit(self.path).path
+        params = {}
+        candidates = _STATIC_ROUTES.get(path)
+        if candidates is None:
+            candidates = ()
+            for pattern, routes in _PARAM_ROUTES:
+                match = pattern.match(path)
+                if match:
+                    params, candidates = match.groupdict(), routes
+                    break
         allowed = []
-        for method, pattern, name, auth in _ROUTE_PATTERNS:
-            match = pattern.match(path)
-            if not match:
-                continue
+        for method, name, auth in candidates:
             if method == self.command or (method == "GET" and
                                           self.command == "HEAD"):
-                return name, match.groupdict(), auth
+                return name, params, auth
             allowed.append(method)
         if allowed:
             if "GET" in allowed:
@@ -9707,10 +9761,13 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         return self.server.operator.update_domain(value)
 
     def _status(self, endpoint: str, raw_id: str):
-        raw_id = urllib.parse.unquote(raw_id)
-        value, errors = validate_path_param(endpoint, raw_id)
+        if len(raw_id) <= STATUS_ID_MEMO_MAX_CHARS:
+            value, errors = _status_id(endpoint, raw_id)
+        else:
+            value, errors = validate_path_param(
+                endpoint, urllib.parse.unquote(raw_id))
         if errors:
-            raise RequestError("invalid deployment id", errors)
+            raise RequestError("invalid deployment id", list(errors))
         body = self.server.operator.store.deployment_view(
             str(value), render_status)
         if body is None:
@@ -9783,6 +9840,15 @@ SYSTEM_UNIT_DIR = "/etc/systemd/system"
 # The unit names Debian's interpreter instead of the first python3 in PATH,
 # because an interpreter under /root or /home is hidden by ProtectHome=.
 UNIT_PYTHON = "/usr/bin/python3"
+# An installed operator is this file in a directory of its own, and the
+# program above is a launcher that imports it. Python compiles a script run
+# as __main__ at every start and never caches that bytecode; for this file
+# the compile took about 120 ms and left about 20 MB in the process. An
+# imported module runs from __pycache__, which install and the package's
+# postinst write, because ProtectSystem=strict keeps /usr read-only.
+PACKAGE_LIB_DIR = "/usr/lib/crate-operator"
+LOCAL_LIB_DIR = "/usr/local/lib/crate-operator"
+MODULE_NAME = "crate_operator.py"
 CONFIG_DIR = os.path.dirname(DEFAULT_CONFIG_PATH)
 # The secrets are files of their own, so config.json contains no secret and
 # the Debian package can ship it as a conffile that no script rewrites.
@@ -9874,6 +9940,32 @@ def render_operator_unit(program: str = PACKAGE_PROGRAM) -> str:
         "\n[Install]\n"
         "WantedBy=multi-user.target\n"
     )
+
+
+def render_launcher(lib_dir: str = PACKAGE_LIB_DIR) -> str:
+    """Render the program that runs main() of the module in ``lib_dir``."""
+    if not _UNIT_SAFE_PATH.fullmatch(lib_dir):
+        raise InstallError(f"module directory {lib_dir!r} must be absolute "
+                           f"and consist of [A-Za-z0-9/_.+-]")
+    return (
+        f"#!{UNIT_PYTHON} -I\n"
+        f"# crate-operator: runs main() of {lib_dir}/{MODULE_NAME}.\n"
+        f"# An imported module runs from the bytecode that installation\n"
+        f"# compiled into {lib_dir}/__pycache__; a script\n"
+        f"# is compiled again at every start.\n"
+        f"# Written by `crate-operator launcher`.\n"
+        f"import sys\n"
+        f"\n"
+        f"sys.path.insert(0, \"{lib_dir}\")\n"
+        f"import crate_operator  # noqa: E402\n"
+        f"\n"
+        f"sys.exit(crate_operator.main())\n"
+    )
+
+
+def compile_module(path: str) -> None:
+    """Write the bytecode of the module at ``path`` with the unit's python."""
+    _run_tool([UNIT_PYTHON, "-I", "-m", "py_compile", path])
 
 
 def initial_config(port: int = DEFAULT_PORT) -> bytes:
@@ -9974,10 +10066,18 @@ def _install_files(port: int) -> tuple:
     """
     changes = []
     with open(os.path.abspath(__file__), "rb") as handle:
-        program = handle.read()
+        module = handle.read()
     unit_path = os.path.join(SYSTEM_UNIT_DIR, SERVICE_NAME)
+    module_path = os.path.join(LOCAL_LIB_DIR, MODULE_NAME)
     restart = False
-    if _write_if_changed(LOCAL_PROGRAM, program, 0o755):
+    if _write_if_changed(module_path, module, 0o644):
+        changes.append(f"wrote {module_path}")
+        restart = True
+    # Also when the module is unchanged: the bytecode may be missing or
+    # belong to an older python3.
+    compile_module(module_path)
+    launcher = render_launcher(LOCAL_LIB_DIR).encode()
+    if _write_if_changed(LOCAL_PROGRAM, launcher, 0o755):
         changes.append(f"wrote {LOCAL_PROGRAM}")
         restart = True
     unit = render_operator_unit(LOCAL_PROGRAM).encode()
@@ -10077,6 +10177,9 @@ def uninstall_host(purge: bool = False) -> list:
     if os.path.exists(LOCAL_PROGRAM):
         os.unlink(LOCAL_PROGRAM)
         changes.append(f"removed {LOCAL_PROGRAM}")
+    if os.path.lexists(LOCAL_LIB_DIR):
+        shutil.rmtree(LOCAL_LIB_DIR)
+        changes.append(f"removed {LOCAL_LIB_DIR}")
     if purge:
         for path in (CONFIG_DIR, CONFIG_SPEC["state_dir"][0]):
             if os.path.lexists(path):
@@ -10088,6 +10191,12 @@ def uninstall_host(purge: bool = False) -> list:
 def cmd_unit(args: argparse.Namespace) -> int:
     """Print the unit for ``--program``."""
     sys.stdout.write(render_operator_unit(args.program))
+    return 0
+
+
+def cmd_launcher(args: argparse.Namespace) -> int:
+    """Print the launcher for ``--lib-dir``."""
+    sys.stdout.write(render_launcher(args.lib_dir))
     return 0
 
 
@@ -10117,8 +10226,8 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     return 0
 
 
-HOST_COMMANDS = {"unit": cmd_unit, "install": cmd_install,
-                 "uninstall": cmd_uninstall}
+HOST_COMMANDS = {"unit": cmd_unit, "launcher": cmd_launcher,
+                 "install": cmd_install, "uninstall": cmd_uninstall}
 
 
 def add_host_commands(sub) -> None:
@@ -10128,9 +10237,16 @@ def add_host_commands(sub) -> None:
     unit.add_argument("--program", metavar="PATH", default=PACKAGE_PROGRAM,
                       help=f"path of the installed program (default "
                            f"{PACKAGE_PROGRAM})")
+    launcher = sub.add_parser("launcher", help="print the program that "
+                                               "imports and runs the "
+                                               "installed module")
+    launcher.add_argument("--lib-dir", metavar="DIR", default=PACKAGE_LIB_DIR,
+                          help=f"directory of {MODULE_NAME} (default "
+                               f"{PACKAGE_LIB_DIR})")
     install = sub.add_parser(
-        "install", help=f"install this file as {LOCAL_PROGRAM} with a "
-                        f"systemd service and start it (root)")
+        "install", help=f"install this file in {LOCAL_LIB_DIR}, a launcher "
+                        f"as {LOCAL_PROGRAM} and a systemd service, and "
+                        f"start it (root)")
     install.add_argument("--port", type=int, default=DEFAULT_PORT,
                          help=f"TCP port on 127.0.0.1 for the API, used "
                               f"only when config.json is new (default "
