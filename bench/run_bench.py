@@ -705,17 +705,17 @@ def bench_footprint(env: Environment, rows: list) -> None:
         results[name] = (idle_start, idle_rss, full_start, full_rss)
     idle_start, idle_rss, full_start, full_rss = results["service"]
     script = results["script"]
-    how = "launcher importing compiled module, as the installed service"
+    started_as = "launcher importing compiled module, as the installed service"
     rows.append(("Footprint", "VmRSS idle", "%.1f MB (%s); %.1f MB as a script"
-                 % (idle_rss, how, script[1]), "", ""))
+                 % (idle_rss, started_as, script[1]), "", ""))
     rows.append(("Footprint", "VmRSS with %d finished deployment records"
                  % HISTORY_RECORDS, "%.1f MB (%s); %.1f MB as a script"
-                 % (full_rss, how, script[3]), "<= 40 MB",
+                 % (full_rss, started_as, script[3]), "<= 40 MB",
                  verdict(full_rss <= 40)))
     rows.append(("Footprint", "process start to first GET /healthz answer",
                  "%.0f ms idle, %.0f ms with %d records (median of 5, %s); "
                  "%.0f and %.0f ms as a script"
-                 % (idle_start, full_start, HISTORY_RECORDS, how, script[0],
+                 % (idle_start, full_start, HISTORY_RECORDS, started_as, script[0],
                     script[2]), "<= 200 ms",
                  verdict(max(idle_start, full_start) <= 200)))
 

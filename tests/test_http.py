@@ -580,14 +580,14 @@ def test_status_of_accepted_deploy_both_paths(operator, callbacks,
         assert value["deployment_id"] == deployment_id
 
 
-def test_status_follows_the_job_and_a_restart(operator_factory, callbacks,
-                                              asset_server):
+def test_status_follows_job_and_restart(operator_factory, callbacks,
+                                        asset_server):
     """Cached status bodies change with every write of the deploy job.
 
     One keep-alive connection polls the status while the job thread saves
     the record, so each state it reads is cached until the next save. The
-    poll ends only when the terminal state shows, and the last body must
-    equal the record file rendered now; after a restart it is the same.
+    poll ends only when the terminal state shows. The last body must equal
+    the record file rendered now, and after a restart too.
     """
     operator = operator_factory()
     app_id = deployment_id = next_id()

@@ -237,7 +237,7 @@ def test_status_view_skips_render_of_an_older_file(tmp_path):
     writer.join()
     saved.set()
     reader.join()
-    # The reader answered with the file it read, which was current then.
+    # The reader returned the file it read, which was current then.
     assert json.loads(results[0])["state"] == "running"
     # The old rendering did not enter the cache.
     assert json.loads(store.deployment_view(9, co.render_status))["state"] \
