@@ -41,6 +41,11 @@ def main() -> None:
         daemon_threads = True
         request_queue_size = 128
 
+        def handle_error(self, request, client_address) -> None:
+            # wrk closes its connections mid-request when it stops, and the
+            # stdlib prints a traceback to stderr for each of them.
+            pass
+
     server = Server(("127.0.0.1", 0), Handler)
     # os._exit skips the interpreter shutdown, which can abort with a fatal
     # error while daemon threads still write to a socket.
