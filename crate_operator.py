@@ -288,8 +288,9 @@ DOCKER_LOG_MAX_FILES = "3"
 # "dynamic": nobody:nogroup on Debian.
 NOBODY_UID = 65534
 NOBODY_GID = 65534
-# Deployments whose rendered status the store keeps in memory. A status
-# document is 1 to 3 KB, so the cache stays under about 1.5 MB.
+# Deployments whose rendered status the store keeps in memory. The body of
+# a first binary deploy is about 1.5 KB, so 512 bodies take about 1 MB;
+# records with many steps or instances take more.
 STATUS_CACHE_MAX = 512
 
 # Test-only: the name of a deploy step at which the process kills itself
