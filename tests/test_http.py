@@ -582,6 +582,49 @@ def test_status_of_accepted_deploy_both_paths(operator, callbacks,
         assert value["deployment_id"] == deployment_id
 
 
+def test_status_follows_job_and_restart(operator_factory, callbacks,
+                                        asset_server):
+    """Cached status bodies change with every write of the deploy job.
+
+    One keep-alive connection polls the status while the job thread saves
+    the record, so each state it reads is cached until the next save. The
+    poll ends only when the terminal state shows. The last body must equal
+    the record file rendered now, and after a restart too.
+    """
+    operator = operator_factory()
+    app_id = deployment_id = next_id()
+    body = {
+        "app_id": app_id, "team_id": "http-test", "environment_id": 1,
+        "deployment_id": deployment_id, "deployment_strategy": "immediate",
+        "domain": f"h{app_id}.http.test",
+        "asset_url": asset_server.url("/missing/http-cache-asset"),
+        "target_version": "v1", "slots": {"a": {"port": harness.free_port()}},
+        "env_vars": {}, "callback_url": callbacks.url("/cb/http-cache"),
+    }
+    status, _, accepted = operator.request("POST", DEPLOY, body)
+    assert status == 202, accepted
+    path = operator.status_path(deployment_id)
+    record_path = f"{operator.state_dir}/deployments/{deployment_id}.json"
+    deadline = time.monotonic() + 60
+    with RawConnection(operator) as conn:
+        while True:
+            conn.send(request_bytes("GET", path, auth(operator)))
+            response = conn.read_response()
+            assert response.status == 200, response
+            if response.json()["state"] in co.STATES_TERMINAL:
+                break
+            assert time.monotonic() < deadline, (
+                f"status still {response.json()['state']} after 60 s; "
+                f"the operator log ends: {operator.log_tail()}")
+    with open(record_path, "rb") as handle:
+        on_disk = co.render_status(json.loads(handle.read()))
+    assert response.body == on_disk
+    operator.restart()
+    status, _, value = operator.request("GET", path)
+    assert status == 200
+    assert json.dumps(value, indent=1).encode() + b"\n" == on_disk
+
+
 # === The served OpenAPI document: structure ===
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,7 @@ NS_INIT_OVERLAY = os.path.join(harness.TESTS_DIR, "sandbox",
 DEPLOY = "/v1/app/instance/binary/deploy"
 # Paths an installation writes. None of them may appear on the test host.
 HOST_PATHS = ("/usr/bin/crate-operator", "/usr/local/bin/crate-operator",
+              "/usr/lib/crate-operator", "/usr/local/lib/crate-operator",
               "/etc/crate-operator",
               "/etc/systemd/system/crate-operator.service",
               "/lib/systemd/system/crate-operator.service")
@@ -51,6 +52,7 @@ APP_IDS = iter(range(880000, 881000))
 # Every file of the package with its mode, as dpkg-deb -c prints them.
 DEB_FILES = {
     "./usr/bin/crate-operator": "-rwxr-xr-x",
+    "./usr/lib/crate-operator/crate_operator.py": "-rw-r--r--",
     "./lib/systemd/system/crate-operator.service": "-rw-r--r--",
     "./etc/crate-operator/config.json": "-rw-------",
     "./usr/share/doc/crate-operator/copyright": "-rw-r--r--",
@@ -209,8 +211,11 @@ def test_deb_contents(deb_path):
 def test_deb_files_come_from_program(deb_tree):
     with open(harness.OPERATOR_SCRIPT, "rb") as handle:
         program = handle.read()
-    with open(os.path.join(deb_tree, "usr/bin/crate-operator"), "rb") as f:
+    module = os.path.join(deb_tree, "usr/lib/crate-operator/crate_operator.py")
+    with open(module, "rb") as f:
         assert f.read() == program
+    with open(os.path.join(deb_tree, "usr/bin/crate-operator"), "rb") as f:
+        assert f.read() == co.render_launcher(co.PACKAGE_LIB_DIR).encode()
     with open(os.path.join(deb_tree, "lib/systemd/system", UNIT), "rb") as f:
         unit = f.read()
     with open(UNIT_FILE, "rb") as handle:
@@ -338,6 +343,33 @@ def mode_inside(box, path: str) -> int:
     return stat.S_IMODE(os.stat(inside(box, path)).st_mode)
 
 
+def assert_runs_from_bytecode(box, module: str) -> None:
+    """Assert that the box's python3 finds current bytecode of module.
+
+    The header of a .pyc contains the magic number of the Python version that
+    wrote it and the mtime and size of its source; the import uses the file
+    only when all three match (PEP 552, timestamp-based).
+    """
+    probe = box.run("/usr/bin/python3", "-I", "-c",
+                    "import importlib.util, sys; "
+                    "print(sys.implementation.cache_tag, "
+                    "importlib.util.MAGIC_NUMBER.hex())").stdout.split()
+    tag, magic = probe
+    cache = os.path.join(os.path.dirname(module), "__pycache__",
+                         f"crate_operator.{tag}.pyc")
+    assert os.path.exists(inside(box, cache)), (
+        f"{cache} is missing, so the service compiles the module at every "
+        f"start")
+    with open(inside(box, cache), "rb") as handle:
+        header = handle.read(16)
+    source = os.stat(inside(box, module))
+    assert header[:4].hex() == magic
+    assert int.from_bytes(header[4:8], "little") == 0
+    assert int.from_bytes(header[8:12], "little") == \
+        int(source.st_mtime) & 0xFFFFFFFF
+    assert int.from_bytes(header[12:16], "little") == source.st_size
+
+
 def set_policy_rc(box, exit_code: int) -> None:
     """Let (0) or forbid (101) service starts from maintainer scripts."""
     write_inside(box, "/usr/sbin/policy-rc.d",
@@ -451,6 +483,8 @@ def test_deb_install_starts_and_deploys(root_box, deb_path, caddy,
     assert result.returncode == 0, result.stdout + result.stderr
 
     assert service_state(box) == ("inactive", "enabled")
+    assert_runs_from_bytecode(
+        box, os.path.join(co.PACKAGE_LIB_DIR, "crate_operator.py"))
     passwd = box.run("getent", "passwd", "crate-app").stdout.split(":")
     assert passwd[0] == "crate-app"
     assert passwd[6].strip() == "/usr/sbin/nologin"
@@ -552,6 +586,8 @@ def test_deb_upgrade_remove_and_purge(root_box, deb_path, caddy):
     assert result.returncode == 0, result.stdout + result.stderr
     assert service_state(box)[0] == "inactive"
     assert not os.path.exists(inside(box, "/usr/bin/crate-operator"))
+    # prerm removed the bytecode, so dpkg could remove the directory.
+    assert not os.path.exists(inside(box, co.PACKAGE_LIB_DIR))
     assert os.path.exists(inside(box, "/etc/crate-operator/token"))
     assert os.path.isdir(inside(box, "/var/lib/crate-operator"))
 
@@ -593,7 +629,8 @@ def test_install_twice_then_uninstall_twice(root_box):
 
     first = box.run(*command, "install", "--port", str(port), check=False)
     assert first.returncode == 0, first.stdout + first.stderr
-    for line in ("wrote /usr/local/bin/crate-operator",
+    for line in ("wrote /usr/local/lib/crate-operator/crate_operator.py",
+                 "wrote /usr/local/bin/crate-operator",
                  "wrote /etc/systemd/system/crate-operator.service",
                  "wrote /etc/crate-operator/config.json",
                  "generated /etc/crate-operator/token",
@@ -607,9 +644,14 @@ def test_install_twice_then_uninstall_twice(root_box):
     assert health["systemd"] is True, (status, health)
     with open(harness.OPERATOR_SCRIPT, "rb") as handle:
         program_bytes = handle.read()
-    with open(inside(box, co.LOCAL_PROGRAM), "rb") as handle:
+    module = os.path.join(co.LOCAL_LIB_DIR, "crate_operator.py")
+    with open(inside(box, module), "rb") as handle:
         assert handle.read() == program_bytes
+    assert mode_inside(box, module) == 0o644
+    with open(inside(box, co.LOCAL_PROGRAM), encoding="utf-8") as handle:
+        assert handle.read() == co.render_launcher(co.LOCAL_LIB_DIR)
     assert mode_inside(box, co.LOCAL_PROGRAM) == 0o755
+    assert_runs_from_bytecode(box, module)
     unit_text = read_inside(box, "/etc/systemd/system/" + UNIT)
     assert unit_text == co.render_operator_unit(co.LOCAL_PROGRAM)
     assert mode_inside(box, "/etc/crate-operator/config.json") == 0o600
@@ -641,6 +683,7 @@ def test_install_twice_then_uninstall_twice(root_box):
     assert "stopped and disabled crate-operator.service" in first.stdout
     assert service_state(box)[0] == "inactive"
     assert not os.path.exists(inside(box, co.LOCAL_PROGRAM))
+    assert not os.path.exists(inside(box, co.LOCAL_LIB_DIR))
     assert not os.path.exists(inside(box, "/etc/systemd/system/" + UNIT))
     assert os.path.exists(inside(box, "/etc/crate-operator/config.json"))
     assert os.path.isdir(inside(box, "/var/lib/crate-operator"))

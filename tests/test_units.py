@@ -210,6 +210,108 @@ def test_emit_stores_record_before_its_event(tmp_path):
     assert store.deployment(9)["state"] == "succeeded"
 
 
+# === Cached status bodies (Store.deployment_view) ===
+
+def status_on_disk(store, deployment_id) -> bytes | None:
+    """Render the record file as it is now, bypassing the cache."""
+    record = co.read_json(os.path.join(store.deployments_dir,
+                                       f"{deployment_id}.json"))
+    return None if record is None else co.render_status(record)
+
+
+def test_status_view_is_rendered_record():
+    record = {"deployment_id": 7, "app_id": 3, "state": "running",
+              "steps": [{"name": "start", "state": "done"}], "secret": "x"}
+    body = co.render_status(record)
+    assert json.loads(body) == co.status_document(record)
+    assert b"secret" not in body
+
+
+_STORE_OPS = st.lists(st.one_of(
+    st.tuples(st.just("save"), st.sampled_from(["queued", "running",
+                                                "succeeded", "failed"]),
+              st.integers(0, 3)),
+    st.tuples(st.just("delete"), st.just(""), st.integers(0, 3)),
+    st.tuples(st.just("read"), st.just(""), st.integers(0, 3))),
+    max_size=25)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ops=_STORE_OPS)
+def test_status_view_right_after_each_change(tmp_path_factory, ops):
+    store = co.Store(str(tmp_path_factory.mktemp("view")))
+    for step, (op, state, index) in enumerate(ops):
+        deployment_id = 500 + index
+        if op == "save":
+            store.save_deployment({"deployment_id": deployment_id,
+                                   "app_id": index, "state": state,
+                                   "steps": [{"n": step}]})
+        elif op == "delete":
+            store.delete_deployment(deployment_id)
+        # Every id is read after every operation, so that a view cached
+        # before a change would be returned after it.
+        for other in range(500, 504):
+            assert store.deployment_view(other, co.render_status) == \
+                status_on_disk(store, other), (step, op, other)
+
+
+def test_status_view_skips_render_of_an_older_file(tmp_path):
+    """A record saved by another thread while a read renders the old file."""
+    store = co.Store(str(tmp_path))
+    store.save_deployment({"deployment_id": 9, "state": "running"})
+    rendering = threading.Event()
+    saved = threading.Event()
+    results = []
+
+    def slow_render(record):
+        rendering.set()
+        assert saved.wait(10), "the writer thread did not save in 10 s"
+        return co.render_status(record)
+
+    reader = threading.Thread(target=lambda: results.append(
+        store.deployment_view(9, slow_render)))
+    reader.start()
+    assert rendering.wait(10)
+    writer = threading.Thread(target=store.save_deployment,
+                              args=({"deployment_id": 9,
+                                     "state": "succeeded"},))
+    writer.start()
+    writer.join()
+    saved.set()
+    reader.join()
+    # The reader returned the file it read, which was current then.
+    assert json.loads(results[0])["state"] == "running"
+    # The old rendering did not enter the cache.
+    assert json.loads(store.deployment_view(9, co.render_status))["state"] \
+        == "succeeded"
+
+
+def test_status_view_after_restart(tmp_path):
+    """A new Store (an operator restart) reads what the last one wrote."""
+    first = co.Store(str(tmp_path))
+    first.save_deployment({"deployment_id": 11, "state": "running"})
+    assert json.loads(first.deployment_view(11, co.render_status))["state"] \
+        == "running"
+    first.save_deployment({"deployment_id": 11, "state": "failed"})
+    second = co.Store(str(tmp_path))
+    assert second.deployment_view(11, co.render_status) == \
+        status_on_disk(second, 11)
+    assert json.loads(second.deployment_view(11, co.render_status))["state"] \
+        == "failed"
+
+
+def test_status_view_cache_is_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(co, "STATUS_CACHE_MAX", 3)
+    store = co.Store(str(tmp_path))
+    for deployment_id in range(10):
+        store.save_deployment({"deployment_id": deployment_id,
+                               "state": "succeeded"})
+        store.deployment_view(deployment_id, co.render_status)
+    assert list(store._views) == ["7", "8", "9"]
+    assert store.deployment_view(1, co.render_status) == \
+        status_on_disk(store, 1)
+
+
 def test_request_digest_keyed_not_plain(tmp_path):
     store = co.Store(str(tmp_path))
     body = {"registry_credentials": {"password": "hunter2"}}

@@ -31,12 +31,19 @@ DOC="$STAGE/usr/share/doc/$PACKAGE"
 DEB="$OUT_DIR/${PACKAGE}_${VERSION}_all.deb"
 
 rm -rf "$STAGE"
-mkdir -p "$STAGE/DEBIAN" "$STAGE/usr/bin" "$STAGE/lib/systemd/system" \
+mkdir -p "$STAGE/DEBIAN" "$STAGE/usr/bin" "$STAGE/usr/lib/$PACKAGE" \
+  "$STAGE/lib/systemd/system" \
   "$STAGE/etc/crate-operator" "$DOC" "$STAGE/usr/share/man/man1" \
   "$STAGE/usr/share/lintian/overrides"
 
 # === Files ===
-install -m 0755 "$PROGRAM" "$STAGE/usr/bin/crate-operator"
+# The module goes to /usr/lib/crate-operator, and /usr/bin/crate-operator
+# is a launcher that imports it, so that the service runs from the bytecode
+# postinst compiles instead of compiling the script at every start.
+install -m 0644 "$PROGRAM" "$STAGE/usr/lib/$PACKAGE/crate_operator.py"
+"$PYTHON" "$PROGRAM" launcher --lib-dir "/usr/lib/$PACKAGE" \
+  >"$STAGE/usr/bin/crate-operator"
+chmod 0755 "$STAGE/usr/bin/crate-operator"
 "$PYTHON" "$PROGRAM" unit --program /usr/bin/crate-operator \
   >"$STAGE/lib/systemd/system/crate-operator.service"
 chmod 0644 "$STAGE/lib/systemd/system/crate-operator.service"
