@@ -522,6 +522,16 @@ def test_events_replay_after_receiver_down(operator_factory, asset_url,
         record = deploy(op, deploy_body(app_id, deployment_id, asset_url,
                                         callbacks))
         assert record["state"] == "succeeded", record
+        # The record is saved before its callback event is written, so the
+        # succeeded event can follow the status by a moment.
+
+        def succeeded_event_written():
+            found, _ = _all_events(op, start)
+            return any(e["event"] == "deployment.succeeded" and
+                       str(e["deployment_id"]) == str(deployment_id)
+                       for e in found)
+
+        wait_until(succeeded_event_written, timeout=10)
         events, _ = _all_events(op, start)
     finally:
         callbacks.fail_next(0)
