@@ -2634,6 +2634,13 @@ def _safe_key(text: str) -> str:
     return text
 
 
+def _app_summary(record: dict) -> tuple:
+    """Return (domain, instance ports) of an app record."""
+    ports = tuple(instance.get("port")
+                  for instance in record.get("instances", {}).values())
+    return record.get("domain"), ports
+
+
 class Store:
     """JSON records under ``state_dir``, one file per record.
 
@@ -2649,6 +2656,11 @@ class Store:
         self.outbox_dir = os.path.join(state_dir, "outbox")
         self._seq_lock = threading.Lock()
         self._lock_handle = None
+        # App id -> (domain, instance ports) of every app record, read on
+        # first use and kept current by save_app and delete_app, so that a
+        # deploy's domain and port checks do not read every app record.
+        self._summaries: dict[int, tuple] | None = None
+        self._summaries_lock = threading.Lock()
         for path in (state_dir, self.apps_dir, self.deployments_dir,
                      self.outbox_dir):
             os.makedirs(path, mode=0o700, exist_ok=True)
@@ -2696,12 +2708,37 @@ class Store:
         record["updated_at"] = utc_now()
         path = os.path.join(self.apps_dir, f"{int(record['app_id'])}.json")
         atomic_write_json(path, record)
+        with self._summaries_lock:
+            if self._summaries is not None:
+                self._summaries[int(record["app_id"])] = _app_summary(record)
 
     def delete_app(self, app_id: int) -> None:
         """Remove the record of one app."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.apps_dir, f"{int(app_id)}.json"))
             fsync_dir(self.apps_dir)
+        with self._summaries_lock:
+            if self._summaries is not None:
+                self._summaries.pop(int(app_id), None)
+
+    def _app_summaries(self) -> dict:
+        # Called with _summaries_lock held.
+        if self._summaries is None:
+            self._summaries = {int(app["app_id"]): _app_summary(app)
+                               for app in self.apps()}
+        return self._summaries
+
+    def apps_with_domain(self, domain: str) -> list[int]:
+        """Return the ids of the apps whose record has this domain, sorted."""
+        with self._summaries_lock:
+            return sorted(app_id for app_id, (value, _)
+                          in self._app_summaries().items() if value == domain)
+
+    def used_ports(self) -> set:
+        """Return the ports that the instances of all app records use."""
+        with self._summaries_lock:
+            return {port for _, ports in self._app_summaries().values()
+                    for port in ports}
 
     def apps(self) -> list:
         """Return every app record."""
@@ -4178,7 +4215,10 @@ class CaddyClient:
         read that repairs them.
         """
         server = snapshot.server(self.server)
-        routes = server.get("routes") if server else None
+        self._index_route_list(server.get("routes") if server else None)
+
+    def _index_route_list(self, routes: object) -> None:
+        """Rebuild the route index from the server's current list of routes."""
         if not isinstance(routes, list) or not routes:
             self._route_index = None
             return
@@ -4533,14 +4573,13 @@ class CaddyClient:
             method, document = "PUT", route
         if not self._guarded_write(method, path, document, snapshot, action):
             return _READ_AGAIN
-        index = self._route_index
-        if len(indexes) > 1 or index is None:
-            self._route_index = None
+        if len(indexes) > 1:
+            self._index_route_list(document)
         elif not indexes:
             # The PUT inserted the route where the catch-all was.
-            positions = dict(index[0])
-            positions[route_id] = catch_all_index
-            self._route_index = (positions, index[1] + 1)
+            self._index_route_list(
+                routes[:catch_all_index] + [route] + routes[catch_all_index:]
+            )
         LOG.info("Caddy route %s %s", route_id, "replaced" if indexes else "created")
         return route
 
@@ -8482,8 +8521,7 @@ class Operator:
         it.
         """
         low, high = self.config.port_range_min, self.config.port_range_max
-        used = {i.get("port") for app in self.store.apps()
-                for i in app.get("instances", {}).values()}
+        used = self.store.used_ports()
         picked = []
         with self._ports_lock:
             now = time.monotonic()
@@ -8628,10 +8666,10 @@ class Operator:
 
     def _check_domain(self, app_id: int, domain: str) -> None:
         """Raise ConflictError when another app or route owns ``domain``."""
-        for app in self.store.apps():
-            if app["app_id"] != app_id and app.get("domain") == domain:
+        for other_id in self.store.apps_with_domain(domain):
+            if other_id != app_id:
                 raise ConflictError(
-                    f"domain {domain} is routed to app {app['app_id']}")
+                    f"domain {domain} is routed to app {other_id}")
         owner = self.caddy.domain_owner(domain)
         if owner is not None and owner != caddy_route_id(app_id):
             raise ConflictError(
@@ -8799,10 +8837,10 @@ class Operator:
             raise NotFoundError(
                 f"no route of app {app_id} has domain {old}; the route "
                 f"is not re-created here, deploy the app to create it")
-        for other in self.store.apps():
-            if other["app_id"] != app_id and other.get("domain") == new:
+        for other_id in self.store.apps_with_domain(new):
+            if other_id != app_id:
                 raise ConflictError(
-                    f"domain {new} is routed to app {other['app_id']}")
+                    f"domain {new} is routed to app {other_id}")
         self.caddy.change_domain(app_id, new)
         app = self.store.app(app_id)
         app["domain"] = new
