@@ -879,6 +879,21 @@ def test_stale_index_repaired(caddy, client, backends, change, expected_ids):
     assert proxy_get(caddy, "second2.example.test")[2] == b"backend-B"
 
 
+def test_stale_index_read_and_domain_change(caddy, client, backends):
+    client.set_app_route("first", "first.example.test", [(backends[0], 100)])
+    client.set_app_route("second", "second.example.test", [(backends[1], 100)])
+    first = caddy.call_json("GET", "/id/crate-app-first")
+    swap_first_and_second(caddy)
+    assert client.get_app_route("second")["@id"] == "crate-app-second"
+    swap_first_and_second(caddy)
+    route = client.change_domain("second", "moved.example.test")
+    assert route["@id"] == "crate-app-second"
+    assert caddy.call_json("GET", "/id/crate-app-second") == route
+    assert caddy.call_json("GET", "/id/crate-app-first") == first
+    assert proxy_get(caddy, "moved.example.test")[2] == b"backend-B"
+    assert proxy_get(caddy, "first.example.test")[2] == b"backend-A"
+
+
 def test_route_changed_after_read_gets_412(
     caddy, client, backends, monkeypatch, caplog
 ):
