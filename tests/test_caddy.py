@@ -937,7 +937,8 @@ def test_sole_mention_owner_cases():
     def body(*routes):
         config = {"apps": {"http": {"servers": {SERVER: {"routes": list(routes)}}}}}
         # Caddy writes compact JSON with sorted keys and a newline.
-        return (json.dumps(config, separators=(",", ":"), sort_keys=True) + "\n").encode()
+        text = json.dumps(config, separators=(",", ":"), sort_keys=True)
+        return (text + "\n").encode()
 
     ours = co.build_app_route("shop", "shop.example.test", [("127.0.0.1:9", 100)])
     foreign = dict(FOREIGN_ROUTE, match=[{"host": ["Shop.Example.Test."]}])
