@@ -3596,6 +3596,10 @@ CADDY_MAX_ERROR_TEXT = 500
 _APP_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 _SERVER_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _DOMAIN_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+# Normalised domains that a byte search of Caddy's JSON output can find:
+# Caddy 2.6.2 escapes none of these characters, and bytes.lower() changes
+# ASCII letters only.
+_PLAIN_DOMAIN_RE = re.compile(r"[a-z0-9.-]+")
 _DIAL_RE = re.compile(
     r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})"
 )
@@ -4337,11 +4341,10 @@ class CaddyClient:
         contains the JSON string "<domain>" in some letter case, with trailing
         dots at most, so a byte search that finds no '"<domain>' proves that
         no route matches it. A hit, which may be a false one, returns True,
-        and the caller falls back to parsing. Only plain ASCII domains are
-        searched, because Caddy's JSON output escapes no character of
-        [a-z0-9.-] and lowering bytes changes ASCII letters only.
+        and the caller falls back to parsing. Only domains that match
+        _PLAIN_DOMAIN_RE are searched.
         """
-        if not re.fullmatch(r"[a-z0-9.-]+", domain):
+        if not _PLAIN_DOMAIN_RE.fullmatch(domain):
             return True
         status, body = self._request("GET", "/config/", action)
         if status != 200:
@@ -4387,7 +4390,7 @@ class CaddyClient:
         """
         name = _caddy_domain(domain)
         action = f"look up the owner of domain {name}"
-        if re.fullmatch(r"[a-z0-9.-]+", name):
+        if _PLAIN_DOMAIN_RE.fullmatch(name):
             # The byte search of _domain_mentioned, on one read, so that the
             # common answers (no route, or only one app route) skip parsing.
             status, body = self._request("GET", "/config/", action)
