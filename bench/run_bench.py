@@ -43,6 +43,9 @@ ZERO_DOWNTIME_REQUESTS = 1000 if QUICK else 10000
 API_SECONDS = 5 if QUICK else 15
 SCALE_POINTS = (10, 100) if QUICK else (10, 100, 500)
 SCALE_REPEATS = 3 if QUICK else 5
+# Route changes after each measured deploy. A route change takes a few ms
+# of own time, so its median needs more samples than the deploy's.
+SCALE_ROUTE_CHANGES = 3
 HISTORY_RECORDS = 1000
 # Records the pruning row starts with; all but 100 are pruned.
 PRUNE_RECORDS = 2000 if QUICK else 5000
@@ -629,19 +632,22 @@ def bench_scale(env: Environment, rows: list) -> None:
                                                           docs)))
             deploys[-1]["health"] = health_wait_seconds(docs[-1])
             log("scale %d apps, deploy steps: %s" % (count, step_durations(docs[-1])))
-            new_domain = "moved%d-%d.example.test" % (probe["app_id"], index)
-            routes.append(measured(op, functools.partial(
-                domain_update, op, probe, domain, new_domain)))
-            domain = new_domain
-            probe = dict(probe, domain=new_domain)
-        deploy_row = summarize(deploys)
-        route_row = summarize(routes)
+            for change in range(SCALE_ROUTE_CHANGES):
+                new_domain = "moved%d-%d-%d.example.test" % (probe["app_id"], index,
+                                                             change)
+                routes.append(measured(op, functools.partial(
+                    domain_update, op, probe, domain, new_domain)))
+                domain = new_domain
+                probe = dict(probe, domain=new_domain)
+        deploy_row = dict(summarize(deploys), samples=len(deploys))
+        route_row = dict(summarize(routes), samples=len(routes))
         own[count] = (deploy_row["own"], route_row["own"])
         log("scale %d: deploy %s route %s" % (apps, deploy_row, route_row))
         for label, row in (("deploy", deploy_row), ("route change", route_row)):
             text = ("total %.0f ms = systemctl %.0f + Caddy %.0f + own %.0f ms "
-                    "(own CPU %.0f ms" % (row["total"], row["systemctl"],
-                                          row["caddy"], row["own"], row["cpu"]))
+                    "(median of %d; own CPU %.0f ms"
+                    % (row["total"], row["systemctl"], row["caddy"], row["own"],
+                       row["samples"], row["cpu"]))
             if "health" in row:
                 # The health wait is part of own: the new process starting
                 # and answering, probed every 20 ms.
