@@ -184,7 +184,7 @@ def test_store_domain_and_port_map(tmp_path):
     store.save_app({"app_id": 1, "domain": "a.example.test",
                     "instances": {"blue": {"port": 18001}}})
     # Built from the files on first use, then kept current by save_app and
-    # delete_app, so every answer below must match what the files say.
+    # delete_app, so every result below must match the record files.
     assert store.apps_with_domain("a.example.test") == [1]
     assert store.used_ports() == {18001}
     store.save_app({"app_id": 2, "domain": "a.example.test",
