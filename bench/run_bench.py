@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -623,6 +624,10 @@ def wait_all(op: harness.OperatorProcess, bodies: list) -> None:
 def bench_scale(env: Environment, rows: list) -> None:
     """Measure the operator's own time per deploy and route change as apps grow."""
     op = env.operator
+    if shutil.which("busybox") is None:
+        raise RuntimeError("the scale section runs its apps with busybox httpd, and "
+                           "busybox is not installed: install the Debian package "
+                           "busybox, or leave out scale in BENCH_SECTIONS")
     write_busybox_asset(env.assets.root_dir, "scale-app")
     own: dict[int, tuple[float, float]] = {}
     for count in SCALE_POINTS:
