@@ -2672,6 +2672,13 @@ def _safe_key(text: str) -> str:
     return text
 
 
+def _app_summary(record: dict) -> tuple:
+    """Return (domain, instance ports) of an app record."""
+    ports = tuple(instance.get("port")
+                  for instance in record.get("instances", {}).values())
+    return record.get("domain"), ports
+
+
 class Store:
     """JSON records under ``state_dir``, one file per record.
 
@@ -2697,6 +2704,11 @@ class Store:
         self._view_lock = threading.Lock()
         self._views: dict = {}
         self._view_generation = 0
+        # App id -> (domain, instance ports) of every app record, read on
+        # first use and kept current by save_app and delete_app, so that a
+        # deploy's domain and port checks do not read every app record.
+        self._summaries: dict[int, tuple] | None = None
+        self._summaries_lock = threading.Lock()
         for path in (state_dir, self.apps_dir, self.deployments_dir,
                      self.outbox_dir):
             os.makedirs(path, mode=0o700, exist_ok=True)
@@ -2744,12 +2756,37 @@ class Store:
         record["updated_at"] = utc_now()
         path = os.path.join(self.apps_dir, f"{int(record['app_id'])}.json")
         atomic_write_json(path, record)
+        with self._summaries_lock:
+            if self._summaries is not None:
+                self._summaries[int(record["app_id"])] = _app_summary(record)
 
     def delete_app(self, app_id: int) -> None:
         """Remove the record of one app."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.apps_dir, f"{int(app_id)}.json"))
             fsync_dir(self.apps_dir)
+        with self._summaries_lock:
+            if self._summaries is not None:
+                self._summaries.pop(int(app_id), None)
+
+    def _app_summaries(self) -> dict:
+        # Called with _summaries_lock held.
+        if self._summaries is None:
+            self._summaries = {int(app["app_id"]): _app_summary(app)
+                               for app in self.apps()}
+        return self._summaries
+
+    def apps_with_domain(self, domain: str) -> list[int]:
+        """Return the ids of the apps whose record has this domain, sorted."""
+        with self._summaries_lock:
+            return sorted(app_id for app_id, (value, _)
+                          in self._app_summaries().items() if value == domain)
+
+    def used_ports(self) -> set:
+        """Return the ports that the instances of all app records use."""
+        with self._summaries_lock:
+            return {port for _, ports in self._app_summaries().values()
+                    for port in ports}
 
     def apps(self) -> list:
         """Return every app record."""
@@ -3701,6 +3738,10 @@ CADDY_MAX_ERROR_TEXT = 500
 _APP_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 _SERVER_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _DOMAIN_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+# Normalised domains that a byte search of Caddy's JSON output can find:
+# Caddy 2.6.2 escapes none of these characters, and bytes.lower() changes
+# ASCII letters only.
+_PLAIN_DOMAIN_RE = re.compile(r"[a-z0-9.-]+")
 _DIAL_RE = re.compile(
     r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})"
 )
@@ -3981,6 +4022,39 @@ def _find_domain_owner(
     return None
 
 
+def _sole_mention_owner(body: bytes, domain: str):
+    """Return the owner of domain found by a byte search of a config body.
+
+    domain is normalised plain ASCII. Returns None when no route can match
+    it, and the route's "@id" when the only mention is inside one of our app
+    routes that matches it. Returns _READ_AGAIN when the body must be
+    parsed. Routes with our "@id" prefix are ours, so such an id nested
+    inside a foreign route is not expected.
+    """
+    lowered = body.lower()
+    needle = b'"' + domain.encode("ascii")
+    first = lowered.find(needle)
+    if first < 0:
+        return None
+    if lowered.find(needle, first + 1) >= 0:
+        return _READ_AGAIN
+    # Caddy writes compact JSON with sorted keys, so an app route starts
+    # with its "@id".
+    start = body.rfind(b'{"@id":"' + CADDY_APP_ROUTE_PREFIX.encode(), 0, first)
+    if start < 0:
+        return _READ_AGAIN
+    text = body[start:].decode("utf-8", "replace")
+    try:
+        route, end = json.JSONDecoder().raw_decode(text)
+    except ValueError:
+        return _READ_AGAIN
+    if first >= start + len(text[:end].encode("utf-8")):
+        return _READ_AGAIN
+    if domain not in _route_hosts(route):
+        return _READ_AGAIN
+    return _route_id(route)
+
+
 def _parse_admin_address(admin: str) -> tuple[str | None, str, int]:
     """Split admin into (unix socket path, TCP host, TCP port).
 
@@ -4011,9 +4085,18 @@ def _parse_admin_address(admin: str) -> tuple[str | None, str, int]:
 class _ConfigSnapshot:
     """Config document read from GET /config/, with the If-Match value for it."""
 
-    def __init__(self, config: object, if_match: str) -> None:
+    def __init__(self, config: object, body: bytes) -> None:
         self.config = config
-        self.if_match = if_match
+        self._body = body
+        self._if_match: str | None = None
+
+    @property
+    def if_match(self) -> str:
+        # Hashed on first use, because the pure-Python FNV-1a loop is the
+        # slowest part of a large read and reads that do not write skip it.
+        if self._if_match is None:
+            self._if_match = caddy_config_etag("/config/", self._body)
+        return self._if_match
 
     def server(self, name: str) -> dict | None:
         server = _find_servers(self.config).get(name)
@@ -4064,6 +4147,10 @@ class CaddyClient:
         self._lock = self._lock_for(self._admin_key())
         self._drift_warned: set[str] = set()
         self._ping_failing = False
+        # (positions of app routes by "@id", route count) from the last full
+        # read, or None. Replaced as a whole, never changed in place, so a
+        # reader without the lock sees one consistent pair.
+        self._route_index: tuple[dict[str, int], int] | None = None
 
     def _admin_key(self) -> str:
         if self._socket_path is not None:
@@ -4206,7 +4293,9 @@ class CaddyClient:
 
     def _snapshot(self, action: str) -> _ConfigSnapshot:
         config, body = self._get_json("/config/", action)
-        return _ConfigSnapshot(config, caddy_config_etag("/config/", body))
+        snapshot = _ConfigSnapshot(config, body)
+        self._index_routes(snapshot)
+        return snapshot
 
     def _guarded_write(
         self,
@@ -4249,6 +4338,161 @@ class CaddyClient:
             503,
         )
 
+    # --- Route index ---
+    #
+    # A change of one route must not read the whole config, which grows with
+    # every app. The client keeps the position of each of its routes from the
+    # last full read. A fast change reads only that route (GET .../routes/<i>),
+    # checks its "@id", checks that the catch-all is still exactly at the last
+    # position (so no route was inserted into or removed from the server), and
+    # sends If-Match with the hash of that one route. Caddy 2.6.2 compares the
+    # If-Match hash against a read of the path named in it, under its config
+    # lock, so it rejects the write with 412 when the route changed in between.
+    # A failed check drops the index, and the change falls back to a full read,
+    # which rebuilds the index. Positions, not GET /id/<id>, are used, because
+    # Caddy 2.6.2 resolves an id outside its config lock and sometimes returned
+    # a neighbouring route during another client's change.
+
+    def _index_routes(self, snapshot: _ConfigSnapshot) -> None:
+        """Rebuild the route index from a full read.
+
+        A server without its exact catch-all last gets no index, and an id
+        that appears more than once is left out, so both go through a full
+        read that repairs them.
+        """
+        server = snapshot.server(self.server)
+        self._index_route_list(server.get("routes") if server else None)
+
+    def _index_route_list(self, routes: object) -> None:
+        """Rebuild the route index from the server's current list of routes."""
+        if not isinstance(routes, list) or not routes:
+            self._route_index = None
+            return
+        ids = [_route_id(route) for route in routes]
+        if routes[-1] != catch_all_route() or ids.count(CADDY_CATCH_ALL_ID) != 1:
+            self._route_index = None
+            return
+        seen: dict[str, int] = {}
+        repeated = set()
+        for position, route_id in enumerate(ids):
+            if route_id is None or not route_id.startswith(CADDY_APP_ROUTE_PREFIX):
+                continue
+            if route_id in seen:
+                repeated.add(route_id)
+            seen[route_id] = position
+        for route_id in repeated:
+            del seen[route_id]
+        self._route_index = (seen, len(routes))
+
+    def _drop_index(self, index: tuple[dict[str, int], int]) -> None:
+        # Only the index that failed a check is dropped, not a newer one that
+        # another thread built meanwhile.
+        if self._route_index is index:
+            self._route_index = None
+
+    def _route_path(self, position: int) -> str:
+        return f"{self._server_path}/routes/{position}"
+
+    def _read_position(self, position: int, action: str) -> tuple[object, bytes]:
+        """GET one route by position; returns (route or None, body)."""
+        status, body = self._request("GET", self._route_path(position), action)
+        if status != 200:
+            # Caddy 2.6.2 rejects an index past the end, so the server shrank.
+            return None, body
+        try:
+            return json.loads(body), body
+        except ValueError:
+            return None, body
+
+    def _catch_all_last(self, index: tuple[dict[str, int], int], action: str) -> bool:
+        """Return True when the catch-all is still the indexed last route.
+
+        Reads the indexed last position and the one after it, which Caddy
+        2.6.2 rejects with 400 "array index out of bounds" while the server
+        has exactly the indexed number of routes.
+        """
+        count = index[1]
+        route, _ = self._read_position(count - 1, action)
+        if route == catch_all_route():
+            status, body = self._request("GET", self._route_path(count), action)
+            if status == 400 and b"out of bounds" in body:
+                return True
+        LOG.debug(
+            "Caddy server %r no longer has exactly %d routes with the catch-all "
+            "last, reading all routes",
+            self.server,
+            count,
+        )
+        self._drop_index(index)
+        return False
+
+    def _read_indexed(
+        self, route_id: str, action: str
+    ) -> tuple[int, dict, str] | None:
+        """Read one route at its indexed position and check the index.
+
+        Returns (position, route, If-Match value for that position), or None
+        when the route is not indexed or the index is stale (then dropped).
+        """
+        index = self._route_index
+        position = index[0].get(route_id) if index else None
+        if position is None:
+            return None
+        route, body = self._read_position(position, action)
+        if _route_id(route) != route_id:
+            LOG.debug(
+                "Caddy route %s is no longer at position %d, reading all routes",
+                route_id,
+                position,
+            )
+            self._drop_index(index)
+            return None
+        if not self._catch_all_last(index, action):
+            return None
+        return position, route, caddy_config_etag(self._route_path(position), body)
+
+    def _write_position(
+        self,
+        method: str,
+        position: int,
+        suffix: str,
+        document: object,
+        if_match: str,
+        action: str,
+    ) -> bool:
+        """Write to one route guarded by its own hash; False after a 412."""
+        path = self._route_path(position) + suffix
+        status, body = self._request(method, path, action, document, if_match)
+        if status == 412:
+            LOG.info(
+                "%s: Caddy route at position %d changed since it was read, "
+                "reading all routes",
+                action,
+                position,
+            )
+            self._route_index = None
+            return False
+        if status != 200:
+            raise self._response_error(action, method, path, status, body)
+        return True
+
+    def _domain_mentioned(self, domain: str, action: str) -> bool:
+        """Return False only when no route in any server can match domain.
+
+        Reads the whole config but does not parse it: a route matching domain
+        contains the JSON string "<domain>" in some letter case, with trailing
+        dots at most, so a byte search that finds no '"<domain>' proves that
+        no route matches it. A hit, which may be a false one, returns True,
+        and the caller falls back to parsing. Only domains that match
+        _PLAIN_DOMAIN_RE are searched.
+        """
+        if not _PLAIN_DOMAIN_RE.fullmatch(domain):
+            return True
+        status, body = self._request("GET", "/config/", action)
+        if status != 200:
+            raise self._response_error(action, "GET", "/config/", status, body)
+        return b'"' + domain.encode("ascii") in body.lower()
+
     # --- Reads ---
 
     def ping(self) -> bool:
@@ -4287,20 +4531,35 @@ class CaddyClient:
         none. Hosts are compared in lower case without a trailing dot.
         """
         name = _caddy_domain(domain)
-        snapshot = self._snapshot(f"look up the owner of domain {name}")
+        action = f"look up the owner of domain {name}"
+        if _PLAIN_DOMAIN_RE.fullmatch(name):
+            # The byte search of _domain_mentioned, on one read, so that the
+            # common answers (no route, or only one app route) skip parsing.
+            status, body = self._request("GET", "/config/", action)
+            if status != 200:
+                raise self._response_error(action, "GET", "/config/", status, body)
+            owner = _sole_mention_owner(body, name)
+            if owner is not _READ_AGAIN:
+                return owner
+        snapshot = self._snapshot(action)
         found = _find_domain_owner(snapshot.config, name)
         return found[1] if found else None
 
     def get_app_route(self, app_id: int | str) -> dict | None:
         """Return the route of app_id in the server, or None when it has none.
 
-        The route is looked up in a read of the whole config and not with
-        GET /id/<id>. Caddy 2.6.2 maps the id to a path in one step and reads
-        that path in a second one, so during another client's change it
-        sometimes returned a neighbouring route.
+        The route is read at its indexed position, or looked up in a read of
+        the whole config, and never with GET /id/<id>. Caddy 2.6.2 maps the
+        id to a path in one step and reads that path in a second one, so
+        during another client's change it sometimes returned a neighbouring
+        route.
         """
         route_id = caddy_route_id(app_id)
-        snapshot = self._snapshot(f"read Caddy route {route_id}")
+        action = f"read Caddy route {route_id}"
+        found = self._read_indexed(route_id, action)
+        if found is not None:
+            return found[1]
+        snapshot = self._snapshot(action)
         indexes = self._route_indexes(snapshot, route_id)
         if not indexes:
             return None
@@ -4395,11 +4654,16 @@ class CaddyClient:
         disabling automatic HTTPS when the client was built with
         automatic_https=False. An existing server's listen addresses and HTTPS
         settings are left as they are, with a warning when they differ.
-        Idempotent: makes no write when everything is in place.
+        Idempotent: makes no write when everything is in place. With a route
+        index it reads only the last route, and the listen and HTTPS drift
+        warnings come from the full reads that build the index.
         """
-        self._run_guarded(
-            f"set up Caddy server {self.server!r}", self._ensure_server_step
-        )
+        action = f"set up Caddy server {self.server!r}"
+        with self._lock:
+            index = self._route_index
+            if index is not None and self._catch_all_last(index, action):
+                return
+            self._run_guarded(action, self._ensure_server_step)
 
     # --- App routes ---
 
@@ -4454,7 +4718,34 @@ class CaddyClient:
             method, document = "PUT", route
         if not self._guarded_write(method, path, document, snapshot, action):
             return _READ_AGAIN
+        if len(indexes) > 1:
+            self._index_route_list(document)
+        elif not indexes:
+            # The PUT inserted the route where the catch-all was.
+            self._index_route_list(
+                routes[:catch_all_index] + [route] + routes[catch_all_index:]
+            )
         LOG.info("Caddy route %s %s", route_id, "replaced" if indexes else "created")
+        return route
+
+    def _set_route_fast(self, route: dict, action: str):
+        """Replace an indexed route that keeps its domain, reading only it.
+
+        Returns _READ_AGAIN when the route is not indexed, the index is
+        stale or the domain changes, because a new domain must be checked
+        against every route.
+        """
+        found = self._read_indexed(route["@id"], action)
+        if found is None:
+            return _READ_AGAIN
+        position, live, if_match = found
+        if live.get("match") != route["match"]:
+            return _READ_AGAIN
+        if live == route:
+            return route
+        if not self._write_position("PATCH", position, "", route, if_match, action):
+            return _READ_AGAIN
+        LOG.info("Caddy route %s replaced", route["@id"])
         return route
 
     def set_app_route(self, app_id: int | str, domain: str, upstreams: list) -> dict:
@@ -4467,15 +4758,24 @@ class CaddyClient:
         does when it is missing or its catch-all is not last. Raises
         DomainTakenError when another route, ours or foreign, matches the
         domain, and ValueError on invalid arguments.
+
+        NOTE: an indexed route that keeps its domain is replaced after reading
+        only that route, so a foreign route added for the same domain after
+        ours is not detected here. Operator.accept_deploy checks the domain
+        with domain_owner before every deploy.
         """
         route = build_app_route(app_id, domain, upstreams)
         route_id = route["@id"]
         action = (
             f"set Caddy route {route_id} for domain {route['match'][0]['host'][0]}"
         )
-        return self._run_guarded(
-            action, lambda snapshot: self._set_route_step(snapshot, route, action)
-        )
+        with self._lock:
+            result = self._set_route_fast(route, action)
+            if result is not _READ_AGAIN:
+                return result
+            return self._run_guarded(
+                action, lambda snapshot: self._set_route_step(snapshot, route, action)
+            )
 
     def _change_domain_step(
         self, snapshot: _ConfigSnapshot, route_id: str, domain: str
@@ -4510,10 +4810,39 @@ class CaddyClient:
         route_id = caddy_route_id(app_id)
         domain = _caddy_domain(new_domain)
         action = f"change the domain of Caddy route {route_id} to {domain}"
-        return self._run_guarded(
-            action,
-            lambda snapshot: self._change_domain_step(snapshot, route_id, domain),
-        )
+        with self._lock:
+            result = self._change_domain_fast(route_id, domain, action)
+            if result is not _READ_AGAIN:
+                return result
+            return self._run_guarded(
+                action,
+                lambda snapshot: self._change_domain_step(snapshot, route_id, domain),
+            )
+
+    def _change_domain_fast(self, route_id: str, domain: str, action: str):
+        """Move an indexed route to a domain that no route mentions.
+
+        The domain check reads the whole config without parsing it (see
+        _domain_mentioned). NOTE: the write is guarded by the hash of this
+        route only, so a route for the same domain that another process adds
+        between that read and the write is not detected. Writers in this
+        process are ordered by the lock.
+        """
+        found = self._read_indexed(route_id, action)
+        if found is None:
+            return _READ_AGAIN
+        position, route, if_match = found
+        match = [{"host": [domain]}]
+        if route.get("match") == match:
+            return route
+        if self._domain_mentioned(domain, action):
+            return _READ_AGAIN
+        if not self._write_position(
+            "PATCH", position, "/match", match, if_match, action
+        ):
+            return _READ_AGAIN
+        LOG.info("Caddy route %s now matches domain %s", route_id, domain)
+        return dict(route, match=match)
 
     def delete_app_route(self, app_id: int | str) -> bool:
         """Delete the route of app_id and return False when Caddy had none.
@@ -8457,8 +8786,7 @@ class Operator:
         it.
         """
         low, high = self.config.port_range_min, self.config.port_range_max
-        used = {i.get("port") for app in self.store.apps()
-                for i in app.get("instances", {}).values()}
+        used = self.store.used_ports()
         picked = []
         with self._ports_lock:
             now = time.monotonic()
@@ -8604,10 +8932,10 @@ class Operator:
 
     def _check_domain(self, app_id: int, domain: str) -> None:
         """Raise ConflictError when another app or route owns ``domain``."""
-        for app in self.store.apps():
-            if app["app_id"] != app_id and app.get("domain") == domain:
+        for other_id in self.store.apps_with_domain(domain):
+            if other_id != app_id:
                 raise ConflictError(
-                    f"domain {domain} is routed to app {app['app_id']}")
+                    f"domain {domain} is routed to app {other_id}")
         owner = self.caddy.domain_owner(domain)
         if owner is not None and owner != caddy_route_id(app_id):
             raise ConflictError(
@@ -8775,10 +9103,10 @@ class Operator:
             raise NotFoundError(
                 f"no route of app {app_id} has domain {old}; the route "
                 f"is not re-created here, deploy the app to create it")
-        for other in self.store.apps():
-            if other["app_id"] != app_id and other.get("domain") == new:
+        for other_id in self.store.apps_with_domain(new):
+            if other_id != app_id:
                 raise ConflictError(
-                    f"domain {new} is routed to app {other['app_id']}")
+                    f"domain {new} is routed to app {other_id}")
         self.caddy.change_domain(app_id, new)
         app = self.store.app(app_id)
         app["domain"] = new

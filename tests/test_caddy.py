@@ -147,6 +147,15 @@ class CaddyProcess:
                 count += 1
         return count
 
+    def admin_requests(self):
+        """Return (method, uri) of every admin request that Caddy has logged."""
+        requests = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if '"msg":"received request"' in line:
+                entry = json.loads(line)
+                requests.append((entry["method"], entry["uri"]))
+        return requests
+
     def call(self, method, path, document=None, host=None):
         """Send an admin request without the code under test, return (status, body)."""
         body = None if document is None else json.dumps(document).encode()
@@ -770,6 +779,177 @@ def test_set_route_collapses_duplicates(caddy, client, backends):
     client.set_app_route("shop", "shop.example.test", [(backends[1], 100)])
     assert route_ids(caddy.routes()) == ["crate-app-shop", "crate-catch-all"]
     assert proxy_get(caddy, "shop.example.test")[2] == b"backend-B"
+
+
+# --- Route index: changes that read one route ---
+
+
+def test_route_update_reads_one_route(caddy, client, backends):
+    client.set_app_route("first", "first.example.test", [(backends[0], 100)])
+    client.set_app_route("second", "second.example.test", [(backends[0], 100)])
+    before = len(caddy.admin_requests())
+    client.set_app_route("second", "second.example.test", [(backends[1], 100)])
+    requests = caddy.admin_requests()[before:]
+    # The route, the catch-all, the position after it, and one write.
+    assert requests == [
+        ("GET", ROUTES_PATH + "/1"),
+        ("GET", ROUTES_PATH + "/2"),
+        ("GET", ROUTES_PATH + "/3"),
+        ("PATCH", ROUTES_PATH + "/1"),
+    ]
+    assert proxy_get(caddy, "second.example.test")[2] == b"backend-B"
+    assert proxy_get(caddy, "first.example.test")[2] == b"backend-A"
+
+
+def test_domain_change_parses_no_config(caddy, client, backends, monkeypatch):
+    client.set_app_route("shop", "shop.example.test", [(backends[0], 100)])
+
+    def no_full_parse(self, action):
+        raise AssertionError(f"{action} parsed the whole config")
+
+    monkeypatch.setattr(co.CaddyClient, "_snapshot", no_full_parse)
+    writes = caddy.admin_writes()
+    route = client.change_domain("shop", "moved.example.test")
+    assert route["match"] == [{"host": ["moved.example.test"]}]
+    assert caddy.admin_writes() == writes + 1
+    assert client.domain_owner("moved.example.test") == "crate-app-shop"
+    assert client.domain_owner("free.example.test") is None
+    assert client.get_app_route("shop") == route
+    assert proxy_get(caddy, "moved.example.test")[2] == b"backend-A"
+
+
+def shift_first_away(caddy):
+    caddy.call_json("DELETE", "/id/crate-app-first")
+
+
+def swap_first_and_second(caddy):
+    first, second, catch_all = caddy.routes()
+    caddy.call_json("PATCH", ROUTES_PATH, [second, first, catch_all])
+
+
+def insert_before_catch_all(caddy):
+    caddy.call_json("PUT", ROUTES_PATH + "/2", FOREIGN_ROUTE)
+
+
+def append_after_catch_all(caddy):
+    caddy.call_json("POST", ROUTES_PATH, FOREIGN_ROUTE)
+
+
+def duplicate_second(caddy):
+    caddy.call_json("PUT", ROUTES_PATH + "/0", caddy.routes()[1])
+
+
+@pytest.mark.parametrize(
+    "change, expected_ids",
+    [
+        (shift_first_away, ["crate-app-second", "crate-catch-all"]),
+        (swap_first_and_second,
+         ["crate-app-second", "crate-app-first", "crate-catch-all"]),
+        (insert_before_catch_all,
+         ["crate-app-first", "crate-app-second", None, "crate-catch-all"]),
+        (append_after_catch_all,
+         ["crate-app-first", "crate-app-second", None, "crate-catch-all"]),
+        (duplicate_second,
+         ["crate-app-second", "crate-app-first", "crate-catch-all"]),
+    ],
+)
+def test_stale_index_repaired(caddy, client, backends, change, expected_ids):
+    client.set_app_route("first", "first.example.test", [(backends[0], 100)])
+    client.set_app_route("second", "second.example.test", [(backends[0], 100)])
+    first = caddy.call_json("GET", "/id/crate-app-first")
+    change(caddy)
+    route = client.set_app_route(
+        "second", "second.example.test", [(backends[1], 100)]
+    )
+    routes = caddy.routes()
+    assert route_ids(routes) == expected_ids
+    assert route in routes
+    if "crate-app-first" in expected_ids:
+        assert first in routes
+    assert proxy_get(caddy, "second.example.test")[2] == b"backend-B"
+    # The full read that repaired the change rebuilt the index, so the next
+    # change reads one route again.
+    positions, count = client._route_index
+    assert count == len(routes)
+    assert positions["crate-app-second"] == expected_ids.index("crate-app-second")
+    before = len(caddy.admin_requests())
+    client.change_domain("second", "second2.example.test")
+    methods = [method for method, _ in caddy.admin_requests()[before:]]
+    assert methods == ["GET", "GET", "GET", "GET", "PATCH"]
+    assert proxy_get(caddy, "second2.example.test")[2] == b"backend-B"
+
+
+def test_stale_index_read_and_domain_change(caddy, client, backends):
+    client.set_app_route("first", "first.example.test", [(backends[0], 100)])
+    client.set_app_route("second", "second.example.test", [(backends[1], 100)])
+    first = caddy.call_json("GET", "/id/crate-app-first")
+    swap_first_and_second(caddy)
+    assert client.get_app_route("second")["@id"] == "crate-app-second"
+    swap_first_and_second(caddy)
+    route = client.change_domain("second", "moved.example.test")
+    assert route["@id"] == "crate-app-second"
+    assert caddy.call_json("GET", "/id/crate-app-second") == route
+    assert caddy.call_json("GET", "/id/crate-app-first") == first
+    assert proxy_get(caddy, "moved.example.test")[2] == b"backend-B"
+    assert proxy_get(caddy, "first.example.test")[2] == b"backend-A"
+
+
+def test_route_changed_after_read_gets_412(
+    caddy, client, backends, monkeypatch, caplog
+):
+    client.set_app_route("shop", "shop.example.test", [(backends[0], 100)])
+    original = co.CaddyClient._read_indexed
+    interrupted = []
+
+    def read_then_foreign_write(self, route_id, action):
+        found = original(self, route_id, action)
+        if found is not None and not interrupted:
+            interrupted.append(found[0])
+            # Another process changes the same route between our read and
+            # our write, without moving it.
+            foreign = dict(found[1], terminal=False)
+            caddy.call_json("PATCH", f"{ROUTES_PATH}/{found[0]}", foreign)
+        return found
+
+    monkeypatch.setattr(co.CaddyClient, "_read_indexed", read_then_foreign_write)
+    with caplog.at_level("INFO", logger="crate_operator"):
+        route = client.set_app_route("shop", "shop.example.test", [(backends[1], 100)])
+    assert interrupted == [0]
+    assert any("changed since it was read" in r.getMessage() for r in caplog.records)
+    assert caddy.routes() == [route, co.catch_all_route()]
+    assert proxy_get(caddy, "shop.example.test")[2] == b"backend-B"
+
+
+def test_change_domain_taken_with_index(caddy, client, backends):
+    client.set_app_route("one", "one.example.test", [(backends[0], 100)])
+    client.set_app_route("two", "two.example.test", [(backends[1], 100)])
+    # A foreign route added after the index was built must still block.
+    caddy.call_json("PUT", ROUTES_PATH + "/0", FOREIGN_ROUTE)
+    with pytest.raises(co.DomainTakenError) as caught:
+        client.change_domain("two", "legacy.example.test")
+    assert caught.value.owner == "foreign route #0"
+    assert caddy.call_json("GET", "/id/crate-app-two")["match"] == [
+        {"host": ["two.example.test"]}
+    ]
+
+
+def test_sole_mention_owner_cases():
+    def body(*routes):
+        config = {"apps": {"http": {"servers": {SERVER: {"routes": list(routes)}}}}}
+        # Caddy writes compact JSON with sorted keys and a newline.
+        text = json.dumps(config, separators=(",", ":"), sort_keys=True)
+        return (text + "\n").encode()
+
+    ours = co.build_app_route("shop", "shop.example.test", [("127.0.0.1:9", 100)])
+    foreign = dict(FOREIGN_ROUTE, match=[{"host": ["Shop.Example.Test."]}])
+    longer = co.build_app_route("s2", "shop.example.test2", [("127.0.0.1:9", 100)])
+    owner = co._sole_mention_owner
+    assert owner(body(ours), "free.example.test") is None
+    assert owner(body(ours), "shop.example.test") == "crate-app-shop"
+    assert owner(body(foreign), "shop.example.test") is co._READ_AGAIN
+    assert owner(body(foreign, ours), "shop.example.test") is co._READ_AGAIN
+    assert owner(body(ours, longer), "shop.example.test") is co._READ_AGAIN
+    assert owner(body(longer), "shop.example.test") is co._READ_AGAIN
 
 
 # --- Domain ownership ---

@@ -323,6 +323,29 @@ def test_request_digest_keyed_not_plain(tmp_path):
     assert other.request_digest(body) != digest
 
 
+def test_store_domain_and_port_map(tmp_path):
+    store = co.Store(str(tmp_path))
+    store.save_app({"app_id": 1, "domain": "a.example.test",
+                    "instances": {"blue": {"port": 18001}}})
+    # Built from the files on first use, then kept current by save_app and
+    # delete_app, so every result below must match the record files.
+    assert store.apps_with_domain("a.example.test") == [1]
+    assert store.used_ports() == {18001}
+    store.save_app({"app_id": 2, "domain": "a.example.test",
+                    "instances": {"x": {"port": 18002}, "y": {"port": 18003}}})
+    assert store.apps_with_domain("a.example.test") == [1, 2]
+    store.save_app({"app_id": 1, "domain": "b.example.test", "instances": {}})
+    assert store.apps_with_domain("a.example.test") == [2]
+    assert store.apps_with_domain("b.example.test") == [1]
+    assert store.used_ports() == {18002, 18003}
+    store.delete_app(2)
+    assert store.apps_with_domain("a.example.test") == []
+    assert store.used_ports() == set()
+    fresh = co.Store(str(tmp_path))
+    assert fresh.apps_with_domain("b.example.test") == [1]
+    assert fresh.used_ports() == set()
+
+
 # --- systemd rendering
 
 ENV_CASES = {
