@@ -1,0 +1,182 @@
+"""Attacks on the store, history pruning, callback seq and Caddy checks.
+
+Each test states the defect or the hypothesis it checks. App ids of this
+module start at 960000.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+import crate_operator as co
+
+_ids = iter(range(960000, 970000))
+
+
+def next_id() -> int:
+    return next(_ids)
+
+
+# === Callback seq (no sandbox) ===
+
+
+def test_seq_failed_block_write_hands_out_no_unreserved_value(tmp_path, monkeypatch):
+    """A failed write of seq.json must not leave the block reserved in memory.
+
+    Otherwise the next calls hand out values above the stored seq, and a
+    restart hands out the same values again.
+    """
+    store = co.Store(str(tmp_path))
+    real_write = co.atomic_write_json
+    failures = []
+
+    def full_disk(path, value, *args, **kwargs):
+        if path.endswith("seq.json") and not failures:
+            failures.append(path)
+            raise co.StorageError(f"cannot write {path}: No space left on device")
+        return real_write(path, value, *args, **kwargs)
+
+    monkeypatch.setattr(co, "atomic_write_json", full_disk)
+    with pytest.raises(co.StorageError):
+        store.next_seq()
+    handed_out = [store.next_seq() for _ in range(3)]
+    stored = co.read_json(os.path.join(str(tmp_path), "seq.json"))
+    assert stored is not None and stored["seq"] >= max(handed_out), (
+        f"values {handed_out} were handed out but seq.json holds {stored}")
+    restarted = co.Store(str(tmp_path))
+    assert restarted.next_seq() > max(handed_out)
+
+
+def test_seq_is_increasing_across_blocks_and_restarts(tmp_path):
+    """Refutes a repeat at a block edge: values stay strictly increasing."""
+    values = []
+    for _ in range(3):
+        store = co.Store(str(tmp_path))
+        values += [store.next_seq() for _ in range(co.SEQ_BLOCK + 1)]
+    assert values == sorted(set(values))
+
+
+# === History pruning (no sandbox) ===
+
+
+def _write_raw(store, deployment_id, record):
+    path = os.path.join(store.deployments_dir, f"{deployment_id}.json")
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(record, handle)
+    return path
+
+
+def _finished(store, deployment_id, created, finished, state="succeeded"):
+    store.save_deployment({
+        "deployment_id": deployment_id, "state": state,
+        "created_at": co.utc_now(created), "finished_at": co.utc_now(finished)})
+
+
+@pytest.mark.parametrize("field, value", [
+    ("created_at", 1733340000),
+    ("state", ["succeeded"]),
+    ("finished_at", 1733340000),
+])
+def test_prune_survives_record_with_odd_field(tmp_path, field, value):
+    """One record with a non-string ranking field must not stop pruning.
+
+    Such a record is skipped like a file without JSON, and the others are
+    still pruned.
+    """
+    store = co.Store(str(tmp_path))
+    now = time.time()
+    for index in range(4):
+        _finished(store, f"d{index}", now - 100 + index, now - 99 + index)
+    odd = {"deployment_id": "odd", "state": "succeeded",
+           "created_at": co.utc_now(now - 50),
+           "finished_at": co.utc_now(now - 49)}
+    odd[field] = value
+    odd_path = _write_raw(store, "odd", odd)
+    assert co.prune_history(store, 2, 3600, now) == 2
+    left = sorted(os.listdir(store.deployments_dir))
+    assert left == ["d2.json", "d3.json", "odd.json"]
+    assert os.path.exists(odd_path)
+
+
+def test_prune_spares_running_record_with_stale_looking_times(tmp_path):
+    """Refutes pruning of a running record whatever its times say."""
+    store = co.Store(str(tmp_path))
+    now = time.time()
+    store.save_deployment({"deployment_id": "run", "state": "running",
+                           "created_at": co.utc_now(now - 1e6),
+                           "finished_at": co.utc_now(now - 1e6)})
+    for index in range(3):
+        _finished(store, f"d{index}", now - 10 + index, now - 9 + index)
+    assert co.prune_history(store, 1, 1, now) == 3
+    assert os.listdir(store.deployments_dir) == ["run.json"]
+
+
+# === Status view cache (no sandbox) ===
+
+
+def test_status_view_not_stale_after_save_during_render(tmp_path):
+    """Refutes a stale cached view when a save lands while a reader renders."""
+    store = co.Store(str(tmp_path))
+    record = {"deployment_id": "v1", "state": "running"}
+    store.save_deployment(dict(record))
+
+    def render_and_save(value):
+        # Another thread saves a newer state between the read and the fill.
+        store.save_deployment(dict(record, state="succeeded"))
+        return co.render_status(value)
+
+    first = store.deployment_view("v1", render_and_save)
+    assert json.loads(first)["state"] == "running"
+    again = store.deployment_view("v1", co.render_status)
+    assert json.loads(again)["state"] == "succeeded"
+
+
+def test_status_view_gone_after_delete(tmp_path):
+    store = co.Store(str(tmp_path))
+    store.save_deployment({"deployment_id": "gone", "state": "failed"})
+    assert store.deployment_view("gone", co.render_status) is not None
+    store.delete_deployment("gone")
+    assert store.deployment_view("gone", co.render_status) is None
+
+
+def test_status_view_cache_is_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(co, "STATUS_CACHE_MAX", 3)
+    store = co.Store(str(tmp_path))
+    for index in range(5):
+        store.save_deployment({"deployment_id": f"b{index}", "state": "failed"})
+        store.deployment_view(f"b{index}", co.render_status)
+    assert len(store._views) == 3
+
+
+# === Caddy byte search (pure functions) ===
+
+
+def _config_with_hosts(*routes):
+    return json.dumps({"apps": {"http": {"servers": {"srv0": {
+        "routes": list(routes)}}}}}, sort_keys=True,
+        separators=(",", ":")).encode()
+
+
+def test_sole_mention_owner_substring_domain_is_not_owner():
+    """A route for shop.example.com.evil does not own shop.example.com."""
+    app_id = next_id()
+    body = _config_with_hosts({
+        "@id": co.caddy_route_id(app_id),
+        "match": [{"host": ["shop.example.com.evil"]}]})
+    assert co._sole_mention_owner(body, "shop.example.com") is co._READ_AGAIN
+    config = json.loads(body)
+    assert co._find_domain_owner(config, "shop.example.com") is None
+
+
+def test_sole_mention_owner_foreign_route_after_app_route():
+    """A foreign route after one of ours must not be credited to ours."""
+    app_id = next_id()
+    body = _config_with_hosts(
+        {"@id": co.caddy_route_id(app_id), "match": [{"host": ["a.example.com"]}]},
+        {"match": [{"host": ["b.example.com"]}]})
+    assert co._sole_mention_owner(body, "b.example.com") is co._READ_AGAIN
+    assert co._sole_mention_owner(body, "a.example.com") == co.caddy_route_id(app_id)
