@@ -2884,8 +2884,12 @@ class Store:
                 if self._seq_next is None:
                     stored = read_json(path) or {"seq": 0}
                     self._seq_next = stored["seq"] + 1
-                self._seq_reserved = self._seq_next + SEQ_BLOCK - 1
-                atomic_write_json(path, {"seq": self._seq_reserved})
+                reserved = self._seq_next + SEQ_BLOCK - 1
+                # The block counts as reserved only once seq.json holds it:
+                # after a failed write, handing out values from it would
+                # repeat them after a restart.
+                atomic_write_json(path, {"seq": reserved})
+                self._seq_reserved = reserved
             value = self._seq_next
             self._seq_next += 1
             return value
@@ -8553,8 +8557,9 @@ HISTORY_KEY_VERSION = "1"
 def history_key(record: dict) -> bytes | None:
     """Encode created_at, state and finished_at for HISTORY_XATTR.
 
-    Returns None when a field is not a string without whitespace, because
-    such a record is then ranked from its parsed content.
+    Returns None when a field is not an ASCII string without whitespace,
+    because such a record is then ranked from its parsed content (a lone
+    surrogate would make encode() raise).
     """
     fields = [HISTORY_KEY_VERSION]
     for name in ("created_at", "state", "finished_at"):
@@ -8562,7 +8567,7 @@ def history_key(record: dict) -> bytes | None:
         if value is None:
             fields.append("-")
         elif isinstance(value, str) and value and value != "-" and \
-                not any(char.isspace() for char in value):
+                value.isascii() and not any(char.isspace() for char in value):
             fields.append(value)
         else:
             return None
@@ -8612,6 +8617,15 @@ def _read_history_entry(path: str) -> tuple[dict | None, bool]:
             record, error = None, str(exc)
         else:
             error = "the file contains no JSON object"
+            if isinstance(record, dict) and not all(
+                    record.get(name) is None or (
+                        isinstance(record.get(name), str)
+                        and record.get(name).isascii())
+                    for name in ("created_at", "state", "finished_at")):
+                # Ranking compares these fields, and a list or a number
+                # would make the sort or the state check raise TypeError.
+                record = None
+                error = "created_at, state or finished_at is not an ASCII string"
         if not isinstance(record, dict) or not record:
             # Such a record is neither ranked nor removed, so it needs a
             # look or removal by hand.

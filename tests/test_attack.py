@@ -80,6 +80,7 @@ def _finished(store, deployment_id, created, finished, state="succeeded"):
     ("created_at", 1733340000),
     ("state", ["succeeded"]),
     ("finished_at", 1733340000),
+    ("created_at", "2026-12-04T20:00:00.000000Z\ud800"),
 ])
 def test_prune_survives_record_with_odd_field(tmp_path, field, value):
     """One record with a non-string ranking field must not stop pruning.
@@ -180,3 +181,11 @@ def test_sole_mention_owner_foreign_route_after_app_route():
         {"match": [{"host": ["b.example.com"]}]})
     assert co._sole_mention_owner(body, "b.example.com") is co._READ_AGAIN
     assert co._sole_mention_owner(body, "a.example.com") == co.caddy_route_id(app_id)
+
+
+def test_save_deployment_with_lone_surrogate_in_created_at(tmp_path):
+    """history_key must not raise UnicodeEncodeError inside save_deployment."""
+    store = co.Store(str(tmp_path))
+    store.save_deployment({"deployment_id": "s", "state": "failed",
+                           "created_at": "2026\ud800", "finished_at": None})
+    assert store.deployment("s")["created_at"] == "2026\ud800"
