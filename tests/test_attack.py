@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
+import types
 
 import pytest
 
@@ -58,6 +60,63 @@ def test_seq_is_increasing_across_blocks_and_restarts(tmp_path):
         store = co.Store(str(tmp_path))
         values += [store.next_seq() for _ in range(co.SEQ_BLOCK + 1)]
     assert values == sorted(set(values))
+
+
+def test_events_feed_misses_no_event_of_concurrent_emits(tmp_path):
+    """A reader that follows next_after must see every event.
+
+    Two deployments emit at once: the first takes seq 1 and is still
+    saving its record when the second takes seq 2 and writes its event.
+    A GET /v1/events in that window returns seq 2 with next_after=2, so
+    if seq 1 is written afterwards the reader never sees it.
+    """
+    first_saving = threading.Event()
+    second_written = threading.Event()
+
+    class Slow(co.Store):
+        def save_deployment(self, record):
+            if record["deployment_id"] == "first":
+                first_saving.set()
+                # Bounded so that an emit that waits for the first one to
+                # finish (no race) does not hang the test.
+                second_written.wait(5)
+            super().save_deployment(record)
+
+        def outbox_add(self, event):
+            super().outbox_add(event)
+            if event["deployment_id"] == "second":
+                second_written.set()
+
+    store = Slow(str(tmp_path))
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"token": "t" * 32, "callback_secret": "s" * 32}))
+    path.chmod(0o600)
+    outbox = co.CallbackOutbox(store, co.load_config(str(path), {}, {}))
+    outbox.stop()  # no delivery threads: only the feed is checked
+    operator = types.SimpleNamespace(store=store)
+
+    def emit(deployment_id):
+        app_id = next_id()
+        outbox.emit({"deployment_id": deployment_id, "app_id": app_id,
+                     "state": "running", "callback_url": "http://127.0.0.1:9/cb"},
+                    "deployment.running")
+
+    first = threading.Thread(target=emit, args=("first",))
+    first.start()
+    assert first_saving.wait(5)
+    second = threading.Thread(target=emit, args=("second",))
+    second.start()
+    second_written.wait(5)
+    seen = []
+    page = co.Operator.events_page(operator, 0, 100)
+    seen += [event["seq"] for event in page["events"]]
+    first.join()
+    second.join()
+    page = co.Operator.events_page(operator, page["next_after"], 100)
+    seen += [event["seq"] for event in page["events"]]
+    every = [event["seq"] for event in store.outbox_events()]
+    assert seen == every, (
+        f"a reader following next_after saw seq {seen} of {every}")
 
 
 # === History pruning (no sandbox) ===
