@@ -8142,6 +8142,8 @@ class CallbackOutbox:
         self.store = store
         self.config = config
         self._lock = threading.Lock()
+        # Held from next_seq until the event's outbox file exists.
+        self._emit_lock = threading.Lock()
         self._pending = {}
         self._workers = {}
         self._stopping = threading.Event()
@@ -8163,19 +8165,24 @@ class CallbackOutbox:
             self.store.save_deployment(record)
             return
         record["deployment_seq"] = record.get("deployment_seq", 0) + 1
-        seq = self.store.next_seq()
-        body = {"seq": seq, "deployment_seq": record["deployment_seq"],
-                "event": event_name, "deployment": status_document(record)}
-        raw = json.dumps(body, sort_keys=True, separators=(",", ":"))
-        event = {"seq": seq, "delivery_id": f"{seq}-{secrets.token_hex(8)}",
-                 "url": record["callback_url"], "event": event_name,
-                 "deployment_id": record["deployment_id"],
-                 "app_id": record["app_id"], "body": raw, "attempts": 0,
-                 "created_at": time.time(), "next_at": 0.0}
+        document = status_document(record)
         # The record goes first, so that no event (which may be delivered
         # after a restart) reports a state the record on disk lacks.
         self.store.save_deployment(record)
-        self.store.outbox_add(event)
+        # Outbox files appear in seq order: GET /v1/events hands out the
+        # last seq it returned as the reader's next cursor, so a smaller
+        # seq written after a larger one would never be read.
+        with self._emit_lock:
+            seq = self.store.next_seq()
+            body = {"seq": seq, "deployment_seq": record["deployment_seq"],
+                    "event": event_name, "deployment": document}
+            raw = json.dumps(body, sort_keys=True, separators=(",", ":"))
+            event = {"seq": seq, "delivery_id": f"{seq}-{secrets.token_hex(8)}",
+                     "url": record["callback_url"], "event": event_name,
+                     "deployment_id": record["deployment_id"],
+                     "app_id": record["app_id"], "body": raw, "attempts": 0,
+                     "created_at": time.time(), "next_at": 0.0}
+            self.store.outbox_add(event)
         with self._lock:
             self._pending[seq] = event
             self._start_worker(event["url"])
