@@ -6,6 +6,7 @@ module start at 960000.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import threading
@@ -15,6 +16,7 @@ import types
 import pytest
 
 import crate_operator as co
+import harness
 
 _ids = iter(range(960000, 970000))
 
@@ -248,3 +250,79 @@ def test_save_deployment_with_lone_surrogate_in_created_at(tmp_path):
     store.save_deployment({"deployment_id": "s", "state": "failed",
                            "created_at": "2026\ud800", "finished_at": None})
     assert store.deployment("s")["created_at"] == "2026\ud800"
+
+
+# === Caddy domain checks against the test Caddy ===
+
+
+def _admin(caddy, method, path, raw=None):
+    connection = http.client.HTTPConnection("127.0.0.1", caddy.admin_port,
+                                            timeout=10)
+    try:
+        headers = {"Content-Type": "application/json"} if raw is not None else {}
+        connection.request(method, path, body=raw, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+@pytest.fixture
+def attack_server(caddy):
+    """A Caddy server of this module on its own listen port, removed after."""
+    name = f"attack{next_id()}"
+    client = co.CaddyClient(caddy.admin_url, name,
+                            f"127.0.0.1:{harness.free_port()}", False)
+    client.ensure_server()
+    yield client, f"/config/apps/http/servers/{name}/routes"
+    _admin(caddy, "DELETE", f"/config/apps/http/servers/{name}")
+
+
+@pytest.mark.parametrize("host", [
+    "\\u0073hop.attack.test",      # JSON escape of a plain letter
+    "SHOP.Attack.Test.",           # letter case and a trailing dot
+])
+def test_domain_owner_finds_foreign_host_in_any_spelling(caddy, attack_server, host):
+    """The byte search must not miss a foreign route that another client
+    wrote with a JSON escape or in another letter case."""
+    client, routes = attack_server
+    raw = ('{"match":[{"host":["%s"]}],"handle":[{"handler":'
+           '"static_response","body":"foreign"}]}' % host).encode()
+    status, body = _admin(caddy, "PUT", routes + "/0", raw)
+    assert status == 200, body
+    assert client.domain_owner("shop.attack.test") == "foreign route #0"
+    with pytest.raises(co.DomainTakenError):
+        client.set_app_route(next_id(), "shop.attack.test",
+                             [("127.0.0.1:9", 100)])
+
+
+def test_change_domain_fast_path_sees_foreign_route_added_behind(caddy, attack_server):
+    """Another client adds a route for the target domain after ours was
+    indexed: the fast domain change must still refuse the domain."""
+    client, routes = attack_server
+    app_id = next_id()
+    client.set_app_route(app_id, "mine.attack.test", [("127.0.0.1:9", 100)])
+    raw = (b'{"match":[{"host":["taken.attack.test"]}],"handle":[{"handler":'
+           b'"static_response","body":"foreign"}]}')
+    status, body = _admin(caddy, "PUT", routes + "/0", raw)
+    assert status == 200, body
+    with pytest.raises(co.DomainTakenError):
+        client.change_domain(app_id, "taken.attack.test")
+    route = client.get_app_route(app_id)
+    assert route["match"] == [{"host": ["mine.attack.test"]}]
+
+
+def test_delete_then_same_domain_for_another_app(caddy, attack_server):
+    """A deleted app's domain is free for the next app, and the index of
+    the remaining routes stays right."""
+    client, _ = attack_server
+    first, second, third = next_id(), next_id(), next_id()
+    client.set_app_route(first, "one.attack.test", [("127.0.0.1:9", 100)])
+    client.set_app_route(third, "three.attack.test", [("127.0.0.1:9", 100)])
+    assert client.delete_app_route(first)
+    assert client.domain_owner("one.attack.test") is None
+    client.set_app_route(second, "one.attack.test", [("127.0.0.1:8", 100)])
+    assert client.domain_owner("one.attack.test") == co.caddy_route_id(second)
+    client.set_app_route(third, "three.attack.test", [("127.0.0.1:7", 100)])
+    assert client.app_upstreams(third) == [("127.0.0.1:7", 100)]
+    assert client.app_upstreams(second) == [("127.0.0.1:8", 100)]
