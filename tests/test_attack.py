@@ -122,6 +122,65 @@ def test_events_feed_misses_no_event_of_concurrent_emits(tmp_path):
         f"a reader following next_after saw seq {seen} of {every}")
 
 
+def test_delivery_queue_gets_events_in_seq_order(tmp_path):
+    """The delivery thread of a URL sends the smallest pending seq next, so
+    an event must be pending before any larger seq is.
+
+    The first emit is held just before it queues seq 1 for delivery, long
+    enough for a second emit to queue seq 2 unless emits are ordered.
+    """
+    store = co.Store(str(tmp_path))
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"token": "t" * 32, "callback_secret": "s" * 32}))
+    path.chmod(0o600)
+    outbox = co.CallbackOutbox(store, co.load_config(str(path), {}, {}))
+    outbox.stop()  # no delivery threads: the order of queueing is checked
+    queued = []
+    second_queued = threading.Event()
+
+    class Recording(dict):
+        def __setitem__(self, seq, event):
+            queued.append(seq)
+            if event["deployment_id"] == "second":
+                second_queued.set()
+            super().__setitem__(seq, event)
+
+    class Gate:
+        """outbox._lock that holds the first emit's queueing for a while."""
+
+        def __init__(self, lock):
+            self.lock = lock
+
+        def __enter__(self):
+            if threading.current_thread().name == "first":
+                # Bounded, so that an ordered emit (which makes the second
+                # emit wait for this one) costs a pause, not a hang.
+                second_queued.wait(2)
+            return self.lock.__enter__()
+
+        def __exit__(self, *exc_info):
+            return self.lock.__exit__(*exc_info)
+
+    outbox._pending = Recording()
+    outbox._lock = Gate(outbox._lock)
+
+    def emit(deployment_id):
+        outbox.emit({"deployment_id": deployment_id, "app_id": next_id(),
+                     "state": "running", "callback_url": "http://127.0.0.1:9/cb"},
+                    "deployment.running")
+
+    first = threading.Thread(target=emit, args=("first",), name="first")
+    first.start()
+    # Started once the first emit has its seq, which the outbox file shows.
+    while not store.outbox_events() and first.is_alive():
+        time.sleep(0.01)
+    second = threading.Thread(target=emit, args=("second",), name="second")
+    second.start()
+    first.join()
+    second.join()
+    assert queued == [1, 2], f"events were queued for delivery as seq {queued}"
+
+
 # === History pruning (no sandbox) ===
 
 
