@@ -8142,7 +8142,7 @@ class CallbackOutbox:
         self.store = store
         self.config = config
         self._lock = threading.Lock()
-        # Held from next_seq until the event's outbox file exists.
+        # Held from next_seq until the event is written and queued.
         self._emit_lock = threading.Lock()
         self._pending = {}
         self._workers = {}
@@ -8183,9 +8183,12 @@ class CallbackOutbox:
                      "app_id": record["app_id"], "body": raw, "attempts": 0,
                      "created_at": time.time(), "next_at": 0.0}
             self.store.outbox_add(event)
-        with self._lock:
-            self._pending[seq] = event
-            self._start_worker(event["url"])
+            # Queued under the same lock, so that a delivery thread, which
+            # sends the smallest pending seq of its URL next, never sees a
+            # larger seq before this one.
+            with self._lock:
+                self._pending[seq] = event
+                self._start_worker(event["url"])
 
     def start(self) -> None:
         """Start delivering events left from an earlier run."""
