@@ -29,7 +29,7 @@ def next_id() -> int:
 # === Callback seq (no sandbox) ===
 
 
-def test_seq_failed_block_write_hands_out_no_unreserved_value(tmp_path, monkeypatch):
+def test_seq_block_write_failure(tmp_path, monkeypatch):
     """A failed write of seq.json must not leave the block reserved in memory.
 
     Otherwise the next calls hand out values above the stored seq, and a
@@ -225,7 +225,7 @@ def test_prune_survives_record_with_odd_field(tmp_path, field, value):
 
 
 def test_prune_spares_running_record_with_stale_looking_times(tmp_path):
-    """Refutes pruning of a running record whatever its times say."""
+    """Refutes pruning of a running record whatever times it contains."""
     store = co.Store(str(tmp_path))
     now = time.time()
     store.save_deployment({"deployment_id": "run", "state": "running",
