@@ -257,6 +257,25 @@ def test_status_view_not_stale_after_save_during_render(tmp_path):
     assert json.loads(again)["state"] == "succeeded"
 
 
+def test_status_view_dropped_when_save_fails_after_rename(tmp_path, monkeypatch):
+    """A save that replaced the file but then failed (the directory fsync)
+    must not leave the old view cached: the file already has the new state."""
+    store = co.Store(str(tmp_path))
+    store.save_deployment({"deployment_id": "f", "state": "running"})
+    assert json.loads(store.deployment_view("f", co.render_status))["state"] == "running"
+
+    def failing_fsync(path):
+        raise OSError(co.errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(co, "fsync_dir", failing_fsync)
+    with pytest.raises(co.StorageError):
+        store.save_deployment({"deployment_id": "f", "state": "failed"})
+    monkeypatch.undo()
+    assert store.deployment("f")["state"] == "failed"
+    view = json.loads(store.deployment_view("f", co.render_status))
+    assert view["state"] == "failed"
+
+
 def test_status_view_gone_after_delete(tmp_path):
     store = co.Store(str(tmp_path))
     store.save_deployment({"deployment_id": "gone", "state": "failed"})
