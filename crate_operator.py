@@ -2841,10 +2841,14 @@ class Store:
         """Store one deployment record."""
         key = _safe_key(str(record["deployment_id"]))
         history = history_key(record)
-        atomic_write_json(os.path.join(self.deployments_dir, key + ".json"),
-                          record,
-                          xattrs={HISTORY_XATTR: history} if history else None)
-        self._forget_view(key)
+        try:
+            atomic_write_json(
+                os.path.join(self.deployments_dir, key + ".json"), record,
+                xattrs={HISTORY_XATTR: history} if history else None)
+        finally:
+            # Also after a failure: the rename may have happened before
+            # the directory fsync failed, so the file can be new.
+            self._forget_view(key)
 
     def delete_deployment(self, deployment_id) -> None:
         """Remove one deployment record; a missing record is no error."""
