@@ -276,6 +276,30 @@ def test_status_view_dropped_when_save_fails_after_rename(tmp_path, monkeypatch)
     assert view["state"] == "failed"
 
 
+def test_app_summaries_follow_file_after_failed_save(tmp_path, monkeypatch):
+    """The domain and port summaries must match the app file after a save
+    that renamed the file and then failed, or a second app can take the
+    domain or port that the file already gives to the first."""
+    store = co.Store(str(tmp_path))
+    app_id = next_id()
+    store.save_app({"app_id": app_id, "domain": "old.attack.test",
+                    "instances": {"a": {"port": 20001}}})
+    assert store.apps_with_domain("old.attack.test") == [app_id]
+
+    def failing_fsync(path):
+        raise OSError(co.errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(co, "fsync_dir", failing_fsync)
+    with pytest.raises(co.StorageError):
+        store.save_app({"app_id": app_id, "domain": "new.attack.test",
+                        "instances": {"a": {"port": 20002}}})
+    monkeypatch.undo()
+    assert store.app(app_id)["domain"] == "new.attack.test"
+    assert store.apps_with_domain("new.attack.test") == [app_id]
+    assert store.apps_with_domain("old.attack.test") == []
+    assert 20002 in store.used_ports()
+
+
 def test_status_view_gone_after_delete(tmp_path):
     store = co.Store(str(tmp_path))
     store.save_deployment({"deployment_id": "gone", "state": "failed"})
