@@ -2755,7 +2755,14 @@ class Store:
         """Store the record of one app."""
         record["updated_at"] = utc_now()
         path = os.path.join(self.apps_dir, f"{int(record['app_id'])}.json")
-        atomic_write_json(path, record)
+        try:
+            atomic_write_json(path, record)
+        except BaseException:
+            # The rename may have happened before the failure, so the file
+            # can hold either record: read all of them again on next use.
+            with self._summaries_lock:
+                self._summaries = None
+            raise
         with self._summaries_lock:
             if self._summaries is not None:
                 self._summaries[int(record["app_id"])] = _app_summary(record)
