@@ -8578,9 +8578,9 @@ HISTORY_KEY_VERSION = "1"
 def history_key(record: dict) -> bytes | None:
     """Encode created_at, state and finished_at for HISTORY_XATTR.
 
-    Returns None when a field is not an ASCII string without whitespace,
-    because such a record is then ranked from its parsed content (a lone
-    surrogate would make encode() raise).
+    Returns None when a field is not an ASCII string without whitespace
+    (a lone surrogate would make encode() raise). Pruning then reads the
+    record's content, and ranks it, or skips it when a field is not ASCII.
     """
     fields = [HISTORY_KEY_VERSION]
     for name in ("created_at", "state", "finished_at"):
