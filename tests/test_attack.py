@@ -524,3 +524,32 @@ def test_reset_beside_reload_saves_one_call(fake_systemd):
     log = calls()
     assert [c.split()[0] for c in log].count("reset-failed") == 2, log
     assert _resets_before_each_start(log, unit) == [True, True], log
+
+
+def test_route_index_survives_another_client(caddy, attack_server):
+    """Another client of the same Caddy server deletes and adds routes
+    behind the indexed client: its next writes land on the right routes."""
+    client, routes = attack_server
+    other = co.CaddyClient(caddy.admin_url, client.server,
+                           f"127.0.0.1:{client.listen_port}", False)
+    first, second, third = next_id(), next_id(), next_id()
+    client.set_app_route(first, "first.attack.test", [("127.0.0.1:11", 100)])
+    client.set_app_route(second, "second.attack.test", [("127.0.0.1:12", 100)])
+    assert other.delete_app_route(first)
+    other.set_app_route(third, "third.attack.test", [("127.0.0.1:13", 100)])
+    # The domain change first, while the index still has the old positions
+    # and the route count is the same.
+    client.change_domain(second, "moved.attack.test")
+    client.set_app_route(second, "moved.attack.test", [("127.0.0.1:22", 100)])
+    assert client.get_app_route(first) is None
+    assert client.app_upstreams(second) == [("127.0.0.1:22", 100)]
+    assert client.app_upstreams(third) == [("127.0.0.1:13", 100)]
+    assert client.domain_owner("third.attack.test") == co.caddy_route_id(third)
+    assert client.domain_owner("moved.attack.test") == co.caddy_route_id(second)
+    assert client.domain_owner("second.attack.test") is None
+    status, body = _admin(caddy, "GET", routes)
+    assert status == 200
+    listed = [route.get("@id") for route in json.loads(body)]
+    assert listed[-1] == co.CADDY_CATCH_ALL_ID
+    assert sorted(listed[:-1]) == sorted([co.caddy_route_id(second),
+                                          co.caddy_route_id(third)])
