@@ -262,7 +262,8 @@ def test_status_view_dropped_when_save_fails_after_rename(tmp_path, monkeypatch)
     must not leave the old view cached: the file already has the new state."""
     store = co.Store(str(tmp_path))
     store.save_deployment({"deployment_id": "f", "state": "running"})
-    assert json.loads(store.deployment_view("f", co.render_status))["state"] == "running"
+    view = json.loads(store.deployment_view("f", co.render_status))
+    assert view["state"] == "running"
 
     def failing_fsync(path):
         raise OSError(co.errno.EIO, "Input/output error")
