@@ -2769,9 +2769,16 @@ class Store:
 
     def delete_app(self, app_id: int) -> None:
         """Remove the record of one app."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(self.apps_dir, f"{int(app_id)}.json"))
-            fsync_dir(self.apps_dir)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.apps_dir, f"{int(app_id)}.json"))
+                fsync_dir(self.apps_dir)
+        except BaseException:
+            # The unlink may have happened before the failure: read all
+            # records again on next use, as save_app does.
+            with self._summaries_lock:
+                self._summaries = None
+            raise
         with self._summaries_lock:
             if self._summaries is not None:
                 self._summaries.pop(int(app_id), None)

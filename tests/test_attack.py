@@ -301,6 +301,28 @@ def test_app_summaries_follow_file_after_failed_save(tmp_path, monkeypatch):
     assert 20002 in store.used_ports()
 
 
+def test_app_summaries_follow_file_after_failed_delete(tmp_path,
+                                                      monkeypatch):
+    """A delete that unlinked the file and then failed must not leave the
+    app's domain in the summaries, or the domain stays taken."""
+    store = co.Store(str(tmp_path))
+    app_id = next_id()
+    store.save_app({"app_id": app_id, "domain": "gone.attack.test",
+                    "instances": {"a": {"port": 20003}}})
+    assert store.apps_with_domain("gone.attack.test") == [app_id]
+
+    def failing_fsync(path):
+        raise OSError(co.errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(co, "fsync_dir", failing_fsync)
+    with pytest.raises(OSError):
+        store.delete_app(app_id)
+    monkeypatch.undo()
+    assert store.app(app_id) is None
+    assert store.apps_with_domain("gone.attack.test") == []
+    assert 20003 not in store.used_ports()
+
+
 def test_status_view_gone_after_delete(tmp_path):
     store = co.Store(str(tmp_path))
     store.save_deployment({"deployment_id": "gone", "state": "failed"})
