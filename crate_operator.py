@@ -2759,9 +2759,8 @@ class Store:
             atomic_write_json(path, record)
         except BaseException:
             # The rename may have happened before the failure, so the file
-            # can hold either record: read all of them again on next use.
-            with self._summaries_lock:
-                self._summaries = None
+            # can hold either record.
+            self._forget_summaries()
             raise
         with self._summaries_lock:
             if self._summaries is not None:
@@ -2774,14 +2773,17 @@ class Store:
                 os.unlink(os.path.join(self.apps_dir, f"{int(app_id)}.json"))
                 fsync_dir(self.apps_dir)
         except BaseException:
-            # The unlink may have happened before the failure: read all
-            # records again on next use, as save_app does.
-            with self._summaries_lock:
-                self._summaries = None
+            # The unlink may have happened before the failure.
+            self._forget_summaries()
             raise
         with self._summaries_lock:
             if self._summaries is not None:
                 self._summaries.pop(int(app_id), None)
+
+    def _forget_summaries(self) -> None:
+        """Read every app record again on next use, after a failed write."""
+        with self._summaries_lock:
+            self._summaries = None
 
     def _app_summaries(self) -> dict:
         # Called with _summaries_lock held.

@@ -1593,19 +1593,26 @@ class DockerDaemon:
                                    % self.sandbox.journal(self.UNIT)[-3000:])
             time.sleep(0.05)
 
+    def _remove_containers(self) -> None:
+        """Force-remove every container before dockerd stops.
+
+        A container whose PID 1 ignores SIGTERM would hold up the stop for
+        docker's 10 s stop timeout.
+        """
+        try:
+            status, containers = self.api("GET", "/containers/json?all=1",
+                                          timeout=10)
+            for container in containers if status == 200 else []:
+                self.api("DELETE", "/containers/%s?force=1" % container["Id"],
+                         timeout=30)
+        except OSError as exc:
+            sys.stderr.write("removing the containers of %s failed: %r\n"
+                             % (self.socket_path, exc))
+
     def stop(self) -> None:
         """Remove all containers, stop the unit and delete the bridge."""
         if self.sandbox.pid is not None and os.path.exists(self.socket_path):
-            try:
-                # A container whose PID 1 ignores SIGTERM would hold up the
-                # unit stop for docker's 10 s stop timeout.
-                status, containers = self.api("GET", "/containers/json?all=1",
-                                              timeout=10)
-                for container in containers if status == 200 else []:
-                    self.api("DELETE", "/containers/%s?force=1" % container["Id"],
-                             timeout=30)
-            except OSError as exc:
-                sys.stderr.write("removing containers failed: %r\n" % exc)
+            self._remove_containers()
             self.sandbox.systemctl("stop", self.UNIT, check=False)
         show = subprocess.run(["ip", "link", "show", self.bridge],
                               capture_output=True, check=False)
@@ -1832,16 +1839,7 @@ class HostDockerDaemon(DockerDaemon):
 
     def _stop_daemon(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            try:
-                # A container whose PID 1 ignores SIGTERM would hold up the
-                # dockerd stop for docker's 10 s stop timeout.
-                status, containers = self.api("GET", "/containers/json?all=1",
-                                              timeout=10)
-                for container in containers if status == 200 else []:
-                    self.api("DELETE", "/containers/%s?force=1" % container["Id"],
-                             timeout=30)
-            except OSError as exc:
-                sys.stderr.write("removing host containers failed: %r\n" % exc)
+            self._remove_containers()
         _stop_popen(self.proc, 20)
 
     def _cgroup_dirs(self) -> list[str]:
