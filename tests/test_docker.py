@@ -193,11 +193,16 @@ def redeploy(first, **changes):
 
 def wait_callback(callbacks, body, event):
     """Wait for the callback of one event of one deployment; return its body."""
+    path = urllib.parse.urlsplit(body["callback_url"]).path
+
     def find(records):
+        # The receiver is shared by the session, and other modules post
+        # bodies that are not JSON to other paths, so match the path first.
         for record in records:
+            if record.path != path:
+                continue
             data = record.json()
-            if record.path == urllib.parse.urlsplit(body["callback_url"]).path \
-                    and data["event"] == event and \
+            if data["event"] == event and \
                     data["deployment"]["deployment_id"] == body["deployment_id"]:
                 return data
         return None
