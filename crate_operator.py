@@ -4016,6 +4016,8 @@ def _route_hosts(route: object) -> set[str]:
             for host in matcher_set.get("host") or []:
                 host = str(host)
                 # Only ASCII is lowered, for the same reason as in _caddy_domain.
+                # NOTE: Caddy folds Unicode case when it matches hosts, so a
+                # foreign non-ASCII host can match one of our domains unseen.
                 hosts.add((host.lower() if host.isascii() else host).rstrip("."))
     for handler in route.get("handle") or []:
         if isinstance(handler, dict) and handler.get("handler") == "subroute":

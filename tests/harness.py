@@ -1580,8 +1580,22 @@ class DockerDaemon:
             journal = self.sandbox.journal(self.UNIT)[-3000:]
             raise RuntimeError("starting the dockerd unit failed: %s\n%s"
                                % (result.stderr, journal))
+        self._wait_for_ping(
+            timeout, "dockerd",
+            lambda: self.sandbox.journal(self.UNIT)[-3000:])
+
+    def _wait_for_ping(self, timeout: float, name: str, log_text,
+                       exited=lambda: None) -> None:
+        """Wait until /_ping answers 200.
+
+        Raises RuntimeError when exited() returns a message (the daemon
+        died) and TimeoutError after timeout seconds, both with log_text().
+        """
         deadline = time.monotonic() + timeout
         while True:
+            problem = exited()
+            if problem is not None:
+                raise RuntimeError("%s:\n%s" % (problem, log_text()))
             try:
                 status, _ = self.api("GET", "/_ping", timeout=2)
                 if status == 200:
@@ -1589,8 +1603,8 @@ class DockerDaemon:
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError("dockerd /_ping timed out:\n%s"
-                                   % self.sandbox.journal(self.UNIT)[-3000:])
+                raise TimeoutError("%s /_ping timed out:\n%s"
+                                   % (name, log_text()))
             time.sleep(0.05)
 
     def _remove_containers(self) -> None:
@@ -1783,21 +1797,13 @@ class HostDockerDaemon(DockerDaemon):
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)
 
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError("host dockerd exited with %s:\n%s"
-                                   % (self.proc.returncode, log_tail(self.log_path)))
-            try:
-                status, _ = self.api("GET", "/_ping", timeout=2)
-                if status == 200:
-                    return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("host dockerd /_ping timed out:\n%s"
-                                   % log_tail(self.log_path))
-            time.sleep(0.05)
+        def exited():
+            if self.proc.poll() is None:
+                return None
+            return "host dockerd exited with %s" % self.proc.returncode
+
+        self._wait_for_ping(timeout, "host dockerd",
+                            lambda: log_tail(self.log_path), exited)
 
     def stop(self) -> None:
         """Remove everything start() and dockerd made; see cleanup()."""

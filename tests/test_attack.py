@@ -56,7 +56,7 @@ def test_seq_block_write_failure(tmp_path, monkeypatch):
     assert restarted.next_seq() > max(handed_out)
 
 
-def test_seq_is_increasing_across_blocks_and_restarts(tmp_path):
+def test_seq_increases_across_restarts(tmp_path):
     """Refutes a repeat at a block edge: values stay strictly increasing."""
     values = []
     for _ in range(3):
@@ -65,7 +65,7 @@ def test_seq_is_increasing_across_blocks_and_restarts(tmp_path):
     assert values == sorted(set(values))
 
 
-def test_events_feed_misses_no_event_of_concurrent_emits(tmp_path):
+def test_events_feed_concurrent_emits(tmp_path):
     """A reader that follows next_after must see every event.
 
     Two deployments emit at once: the first takes seq 1 and is still
@@ -122,7 +122,7 @@ def test_events_feed_misses_no_event_of_concurrent_emits(tmp_path):
         f"a reader following next_after saw seq {seen} of {every}")
 
 
-def test_delivery_queue_gets_events_in_seq_order(tmp_path):
+def test_delivery_queue_seq_order(tmp_path):
     """The delivery thread of a URL sends the smallest pending seq next, so
     an event must be pending before any larger seq is.
 
@@ -146,7 +146,7 @@ def test_delivery_queue_gets_events_in_seq_order(tmp_path):
             super().__setitem__(seq, event)
 
     class Gate:
-        """outbox._lock that holds the first emit's queueing for a while."""
+        """Stand-in for outbox._lock that delays the first emit's queueing."""
 
         def __init__(self, lock):
             self.lock = lock
@@ -224,7 +224,7 @@ def test_prune_survives_record_with_odd_field(tmp_path, field, value):
     assert os.path.exists(odd_path)
 
 
-def test_prune_spares_running_record_with_stale_looking_times(tmp_path):
+def test_prune_keeps_old_running_record(tmp_path):
     """Refutes pruning of a running record whatever times it contains."""
     store = co.Store(str(tmp_path))
     now = time.time()
@@ -240,7 +240,7 @@ def test_prune_spares_running_record_with_stale_looking_times(tmp_path):
 # === Status view cache (no sandbox) ===
 
 
-def test_status_view_not_stale_after_save_during_render(tmp_path):
+def test_status_view_save_during_render(tmp_path):
     """Refutes a stale cached view when a save lands while a reader renders."""
     store = co.Store(str(tmp_path))
     record = {"deployment_id": "v1", "state": "running"}
@@ -257,7 +257,7 @@ def test_status_view_not_stale_after_save_during_render(tmp_path):
     assert json.loads(again)["state"] == "succeeded"
 
 
-def test_status_view_dropped_when_save_fails_after_rename(tmp_path, monkeypatch):
+def test_status_view_failed_save(tmp_path, monkeypatch):
     """A save that replaced the file but then failed (the directory fsync)
     must not leave the old view cached: the file already has the new state."""
     store = co.Store(str(tmp_path))
@@ -277,7 +277,7 @@ def test_status_view_dropped_when_save_fails_after_rename(tmp_path, monkeypatch)
     assert view["state"] == "failed"
 
 
-def test_app_summaries_follow_file_after_failed_save(tmp_path, monkeypatch):
+def test_app_summaries_failed_save(tmp_path, monkeypatch):
     """The domain and port summaries must match the app file after a save
     that renamed the file and then failed, or a second app can take the
     domain or port that the file already gives to the first."""
@@ -301,7 +301,7 @@ def test_app_summaries_follow_file_after_failed_save(tmp_path, monkeypatch):
     assert 20002 in store.used_ports()
 
 
-def test_app_summaries_follow_file_after_failed_delete(tmp_path,
+def test_app_summaries_failed_delete(tmp_path,
                                                       monkeypatch):
     """A delete that unlinked the file and then failed must not leave the
     app's domain in the summaries, or the domain stays taken."""
@@ -349,7 +349,7 @@ def _config_with_hosts(*routes):
         separators=(",", ":")).encode()
 
 
-def test_sole_mention_owner_substring_domain_is_not_owner():
+def test_sole_mention_substring_domain():
     """A route for shop.example.com.evil does not own shop.example.com."""
     app_id = next_id()
     body = _config_with_hosts({
@@ -360,7 +360,7 @@ def test_sole_mention_owner_substring_domain_is_not_owner():
     assert co._find_domain_owner(config, "shop.example.com") is None
 
 
-def test_sole_mention_owner_foreign_route_after_app_route():
+def test_sole_mention_foreign_route_after():
     """A foreign route after one of ours must not be credited to ours."""
     app_id = next_id()
     body = _config_with_hosts(
@@ -370,7 +370,7 @@ def test_sole_mention_owner_foreign_route_after_app_route():
     assert co._sole_mention_owner(body, "a.example.com") == co.caddy_route_id(app_id)
 
 
-def test_save_deployment_with_lone_surrogate_in_created_at(tmp_path):
+def test_save_deployment_lone_surrogate(tmp_path):
     """history_key must not raise UnicodeEncodeError inside save_deployment."""
     store = co.Store(str(tmp_path))
     store.save_deployment({"deployment_id": "s", "state": "failed",
@@ -409,7 +409,7 @@ def attack_server(caddy):
     "\\u0073hop.attack.test",      # JSON escape of a plain letter
     "SHOP.Attack.Test.",           # letter case and a trailing dot
 ])
-def test_domain_owner_finds_foreign_host_in_any_spelling(caddy, attack_server, host):
+def test_domain_owner_host_spellings(caddy, attack_server, host):
     """The byte search must not miss a foreign route that another client
     wrote with a JSON escape or in another letter case."""
     client, routes = attack_server
@@ -423,9 +423,9 @@ def test_domain_owner_finds_foreign_host_in_any_spelling(caddy, attack_server, h
                              [("127.0.0.1:9", 100)])
 
 
-def test_change_domain_fast_path_sees_foreign_route_added_behind(caddy, attack_server):
+def test_change_domain_rejects_foreign_route(caddy, attack_server):
     """Another client adds a route for the target domain after ours was
-    indexed: the fast domain change must still refuse the domain."""
+    indexed, so the fast domain change must still reject the domain."""
     client, routes = attack_server
     app_id = next_id()
     client.set_app_route(app_id, "mine.attack.test", [("127.0.0.1:9", 100)])
@@ -439,7 +439,7 @@ def test_change_domain_fast_path_sees_foreign_route_added_behind(caddy, attack_s
     assert route["match"] == [{"host": ["mine.attack.test"]}]
 
 
-def test_delete_then_same_domain_for_another_app(caddy, attack_server):
+def test_domain_reused_after_delete(caddy, attack_server):
     """A deleted app's domain is free for the next app, and the index of
     the remaining routes stays right."""
     client, _ = attack_server
@@ -459,7 +459,7 @@ def test_delete_then_same_domain_for_another_app(caddy, attack_server):
     "domain checks compare non-ASCII hosts exactly (_route_hosts lowers only "
     "ASCII hosts, and the byte search looks only for ASCII bytes), but Caddy "
     "folds them, so a foreign host with U+212A owns key.attack.test unseen"))
-def test_domain_owner_sees_foreign_host_that_folds_to_domain(caddy, attack_server):
+def test_domain_owner_folds_unicode_host(caddy, attack_server):
     """Caddy matches hosts case-insensitively with Unicode folding, so a
     foreign host spelled with the Kelvin sign (U+212A) takes the traffic of
     key.attack.test. The operator must not call that domain free."""

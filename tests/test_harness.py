@@ -664,12 +664,12 @@ def test_docker_pull_and_run(dockerd, registry):
         dockerd.api("DELETE", "/containers/%s?force=1" % created["Id"])
 
 
-
 def test_host_dockerd_cleanup_after_crash(packages):
     if not harness.is_root():
         pytest.skip("needs root: a host dockerd makes a bridge, mounts and cgroups")
     if "docker.io" in packages:
         pytest.skip("docker.io is not installed")
+
     run_dirs_before = {path: os.path.isdir(path)
                        for path in harness.HostDockerDaemon.RUN_DIRS}
     daemon = harness.HostDockerDaemon()
@@ -683,6 +683,7 @@ def test_host_dockerd_cleanup_after_crash(packages):
         key = "%s/containerd/containerd.sock/moby/%s" % (daemon.exec_root,
                                                          container_id)
         shim_socket = "/run/containerd/s/" + hashlib.sha256(key.encode()).hexdigest()
+
         # A crashed dockerd leaves its shim, the container and its mounts.
         daemon.proc.kill()
         daemon.proc.wait(10)
@@ -691,6 +692,7 @@ def test_host_dockerd_cleanup_after_crash(packages):
         assert os.path.exists(shim_socket)
     finally:
         daemon.cleanup()
+
     assert not harness._process_alive(container_pid)
     assert daemon.cgroup_processes() == []
     assert daemon._cgroup_dirs() == []
@@ -702,6 +704,7 @@ def test_host_dockerd_cleanup_after_crash(packages):
     assert not os.path.exists(shim_socket)
     run_dirs_after = {path: os.path.isdir(path) for path in run_dirs_before}
     assert run_dirs_after == run_dirs_before
+
 
 # === Operator process (with stand-in scripts) ===
 

@@ -347,7 +347,7 @@ def assert_runs_from_bytecode(box, module: str) -> None:
     """Assert that the box's python3 finds current bytecode of module.
 
     The header of a .pyc contains the magic number of the Python version that
-    wrote it and the mtime and size of its source; the import uses the file
+    wrote it and the mtime and size of its source. The import uses the file
     only when all three match (PEP 552, timestamp-based).
     """
     probe = box.run("/usr/bin/python3", "-I", "-c",

@@ -58,7 +58,7 @@ def wait_dead_or_done(operator, deployment_id, timeout=60):
         try:
             status, _, doc = operator.request("GET", path, timeout=2)
         except (OSError, http.client.HTTPException):
-            # The kill can land while the operator writes this answer.
+            # The kill can land while the operator writes this response.
             continue
         if status == 200 and doc["state"] in TERMINAL:
             return False
