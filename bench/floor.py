@@ -48,6 +48,8 @@ class FloorDeployer:
         os.makedirs(self.root, mode=0o755, exist_ok=True)
         self.route_created = False
         self.count = 0
+        self.steps: dict = {}
+        self._last = 0.0
 
     def deploy(self, asset_url: str, slot: str, port: int,
                old_slot: str | None = None) -> float:
@@ -58,19 +60,35 @@ class FloorDeployer:
         """
         self.count += 1
         started = time.monotonic()
+        self.steps = {}
+        self._last = started
         release = os.path.join(self.root, "release-%d" % self.count)
         os.makedirs(release, mode=0o755)
         binary = os.path.join(release, "app")
         self._download(asset_url, binary)
+        self._lap("fetch_asset")
         unit = "bench-floor-%s.service" % slot
         self._write_unit(unit, slot, port, binary, release)
+        self._lap("write_unit")
         self._systemctl("daemon-reload")
+        self._lap("daemon_reload")
         self._systemctl("restart" if old_slot is None else "start", unit)
+        self._lap("start_instance")
         self._wait_healthy(port)
+        self._lap("health_check")
         self._set_route(port)
+        self._lap("switch_route")
         if old_slot is not None:
             self._systemctl("stop", "bench-floor-%s.service" % old_slot)
+            self._lap("stop_old")
         return time.monotonic() - started
+
+    def _lap(self, step: str) -> None:
+        # Step times in ms since the previous lap, named like the operator's
+        # steps so that the bench log can show both side by side.
+        now = time.monotonic()
+        self.steps[step] = round((now - self._last) * 1000)
+        self._last = now
 
     def cleanup(self) -> None:
         """Stop the floor units and delete their files and the route."""

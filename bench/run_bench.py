@@ -326,15 +326,20 @@ def bench_deploy_overhead(env: Environment, rows: list) -> None:
     for _ in range(DEPLOY_REPEATS):
         floor_times["in place"].append(
             floor.deploy(env.new_asset("f"), floor_slot, ports[floor_slot]))
+        floor_steps = {"in place": floor.steps}
         other = "green" if floor_slot == "blue" else "blue"
         floor_times["switch"].append(
             floor.deploy(env.new_asset("f"), other, ports[other], floor_slot))
+        floor_steps["switch"] = floor.steps
         floor_slot = other
         for name, changes in strategies:
             bodies[name] = env.update(bodies[name], env.new_asset(), **changes)
             seconds, docs[name] = deploy(env.operator, SLOTS, bodies[name])
             times[name].append(seconds)
     floor.cleanup()
+    for kind, steps in floor_steps.items():
+        log("steps of the last binary floor deploy (%s): %s" % (
+            kind, ", ".join("%s %d" % item for item in steps.items())))
     add_overhead_rows(rows, "binary", strategies, times, floor_times, docs)
 
 

@@ -519,7 +519,8 @@ def _resets_before_each_start(calls, unit):
             reset = True
         elif words[0] == "stop" or "--now" in words and words[0] == "disable":
             reset = False
-        elif words[0] == "start" or "--now" in words and words[0] == "enable":
+        elif words[0] in ("start", "restart") or \
+                "--now" in words and words[0] == "enable":
             answer.append(reset)
             reset = False
     return answer
@@ -528,7 +529,7 @@ def _resets_before_each_start(calls, unit):
 def test_start_after_stop_runs_its_own_reset(fake_systemd):
     systemd, calls = fake_systemd
     unit = f"{co.UNIT_PREFIX}{next_id()}-a.service"
-    systemd.daemon_reload(reset=(unit,))
+    systemd.daemon_reload(starting=(unit,))
     systemd.stop(unit)
     systemd.start(unit)
     systemd.enable_and_start(unit)   # a second start, e.g. after a crash
@@ -541,7 +542,7 @@ def test_reset_beside_reload_saves_one_call(fake_systemd):
     """The reset-failed beside the reload is used once, not for later starts."""
     systemd, calls = fake_systemd
     unit = f"{co.UNIT_PREFIX}{next_id()}-a.service"
-    systemd.daemon_reload(reset=(unit,))
+    systemd.daemon_reload(starting=(unit,))
     systemd.enable_and_start(unit)
     systemd.start(unit)
     log = calls()

@@ -152,6 +152,38 @@ def test_routes_restored_after_caddy_restart(operator_factory, caddy,
     assert ids[-1] == "crate-catch-all"
 
 
+def test_reconciler_moves_catch_all_last(operator_factory, caddy, assets,
+                                         callbacks):
+    """A deploy that replaces a route does not check the route order; the
+    reconciler puts the catch-all back behind a route appended after it."""
+    operator = fast_reconciling(operator_factory)
+    body = deploy_body(next_id(), next_id(), assets["old"], callbacks)
+    operator.request("POST", SLOTS, body)
+    assert operator.wait_state(body["deployment_id"], TERMINAL)[
+        "state"] == "succeeded"
+    foreign = {"match": [{"host": [f"foreign-{body['app_id']}.test"]}],
+               "handle": [{"handler": "static_response", "body": "foreign"}]}
+    status, answer = caddy.request(
+        "POST", "/config/apps/http/servers/crate/routes", foreign)
+    assert status == 200, answer
+    routes = caddy.get_config("apps/http/servers/crate/routes")
+    assert routes[-1] == foreign
+    deadline = time.monotonic() + 10
+    while True:
+        routes = caddy.get_config("apps/http/servers/crate/routes")
+        if routes[-1].get("@id") == "crate-catch-all":
+            break
+        assert time.monotonic() < deadline, [r.get("@id") for r in routes]
+        time.sleep(0.1)
+    assert foreign in routes
+    code, text = through_caddy(caddy, f"foreign-{body['app_id']}.test")
+    assert (code, text) == (200, "foreign")
+    status, answer = caddy.request(
+        "DELETE", "/config/apps/http/servers/crate/routes/"
+        f"{routes.index(foreign)}")
+    assert status == 200, answer
+
+
 def test_lost_instance_started_again(operator_factory, sandbox, caddy,
                                      assets, callbacks):
     operator = fast_reconciling(operator_factory)

@@ -212,11 +212,111 @@ def test_emit_stores_record_before_its_event(tmp_path):
 
 # === Cached status bodies (Store.deployment_view) ===
 
+def record_on_disk(store, deployment_id) -> dict | None:
+    """Read a record from its files, bypassing the store: the record file,
+    or the change in its log with the highest rev when that is higher."""
+    base = os.path.join(store.deployments_dir, str(deployment_id))
+    record = co.read_json(base + ".json")
+    if record is None:
+        return None
+    changes = []
+    if os.path.exists(base + ".log"):
+        with open(base + ".log", "rb") as handle:
+            for line in handle:
+                try:
+                    changes.append(json.loads(line))
+                except ValueError:
+                    pass
+    return max([record] + changes, key=lambda r: r.get("rev", 0))
+
+
 def status_on_disk(store, deployment_id) -> bytes | None:
-    """Render the record file as it is now, bypassing the cache."""
-    record = co.read_json(os.path.join(store.deployments_dir,
-                                       f"{deployment_id}.json"))
+    """Render the record as it is on disk now, bypassing the cache."""
+    record = record_on_disk(store, deployment_id)
     return None if record is None else co.render_status(record)
+
+
+def test_record_changes_appended_until_terminal(tmp_path):
+    store = co.Store(str(tmp_path))
+    base = os.path.join(store.deployments_dir, "21")
+    record = {"deployment_id": 21, "state": "queued", "steps": []}
+    store.save_deployment(record)
+    assert not os.path.exists(base + ".log")
+    first = pathlib.Path(base + ".json").read_bytes()
+    for step in range(3):
+        record.update(state="running", steps=record["steps"] + [step])
+        store.save_deployment(record)
+        # The record file keeps the first write; the log holds each change.
+        assert pathlib.Path(base + ".json").read_bytes() == first
+        assert store.deployment(21)["steps"] == list(range(step + 1))
+        assert co.Store(str(tmp_path)).deployment(21) == record
+    assert len(pathlib.Path(base + ".log").read_bytes().splitlines()) == 3
+    record["state"] = "succeeded"
+    store.save_deployment(record)
+    assert not os.path.exists(base + ".log")
+    assert co.read_json(base + ".json") == record
+    assert list(co.Store(str(tmp_path)).iter_deployments()) == [record]
+
+
+def test_record_log_torn_line_and_stale_log(tmp_path):
+    store = co.Store(str(tmp_path))
+    base = os.path.join(store.deployments_dir, "22")
+    record = {"deployment_id": 22, "state": "queued"}
+    store.save_deployment(record)
+    store.save_deployment(dict(record, state="running", step=1))
+    # A crash in the middle of the next append leaves half a line.
+    with open(base + ".log", "ab") as handle:
+        handle.write(b'{"deployment_id":22,"rev":9,"state":"runn')
+    again = co.Store(str(tmp_path))
+    assert again.deployment(22)["step"] == 1
+    # A crash after folding the log into the record file, before the log
+    # was deleted: the log is older and ignored.
+    saved = pathlib.Path(base + ".log").read_bytes()
+    again.save_deployment(dict(record, state="succeeded", rev=2))
+    pathlib.Path(base + ".log").write_bytes(saved)
+    assert co.Store(str(tmp_path)).deployment(22)["state"] == "succeeded"
+    assert [r["state"] for r in co.Store(str(tmp_path)).deployments()] == \
+        ["succeeded"]
+    again.delete_deployment(22)
+    assert os.listdir(store.deployments_dir) == []
+
+
+def test_record_log_folded_past_its_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(co, "RECORD_LOG_MAX", 400)
+    store = co.Store(str(tmp_path))
+    base = os.path.join(store.deployments_dir, "23")
+    record = {"deployment_id": 23, "state": "running", "pad": "x" * 150}
+    store.save_deployment(record)
+    sizes = []
+    for step in range(6):
+        record["step"] = step
+        store.save_deployment(record)
+        sizes.append(os.path.getsize(base + ".log")
+                     if os.path.exists(base + ".log") else 0)
+        assert store.deployment(23) == record
+    assert max(sizes) <= 400
+    assert 0 in sizes[1:], sizes   # folded into 23.json at least once
+
+
+def test_record_log_failed_append_cut_off(tmp_path, monkeypatch):
+    store = co.Store(str(tmp_path))
+    base = os.path.join(store.deployments_dir, "24")
+    record = {"deployment_id": 24, "state": "running"}
+    store.save_deployment(record)
+    store.save_deployment(dict(record, step=1))
+    size = os.path.getsize(base + ".log")
+
+    def no_space(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(co.os, "fdatasync", no_space)
+    with pytest.raises(co.StorageError, match="24.log"):
+        store.save_deployment(dict(record, step=2))
+    monkeypatch.undo()
+    # The failed line was cut off, so the next change is a line of its own.
+    assert os.path.getsize(base + ".log") == size
+    store.save_deployment(dict(record, step=3))
+    assert co.Store(str(tmp_path)).deployment(24)["step"] == 3
 
 
 def test_status_view_is_rendered_record():
@@ -507,27 +607,37 @@ def _recording_systemd(tmp_path):
 def test_reset_failed_before_every_start(tmp_path):
     systemd, calls = _recording_systemd(tmp_path)
     unit = "crate-app-5-blue.service"
-    systemd.daemon_reload(reset=(unit,))
+    systemd.daemon_reload(starting=(unit,))
     systemd.enable_and_start(unit)
     # The reset beside the reload covers one start only; a stop in between
     # also means a new reset-failed, because the stop can leave it failed.
     systemd.start(unit)
     systemd.disable_and_stop(unit)
-    systemd.daemon_reload(reset=(unit,))
+    systemd.daemon_reload(starting=(unit,))
     systemd.stop(unit)
     systemd.start(unit)
+    systemd.daemon_reload(starting=(unit,))
+    systemd.enable_and_restart(unit)
+    systemd.enable_and_restart(unit)
     lines = calls.read_text().splitlines()
-    assert lines[:2] in (["daemon-reload", f"reset-failed {unit}"],
-                         [f"reset-failed {unit}", "daemon-reload"])
-    assert lines[2:] == [
+    beside = ["daemon-reload", f"reset-failed {unit}"]
+    assert sorted(lines[:2]) == beside
+    assert lines[2:6] == [
         f"enable --no-reload --now {unit}",
         f"reset-failed {unit}", f"start {unit}",
         f"disable --no-reload --now {unit}",
-    ] + lines[6:8] + [
+    ]
+    assert sorted(lines[6:8]) == beside
+    assert lines[8:11] == [
         f"stop {unit}",
         f"reset-failed {unit}", f"start {unit}",
     ]
-    assert sorted(lines[6:8]) == ["daemon-reload", f"reset-failed {unit}"]
+    assert sorted(lines[11:13]) == beside
+    assert lines[13:] == [
+        f"enable --no-reload {unit}", f"restart {unit}",
+        f"reset-failed {unit}", f"enable --no-reload {unit}",
+        f"restart {unit}",
+    ]
 
 
 def test_systemd_refuses_foreign_units(tmp_path):
