@@ -3418,8 +3418,8 @@ class Systemd:
             self.run("reset-failed", name, check=False)
         self.run("enable", "--no-reload", "--now", name)
 
-    def enable_and_restart(self, name: str) -> None:
-        """Clear a failed state, enable the unit and restart it.
+    def restart(self, name: str) -> None:
+        """Clear a failed state, then restart the unit.
 
         One restart stops the running process and starts one from the unit
         file that the last daemon-reload loaded, as an in-place update
@@ -3427,7 +3427,6 @@ class Systemd:
         """
         if not self._take_prepared(name):
             self.run("reset-failed", name, check=False)
-        self.run("enable", "--no-reload", name)
         self.run("restart", name)
 
     def disable_and_stop(self, name: str) -> None:
@@ -6507,9 +6506,12 @@ class BinaryRuntime:
         """Restart the running unit of ``instance`` from its new unit file.
 
         The old process of the same unit holds the port until systemd
-        stops it, so the port is not checked here.
+        stops it, so the port is not checked here.  The unit is enabled
+        already: the operator enabled it when it started the instance that
+        runs, and the reconciler enables it again when someone disabled it
+        (see boot_problem).
         """
-        self.systemd.enable_and_restart(instance["unit"])
+        self.systemd.restart(instance["unit"])
 
     def stop(self, instance: dict) -> None:
         """Stop an instance and keep it from starting at boot."""
@@ -6517,21 +6519,45 @@ class BinaryRuntime:
 
     def problem(self, instance: dict) -> str | None:
         """Return why an instance is not running, or None when it runs."""
+        return self.check(instance)[0]
+
+    def check(self, instance: dict) -> tuple:
+        """Return (why the instance is not running or None, boot problem).
+
+        The boot problem is None, or says that the unit runs but is
+        disabled, so it would not start after a reboot; both come from
+        one systemctl show.  systemd updates UnitFileState at a reload, so
+        a `systemctl disable --no-reload` is seen after the next one.
+        """
         props = self.systemd.show(
             instance["unit"], "LoadState", "ActiveState", "SubState",
-            "Result", "ExecMainCode", "ExecMainStatus", "NRestarts")
+            "Result", "ExecMainCode", "ExecMainStatus", "NRestarts",
+            "UnitFileState")
         active = props.get("ActiveState")
         if active in ("active", "activating", "reloading") and \
                 props.get("SubState") != "auto-restart":
-            return None
+            if props.get("UnitFileState") == "disabled":
+                return None, (f"unit {instance['unit']} runs but is "
+                              f"disabled, so it would not start at boot")
+            return None, None
         if props.get("LoadState") != "loaded":
-            return f"unit {instance['unit']} is {props.get('LoadState')}"
+            return f"unit {instance['unit']} is {props.get('LoadState')}", None
         status = props.get("ExecMainStatus", "?")
         code = {"1": "exit status", "2": "signal", "3": "dumped core, signal"}
         how = code.get(props.get("ExecMainCode", ""), "status")
         return (f"unit {instance['unit']} is {active}/{props.get('SubState')} "
                 f"(result {props.get('Result')}, {how} {status}, "
-                f"{props.get('NRestarts', '0')} restarts)")
+                f"{props.get('NRestarts', '0')} restarts)"), None
+
+    def enable(self, instance: dict) -> None:
+        """Start the unit of a running instance at boot again.
+
+        systemd shows the UnitFileState that it read at its last reload,
+        so a reload follows; without it check() would go on reporting the
+        unit disabled.
+        """
+        self.systemd.enable(instance["unit"])
+        self.systemd.daemon_reload()
 
     # --- names and checks used by the strategies
 
@@ -7051,6 +7077,11 @@ class DockerRuntime:
         self.client.remove_container(instance["unit"])
 
     # --- health
+
+    def check(self, instance: dict) -> tuple:
+        """Return (problem(instance), None): a container with its restart
+        policy starts with dockerd, so it has no boot problem."""
+        return self.problem(instance), None
 
     def problem(self, instance: dict) -> str | None:
         """Return why an instance is not running, or None when it runs."""
@@ -8598,12 +8629,24 @@ class Reconciler(PeriodicThread):
         key = f"app {app['app_id']} instance {instance['instance_id']}"
         runtime = self.op.runtime_for(instance["kind"])
         try:
-            problem = runtime.problem(instance)
+            problem, boot_problem = runtime.check(instance)
         except OperatorError as exc:
             self._set(key, f"{key}: cannot inspect: {exc}")
             return
-        if problem is None:
+        if problem is None and boot_problem is None:
             self._set(key, None)
+            return
+        if problem is None:
+            self._found(key, "instance", f"{key}: {boot_problem}", **ids)
+            try:
+                runtime.enable(instance)
+            except OperatorError as exc:  # reported in /healthz
+                self._set(key, f"{key}: {boot_problem}; enabling it failed: "
+                               f"{exc}")
+                log("drift.repair_failed", logging.ERROR, error=str(exc),
+                    **ids)
+                return
+            self._repaired(key, "instance", **ids)
             return
         self._found(key, "instance", f"{key} should run but {problem}", **ids)
         plan = {"kind": instance["kind"],

@@ -184,6 +184,52 @@ def test_reconciler_moves_catch_all_last(operator_factory, caddy, assets,
     assert status == 200, answer
 
 
+def test_disabled_unit_enabled_again(operator_factory, sandbox, assets,
+                                     callbacks):
+    """An in-place update restarts the unit without enabling it again, so
+    the reconciler enables a unit that someone disabled."""
+    operator = fast_reconciling(operator_factory)
+    body = deploy_body(next_id(), next_id(), assets["old"], callbacks)
+    operator.request("POST", SLOTS, body)
+    assert operator.wait_state(body["deployment_id"], TERMINAL)[
+        "state"] == "succeeded"
+    unit = f"crate-app-{body['app_id']}-blue.service"
+    sandbox.systemctl("disable", unit)
+    deadline = time.monotonic() + 10
+    while sandbox.systemctl("is-enabled", unit, check=False).stdout.strip() \
+            != "enabled":
+        assert time.monotonic() < deadline, "the unit was not enabled again"
+        time.sleep(0.1)
+    assert sandbox.unit_property(unit, "ActiveState") == "active"
+    repaired = f"event=drift.repaired kind=instance app_id={body['app_id']}"
+    deadline = time.monotonic() + 10
+    while repaired not in operator.log_text():
+        assert time.monotonic() < deadline, "the repair was not logged"
+        time.sleep(0.1)
+    assert "runs but is disabled" in operator.log_text()
+
+
+def test_in_place_update_restarts_enabled_unit(operator_factory, sandbox,
+                                               caddy, assets, callbacks):
+    operator = operator_factory()
+    body = deploy_body(next_id(), next_id(), assets["old"], callbacks)
+    operator.request("POST", SLOTS, body)
+    assert operator.wait_state(body["deployment_id"], TERMINAL)[
+        "state"] == "succeeded"
+    unit = f"crate-app-{body['app_id']}-blue.service"
+    before = sandbox.unit_property(unit, "MainPID")
+    update = dict(body, deployment_id=next_id(), asset_url=assets["new"],
+                  deployment_strategy="immediate")
+    operator.request("POST", SLOTS, update)
+    doc = operator.wait_state(update["deployment_id"], TERMINAL)
+    assert doc["state"] == "succeeded", doc
+    names = [step["name"] for step in doc["steps"]]
+    assert "stop_old" not in names and "start_instance" in names, names
+    assert sandbox.unit_property(unit, "MainPID") != before
+    assert sandbox.unit_property(unit, "UnitFileState") == "enabled"
+    serves(caddy, body["domain"], "new ")
+
+
 def test_lost_instance_started_again(operator_factory, sandbox, caddy,
                                      assets, callbacks):
     operator = fast_reconciling(operator_factory)
