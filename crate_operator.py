@@ -4575,13 +4575,31 @@ class CaddyClient:
         self._drop_index(index)
         return False
 
+    def _count_unchanged(self, index: tuple[dict[str, int], int],
+                         action: str) -> bool:
+        """Return True when the server still has the indexed number of routes.
+
+        Caddy 2.6.2 answers 400 "array index out of bounds" for the position
+        right after the last route; any other answer means routes were
+        added, and the index is dropped.
+        """
+        status, body = self._request("GET", self._route_path(index[1]), action)
+        if status == 400 and b"out of bounds" in body:
+            return True
+        LOG.debug("Caddy server %r no longer has exactly %d routes, reading "
+                  "all routes", self.server, index[1])
+        self._drop_index(index)
+        return False
+
     def _read_indexed(
-        self, route_id: str, action: str
+        self, route_id: str, action: str, catch_all: bool = True
     ) -> tuple[int, dict, str] | None:
         """Read one route at its indexed position and check the index.
 
         Returns (position, route, If-Match value for that position), or None
         when the route is not indexed or the index is stale (then dropped).
+        With catch_all False, only the route count is checked, not that the
+        catch-all is the last route (one request fewer).
         """
         index = self._route_index
         position = index[0].get(route_id) if index else None
@@ -4596,7 +4614,9 @@ class CaddyClient:
             )
             self._drop_index(index)
             return None
-        if not self._catch_all_last(index, action):
+        if catch_all and not self._catch_all_last(index, action):
+            return None
+        if not catch_all and not self._count_unchanged(index, action):
             return None
         return position, route, caddy_config_etag(self._route_path(position), body)
 
@@ -4884,7 +4904,9 @@ class CaddyClient:
         stale or the domain changes, because a new domain must be checked
         against every route.
         """
-        found = self._read_indexed(route["@id"], action)
+        # Replacing a route in place does not need the catch-all last;
+        # ensure_server, which the reconciler runs every pass, puts it back.
+        found = self._read_indexed(route["@id"], action, catch_all=False)
         if found is None:
             return _READ_AGAIN
         position, live, if_match = found

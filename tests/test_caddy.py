@@ -790,10 +790,9 @@ def test_route_update_reads_one_route(caddy, client, backends):
     before = len(caddy.admin_requests())
     client.set_app_route("second", "second.example.test", [(backends[1], 100)])
     requests = caddy.admin_requests()[before:]
-    # The route, the catch-all, the position after it, and one write.
+    # The route, the position after the last route, and one write.
     assert requests == [
         ("GET", ROUTES_PATH + "/1"),
-        ("GET", ROUTES_PATH + "/2"),
         ("GET", ROUTES_PATH + "/3"),
         ("PATCH", ROUTES_PATH + "/1"),
     ]
@@ -901,8 +900,8 @@ def test_route_changed_after_read_gets_412(
     original = co.CaddyClient._read_indexed
     interrupted = []
 
-    def read_then_foreign_write(self, route_id, action):
-        found = original(self, route_id, action)
+    def read_then_foreign_write(self, route_id, action, **options):
+        found = original(self, route_id, action, **options)
         if found is not None and not interrupted:
             interrupted.append(found[0])
             # Another process changes the same route between our read and
