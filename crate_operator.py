@@ -451,6 +451,29 @@ def log(event: str, level: int = logging.INFO, exc_info=None, **fields):
     LOG.log(level, event, extra={"fields": fields}, exc_info=exc_info)
 
 
+# Seconds the current thread spent waiting for systemctl and the Caddy
+# admin API since its last reset_waits(): a deploy job and an HTTP request
+# log them when they end, so their own time can be told from the time of
+# the services they called, also while other threads call them.
+_WAITS = threading.local()
+
+
+def count_wait(kind: str, seconds: float) -> None:
+    """Add ``seconds`` to this thread's wait for ``kind`` (systemctl, caddy)."""
+    setattr(_WAITS, kind, getattr(_WAITS, kind, 0.0) + seconds)
+
+
+def reset_waits() -> None:
+    """Start counting this thread's waits from zero."""
+    _WAITS.systemctl = _WAITS.caddy = 0.0
+
+
+def waits_ms() -> dict:
+    """Return this thread's waits as log fields in milliseconds."""
+    return {"systemctl_ms": round(getattr(_WAITS, "systemctl", 0.0) * 1000, 1),
+            "caddy_ms": round(getattr(_WAITS, "caddy", 0.0) * 1000, 1)}
+
+
 def setup_logging(log_format: str) -> None:
     """Send log lines to stderr (the journal under systemd)."""
     handler = logging.StreamHandler(sys.stderr)
@@ -3267,7 +3290,6 @@ class Systemd:
         # not stopped since; their next start skips its own reset-failed.
         self._prepared = set()
         self._prepared_lock = threading.Lock()
-        self.time_in_systemctl = 0.0
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """Run systemctl with ``args``; raise SystemdError on failure."""
@@ -3280,7 +3302,7 @@ class Systemd:
             raise SystemdError(f"systemctl {' '.join(args)} failed: {exc}")
         finally:
             elapsed = time.monotonic() - started
-            self.time_in_systemctl += elapsed
+            count_wait("systemctl", elapsed)
             METRICS.inc("crate_systemctl_seconds_total", None, elapsed)
             METRICS.inc("crate_systemctl_calls_total")
         if check and result.returncode != 0:
@@ -4352,8 +4374,9 @@ class CaddyClient:
             return self._request_with_resends(method, path, action, document,
                                               if_match)
         finally:
-            METRICS.inc("crate_caddy_admin_seconds_total", None,
-                        time.monotonic() - started)
+            elapsed = time.monotonic() - started
+            count_wait("caddy", elapsed)
+            METRICS.inc("crate_caddy_admin_seconds_total", None, elapsed)
             METRICS.inc("crate_caddy_admin_calls_total")
 
     def _request_with_resends(
@@ -7236,7 +7259,8 @@ class DeployJob:
         self.op.outbox.emit(self.record, f"deployment.{state}")  # saves
         level = logging.WARNING if state in ("failed", "rolled_back") \
             else logging.INFO
-        log(f"deployment.{state}", level, error=error, **self.ids)
+        waits = waits_ms() if state in STATES_TERMINAL else {}
+        log(f"deployment.{state}", level, error=error, **self.ids, **waits)
 
     def _count_outcome(self, state: str) -> None:
         kind = self.record.get("kind") or "none"
@@ -8266,6 +8290,8 @@ class JobRunner:
             raise ConflictError(f"deploy in progress for app {app_id}; "
                                 f"retry when it has finished")
         job.done.wait()
+        count_wait("systemctl", job.waits[0])
+        count_wait("caddy", job.waits[1])
         if job.error is not None:
             raise job.error
         return job.result
@@ -8286,6 +8312,7 @@ class JobRunner:
                     self._idle.notify_all()
                     return
                 job = queue.popleft()
+            reset_waits()
             try:
                 job.run()
             except Exception:  # job.run catches its own errors; last resort
@@ -8314,6 +8341,7 @@ class _InlineJob:
         self.done = threading.Event()
         self.result = None
         self.error = None
+        self.waits = (0.0, 0.0)
 
     def claim_or_abandon(self, wait_s: float) -> bool:
         """Return True once the job started; abandon it after ``wait_s``."""
@@ -8343,6 +8371,9 @@ class _InlineJob:
         except BaseException as exc:  # re-raised in the waiting request
             self.error = exc
         finally:
+            # The waiting request logs these waits as its own.
+            self.waits = (getattr(_WAITS, "systemctl", 0.0),
+                          getattr(_WAITS, "caddy", 0.0))
             self.done.set()
 
 
@@ -10387,6 +10418,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     def dispatch(self) -> None:
         """Read, authenticate, route and answer one request."""
         started = time.monotonic()
+        reset_waits()
         status = 500
         name = "unmatched"
         try:
@@ -10427,7 +10459,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                     client=self.client_address[0],
                     client_cert=self._client_cert, token=self._token_name,
                     **self._request_ids,
-                    ms=round((time.monotonic() - started) * 1000, 1))
+                    ms=round((time.monotonic() - started) * 1000, 1),
+                    **waits_ms())
 
     def _route(self) -> tuple:
         path = urllib.parse.urlsplit(self.path).path

@@ -48,10 +48,10 @@ ZERO_DOWNTIME_REQUESTS = 1000 if QUICK else 10000
 API_SECONDS = 5 if QUICK else 15
 API_ROUNDS = 3
 SCALE_POINTS = (10, 100) if QUICK else (10, 100, 500)
-SCALE_REPEATS = 3 if QUICK else 5
+SCALE_REPEATS = 5 if QUICK else 7
 # Route changes after each measured deploy. A route change takes a few ms
 # of own time, so its median needs more samples than the deploy's.
-SCALE_ROUTE_CHANGES = 3
+SCALE_ROUTE_CHANGES = 5
 HISTORY_RECORDS = 1000
 # Records the pruning row starts with; all but 100 are pruned.
 PRUNE_RECORDS = 2000 if QUICK else 5000
@@ -879,19 +879,6 @@ def run_wrk(url: str, extra: list) -> dict:
 
 # === Scale ===
 
-def read_metrics(op: harness.OperatorProcess) -> dict:
-    """Return the operator's counters of time in systemctl and Caddy calls."""
-    _, _, text = op.request("GET", "/metrics")
-    if isinstance(text, bytes):
-        text = text.decode()
-    values = {}
-    for name in ("crate_systemctl_seconds_total", "crate_caddy_admin_seconds_total",
-                 "crate_systemctl_calls_total", "crate_caddy_admin_calls_total"):
-        match = re.search(r"^%s (\S+)$" % name, text, re.M)
-        values[name] = float(match.group(1)) if match else 0.0
-    return values
-
-
 def cpu_seconds(pid: int) -> float:
     """Return user plus system CPU seconds of a process from /proc."""
     with open("/proc/%d/stat" % pid, encoding="ascii") as handle:
@@ -899,19 +886,53 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measured(op: harness.OperatorProcess, action) -> dict:
-    """Run action() and return total, systemctl, Caddy, own and CPU seconds."""
-    before = read_metrics(op)
+def measured(op: harness.OperatorProcess, action, markers: list) -> dict:
+    """Run action() and return total, systemctl, Caddy, own and CPU seconds.
+
+    The systemctl and Caddy times are the waits that the operator logs per
+    HTTP request and per deployment (systemctl_ms, caddy_ms), summed over
+    the log lines of this action: every line that action() added and that
+    contains each word of one of ``markers``. So the reconciler's or
+    another thread's calls that overlap the action are not subtracted from
+    its own time.
+    """
+    offset = os.path.getsize(op.log_path)
     cpu_before = cpu_seconds(op.proc.pid)
     total = action()
-    after = read_metrics(op)
-    systemctl = after["crate_systemctl_seconds_total"] - \
-        before["crate_systemctl_seconds_total"]
-    caddy = after["crate_caddy_admin_seconds_total"] - \
-        before["crate_caddy_admin_seconds_total"]
-    return {"total": total, "systemctl": systemctl, "caddy": caddy,
-            "own": total - systemctl - caddy,
-            "cpu": cpu_seconds(op.proc.pid) - cpu_before}
+    cpu = cpu_seconds(op.proc.pid) - cpu_before
+    waits = logged_waits(op, offset, markers)
+    return {"total": total, "systemctl": waits["systemctl"],
+            "caddy": waits["caddy"],
+            "own": total - waits["systemctl"] - waits["caddy"], "cpu": cpu}
+
+
+def logged_waits(op: harness.OperatorProcess, offset: int, markers: list,
+                 timeout: float = 10.0) -> dict:
+    """Sum systemctl_ms and caddy_ms of the log lines after offset that
+    match a marker (a list of words), in seconds; wait until each marker
+    has a line, since a deployment is logged just after its record is
+    saved."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(op.log_path, encoding="utf-8", errors="replace") as handle:
+            handle.seek(offset)
+            lines = handle.read().splitlines()
+        found = [[line for line in lines
+                  if all(word in line.split() for word in marker)]
+                 for marker in markers]
+        if all(len(matches) == 1 for matches in found):
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError("expected one operator log line per marker "
+                               "%r, found %r" % (markers, found))
+        time.sleep(0.02)
+    sums = {"systemctl": 0.0, "caddy": 0.0}
+    for (line,) in found:
+        fields = dict(word.split("=", 1) for word in line.split()
+                      if "=" in word)
+        for key in sums:
+            sums[key] += float(fields[key + "_ms"]) / 1000.0
+    return sums
 
 
 def populate(env: Environment, count: int) -> None:
@@ -958,15 +979,19 @@ def bench_scale(env: Environment, rows: list) -> None:
         domain = probe["domain"]
         for index in range(SCALE_REPEATS):
             body = env.update(probe, env.new_busybox_asset())
-            deploys.append(measured(op, functools.partial(deploy_seconds, op, body,
-                                                          docs)))
+            ids = "deployment_id=%d" % body["deployment_id"]
+            deploys.append(measured(op, functools.partial(
+                deploy_seconds, op, body, docs),
+                [["event=http.request", ids],
+                 ["event=deployment.succeeded", ids]]))
             deploys[-1]["health"] = health_wait_seconds(docs[-1])
             log("scale %d apps, deploy steps: %s" % (count, step_durations(docs[-1])))
             for change in range(SCALE_ROUTE_CHANGES):
                 new_domain = "moved%d-%d-%d.example.test" % (probe["app_id"], index,
                                                              change)
                 routes.append(measured(op, functools.partial(
-                    domain_update, op, probe, domain, new_domain)))
+                    domain_update, op, probe, domain, new_domain),
+                    [["event=http.request", "path=/v1/app/domain/update"]]))
                 domain = new_domain
                 probe = dict(probe, domain=new_domain)
         deploy_row = dict(summarize(deploys), samples=len(deploys))

@@ -413,6 +413,54 @@ def test_metrics_count_a_deploy(operator, asset_url, callbacks):
     assert ("crate_job_queue_length", frozenset()) in after
 
 
+def logged_fields(text, *words):
+    """Return the key=value fields of the one log line with all words."""
+    lines = [line for line in text.splitlines()
+             if all(word in line.split() for word in words)]
+    assert len(lines) == 1, (words, lines)
+    return dict(word.split("=", 1) for word in lines[0].split() if "=" in word)
+
+
+def test_waits_logged_per_request_and_deployment(operator, asset_url,
+                                                 callbacks):
+    """A finished deployment and each logged request say how long they
+    waited for systemctl and Caddy, counted in their own threads."""
+    app_id, deployment_id = next_id(), next_id()
+    body = deploy_body(app_id, deployment_id, asset_url, callbacks)
+    record = deploy(operator, body)
+    assert record["state"] == "succeeded", record
+    ids = f"deployment_id={deployment_id}"
+    deadline = time.monotonic() + 10
+    while "event=deployment.succeeded" not in operator.log_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    done = logged_fields(operator.log_text(), "event=deployment.succeeded",
+                         ids)
+    # daemon-reload and start alone take milliseconds; the route change
+    # makes at least one Caddy request.
+    assert float(done["systemctl_ms"]) > 1.0, done
+    assert float(done["caddy_ms"]) > 0.0, done
+    accepted = logged_fields(operator.log_text(), "event=http.request", ids)
+    assert float(accepted["systemctl_ms"]) == 0.0, accepted
+    assert float(accepted["caddy_ms"]) > 0.0, accepted   # the domain check
+    update = {"app_id": app_id, "team_id": body["team_id"],
+              "environment_id": body["environment_id"],
+              "old_domain": body["domain"],
+              "new_domain": f"moved{app_id}.example.test",
+              "server_id": "test-host"}
+    status, _, answer = operator.request("POST", "/v1/app/domain/update",
+                                         update)
+    assert status == 200, answer
+    deadline = time.monotonic() + 10
+    while "path=/v1/app/domain/update" not in operator.log_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    moved = logged_fields(operator.log_text(), "event=http.request",
+                          "path=/v1/app/domain/update", f"app_id={app_id}")
+    # The change runs as a job of the app; its Caddy time is the request's.
+    assert float(moved["caddy_ms"]) > 0.0, moved
+
+
 def test_metrics_families_declared(operator):
     types, helps, samples = scrape(operator)
     for name, kind in (
