@@ -43,10 +43,10 @@ INSTANCES = "/v1/app/binary/deploy"
 TERMINAL = ("succeeded", "failed", "rolled_back", "cancelled")
 
 # Sizes per mode: (quick, full).
-DEPLOY_REPEATS = 5 if QUICK else 10
+DEPLOY_REPEATS = 10
 ZERO_DOWNTIME_REQUESTS = 1000 if QUICK else 10000
 API_SECONDS = 5 if QUICK else 15
-API_ROUNDS = 3
+API_ROUNDS = 5
 SCALE_POINTS = (10, 100) if QUICK else (10, 100, 500)
 SCALE_REPEATS = 5 if QUICK else 7
 # Route changes after each measured deploy. A route change takes a few ms

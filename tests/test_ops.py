@@ -413,10 +413,19 @@ def test_metrics_count_a_deploy(operator, asset_url, callbacks):
     assert ("crate_job_queue_length", frozenset()) in after
 
 
-def logged_fields(text, *words):
-    """Return the key=value fields of the one log line with all words."""
-    lines = [line for line in text.splitlines()
-             if all(word in line.split() for word in words)]
+def logged_fields(operator, *words, timeout=10.0):
+    """Wait for the one log line with all words; return its key=value fields.
+
+    A request and a deployment are logged just after their answer and
+    their record, so the line can come a moment after the test saw those.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [line for line in operator.log_text().splitlines()
+                 if all(word in line.split() for word in words)]
+        if lines or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert len(lines) == 1, (words, lines)
     return dict(word.split("=", 1) for word in lines[0].split() if "=" in word)
 
@@ -430,17 +439,12 @@ def test_waits_logged_per_request_and_deployment(operator, asset_url,
     record = deploy(operator, body)
     assert record["state"] == "succeeded", record
     ids = f"deployment_id={deployment_id}"
-    deadline = time.monotonic() + 10
-    while "event=deployment.succeeded" not in operator.log_text():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    done = logged_fields(operator.log_text(), "event=deployment.succeeded",
-                         ids)
+    done = logged_fields(operator, "event=deployment.succeeded", ids)
     # daemon-reload and start alone take milliseconds; the route change
     # makes at least one Caddy request.
     assert float(done["systemctl_ms"]) > 1.0, done
     assert float(done["caddy_ms"]) > 0.0, done
-    accepted = logged_fields(operator.log_text(), "event=http.request", ids)
+    accepted = logged_fields(operator, "event=http.request", ids)
     assert float(accepted["systemctl_ms"]) == 0.0, accepted
     assert float(accepted["caddy_ms"]) > 0.0, accepted   # the domain check
     update = {"app_id": app_id, "team_id": body["team_id"],
@@ -451,11 +455,7 @@ def test_waits_logged_per_request_and_deployment(operator, asset_url,
     status, _, answer = operator.request("POST", "/v1/app/domain/update",
                                          update)
     assert status == 200, answer
-    deadline = time.monotonic() + 10
-    while "path=/v1/app/domain/update" not in operator.log_text():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    moved = logged_fields(operator.log_text(), "event=http.request",
+    moved = logged_fields(operator, "event=http.request",
                           "path=/v1/app/domain/update", f"app_id={app_id}")
     # The change runs as a job of the app; its Caddy time is the request's.
     assert float(moved["caddy_ms"]) > 0.0, moved

@@ -344,7 +344,10 @@ def test_parallel_deploys_of_25_apps(operator, caddy, assets, callbacks):
         assert one["state"] == "succeeded", one
         assert two["state"] == "succeeded", two
         assert one["finished_at"] <= two["started_at"]
-        assert through_caddy(caddy, first["domain"])[1].startswith("new ")
+        # The other apps' deploys still change Caddy's config, and Caddy
+        # 2.6.2 has reset a new connection during such a change once, so
+        # the check may ask again (serves polls for up to 10 s).
+        serves(caddy, first["domain"], "new ")
 
 
 def test_second_operator_on_same_state_refused(operator_factory):
