@@ -296,6 +296,10 @@ NOBODY_GID = 65534
 # records with many steps or instances take more.
 STATUS_CACHE_MAX = 512
 
+# Longest wait of a reconciliation pass for one app's check before it goes
+# on to the next app (a deploy of that app may run first).
+RECONCILE_APP_WAIT_S = 5.0
+
 # Callback seq values reserved by one durable write of seq.json.
 SEQ_BLOCK = 64
 # Size past which a deployment's change log is folded into its record file
@@ -451,27 +455,40 @@ def log(event: str, level: int = logging.INFO, exc_info=None, **fields):
     LOG.log(level, event, extra={"fields": fields}, exc_info=exc_info)
 
 
-# Seconds the current thread spent waiting for systemctl and the Caddy
-# admin API since its last reset_waits(): a deploy job and an HTTP request
-# log them when they end, so their own time can be told from the time of
-# the services they called, also while other threads call them.
+# Seconds the current thread spent waiting for systemctl, the Caddy admin
+# API and fsync, and its CPU time, since its last reset_waits(): a deploy
+# job and an HTTP request log them when they end, so their own time can be
+# told from the time of the services they called, also while other threads
+# call them.
 _WAITS = threading.local()
+WAIT_KINDS = ("systemctl", "caddy", "storage")
 
 
 def count_wait(kind: str, seconds: float) -> None:
-    """Add ``seconds`` to this thread's wait for ``kind`` (systemctl, caddy)."""
+    """Add ``seconds`` to this thread's wait for ``kind`` (systemctl, caddy,
+    storage)."""
     setattr(_WAITS, kind, getattr(_WAITS, kind, 0.0) + seconds)
 
 
 def reset_waits() -> None:
-    """Start counting this thread's waits from zero."""
-    _WAITS.systemctl = _WAITS.caddy = 0.0
+    """Start counting this thread's waits and CPU time from zero."""
+    _WAITS.systemctl = _WAITS.caddy = _WAITS.storage = 0.0
+    _WAITS.cpu = 0.0  # of jobs that ran for this thread (run_exclusive)
+    _WAITS.cpu_start = time.thread_time()
+
+
+def thread_cpu_s() -> float:
+    """Return this thread's CPU seconds since reset_waits()."""
+    now = time.thread_time()
+    return now - getattr(_WAITS, "cpu_start", now) + getattr(_WAITS, "cpu", 0.0)
 
 
 def waits_ms() -> dict:
-    """Return this thread's waits as log fields in milliseconds."""
-    return {"systemctl_ms": round(getattr(_WAITS, "systemctl", 0.0) * 1000, 1),
-            "caddy_ms": round(getattr(_WAITS, "caddy", 0.0) * 1000, 1)}
+    """Return this thread's waits and CPU time as log fields in ms."""
+    fields = {f"{kind}_ms": round(getattr(_WAITS, kind, 0.0) * 1000, 1)
+              for kind in WAIT_KINDS}
+    fields["cpu_ms"] = round(thread_cpu_s() * 1000, 1)
+    return fields
 
 
 def setup_logging(log_format: str) -> None:
@@ -2617,11 +2634,24 @@ def _check_config(values: dict) -> None:
 
 # === State store ===
 
+def sync_fd(fd: int, data_only: bool = False) -> None:
+    """fsync (or fdatasync) ``fd``, counted as this thread's storage wait.
+
+    The wait depends on what else the filesystem has to write: on ext4 an
+    fsync right after Caddy saved its config also writes that file.
+    """
+    started = time.monotonic()
+    try:
+        (os.fdatasync if data_only else os.fsync)(fd)
+    finally:
+        count_wait("storage", time.monotonic() - started)
+
+
 def fsync_dir(path: str) -> None:
     """Make a rename or unlink inside ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
+        sync_fd(fd)
     finally:
         os.close(fd)
 
@@ -2652,7 +2682,7 @@ def _atomic_write(path: str, directory: str, data: bytes, mode: int,
             handle.flush()
             for name, value in xattrs.items():
                 _set_xattr(handle.fileno(), name, value)
-            os.fsync(handle.fileno())
+            sync_fd(handle.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
@@ -2979,7 +3009,7 @@ class Store:
                     return False
                 try:
                     _write_all(fd, line)
-                    os.fdatasync(fd)
+                    sync_fd(fd, data_only=True)
                 except OSError:
                     # A part of the line may be on disk; cut it off so the
                     # next append starts on a line of its own.
@@ -5387,7 +5417,7 @@ def _stream_to_file(resp, dest: str, max_bytes: int, deadline: float,
                     bytes_total=declared, percent=percent, **log_fields)
                 next_report += DOWNLOAD_PROGRESS_BYTES
         handle.flush()
-        os.fsync(handle.fileno())
+        sync_fd(handle.fileno())
     if declared is not None and declared != size:
         raise OSError(errno.EIO, f"connection closed after {size} of "
                                  f"{declared} bytes")
@@ -8290,8 +8320,9 @@ class JobRunner:
             raise ConflictError(f"deploy in progress for app {app_id}; "
                                 f"retry when it has finished")
         job.done.wait()
-        count_wait("systemctl", job.waits[0])
-        count_wait("caddy", job.waits[1])
+        for kind, seconds in job.waits.items():
+            count_wait(kind, seconds)
+        count_wait("cpu", job.cpu)
         if job.error is not None:
             raise job.error
         return job.result
@@ -8341,7 +8372,8 @@ class _InlineJob:
         self.done = threading.Event()
         self.result = None
         self.error = None
-        self.waits = (0.0, 0.0)
+        self.waits: dict = {}
+        self.cpu = 0.0
 
     def claim_or_abandon(self, wait_s: float) -> bool:
         """Return True once the job started; abandon it after ``wait_s``."""
@@ -8372,8 +8404,9 @@ class _InlineJob:
             self.error = exc
         finally:
             # The waiting request logs these waits as its own.
-            self.waits = (getattr(_WAITS, "systemctl", 0.0),
-                          getattr(_WAITS, "caddy", 0.0))
+            self.waits = {kind: getattr(_WAITS, kind, 0.0)
+                          for kind in WAIT_KINDS}
+            self.cpu = thread_cpu_s()
             self.done.set()
 
 
@@ -8605,11 +8638,12 @@ class PeriodicThread:
 class Reconciler(PeriodicThread):
     """Bring routes and instances back in line with the records.
 
-    At start-up and every reconcile_interval_s it checks every app, as a
-    job of that app so it never runs beside a deploy: a serving or running
-    instance whose unit or container is down is started again, and a route
-    that Caddy lost or changed is written again from the record, route by
-    route (never with POST /load).  What it cannot repair stays in
+    At start-up and every reconcile_interval_s it checks every app, one
+    after another, as a job of that app so it never runs beside a deploy:
+    a serving or running instance whose unit or container is down is
+    started again, and a route that Caddy lost or changed is written again
+    from the record, route by route (never with POST /load).  What it
+    cannot repair stays in
     ``drift`` (shown by GET /healthz) until a later pass succeeds.
     """
 
@@ -8644,10 +8678,17 @@ class Reconciler(PeriodicThread):
             else:
                 self._set("caddy", None)
         for app in self.op.store.apps():
+            if self._stopping.is_set():
+                return
             app_id = app["app_id"]
-            self.op.runner.submit(
-                app_id, _InlineJob(lambda app_id=app_id: self.check_app(
-                    app_id)))
+            job = _InlineJob(lambda app_id=app_id: self.check_app(app_id))
+            self.op.runner.submit(app_id, job)
+            # One app at a time: a pass that queued every app at once ran
+            # a systemctl process per app in parallel, a CPU burst every
+            # pass that slowed deploys and requests on hosts with many
+            # apps.  An app busy with a deploy gets its check when its turn
+            # comes, without holding up the pass for longer than this.
+            job.done.wait(RECONCILE_APP_WAIT_S)
 
     def _set(self, key: str, message: str | None) -> None:
         with self._lock:

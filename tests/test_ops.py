@@ -11,7 +11,9 @@ import json
 import os
 import re
 import secrets
+import threading
 import time
+import types
 
 import pytest
 
@@ -367,6 +369,57 @@ def test_prune_skips_invalid_record(tmp_path):
     assert os.path.exists(os.path.join(store.deployments_dir, "d2.json"))
 
 
+class _PassHost:
+    """The parts of an Operator that a reconciliation pass uses."""
+
+    def __init__(self, app_ids):
+        self.runner = co.JobRunner()
+        self.store = types.SimpleNamespace(
+            apps=lambda: [{"app_id": app_id} for app_id in app_ids])
+        self.caddy = types.SimpleNamespace(ping=lambda: True,
+                                           ensure_server=lambda: None)
+
+
+def test_reconcile_pass_checks_one_app_at_a_time(monkeypatch):
+    host = _PassHost(range(1, 21))
+    reconciler = co.Reconciler(host)
+    lock = threading.Lock()
+    running, most, checked = [0], [0], []
+
+    def check_app(app_id):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.005)
+        with lock:
+            running[0] -= 1
+            checked.append(app_id)
+
+    monkeypatch.setattr(reconciler, "check_app", check_app)
+    reconciler.run_once()
+    assert host.runner.wait_idle(10)
+    assert sorted(checked) == list(range(1, 21))
+    assert most[0] == 1
+
+
+def test_reconcile_pass_goes_on_past_a_busy_app(monkeypatch):
+    monkeypatch.setattr(co, "RECONCILE_APP_WAIT_S", 0.1)
+    host = _PassHost([1, 2])
+    reconciler = co.Reconciler(host)
+    release = threading.Event()
+    host.runner.submit(1, co._InlineJob(lambda: release.wait(10)))
+    checked = []
+    monkeypatch.setattr(reconciler, "check_app", checked.append)
+    started = time.monotonic()
+    reconciler.run_once()
+    # App 2 was checked although app 1's deploy still runs.
+    assert time.monotonic() - started < 5
+    assert checked == [2]
+    release.set()
+    assert host.runner.wait_idle(10)
+    assert checked == [2, 1]
+
+
 def test_history_key_rejects_spaces():
     record = {"created_at": "2026-12-04T10:00:00.000Z", "state": "succeeded",
               "finished_at": None}
@@ -433,7 +486,7 @@ def logged_fields(operator, *words, timeout=10.0):
 def test_waits_logged_per_request_and_deployment(operator, asset_url,
                                                  callbacks):
     """A finished deployment and each logged request say how long they
-    waited for systemctl and Caddy, counted in their own threads."""
+    waited for systemctl, Caddy and fsync, counted in their own threads."""
     app_id, deployment_id = next_id(), next_id()
     body = deploy_body(app_id, deployment_id, asset_url, callbacks)
     record = deploy(operator, body)
@@ -444,9 +497,11 @@ def test_waits_logged_per_request_and_deployment(operator, asset_url,
     # makes at least one Caddy request.
     assert float(done["systemctl_ms"]) > 1.0, done
     assert float(done["caddy_ms"]) > 0.0, done
+    assert float(done["storage_ms"]) > 0.0, done   # state file fsyncs
     accepted = logged_fields(operator, "event=http.request", ids)
     assert float(accepted["systemctl_ms"]) == 0.0, accepted
     assert float(accepted["caddy_ms"]) > 0.0, accepted   # the domain check
+    assert float(accepted["storage_ms"]) > 0.0, accepted  # the new record
     update = {"app_id": app_id, "team_id": body["team_id"],
               "environment_id": body["environment_id"],
               "old_domain": body["domain"],
