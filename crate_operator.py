@@ -2961,29 +2961,41 @@ class Store:
         rewriting the file costs a file and a directory fsync each time.
         So the first write and a terminal state replace <id>.json
         atomically, while the changes between are appended to <id>.log as
-        one JSON line each, with fdatasync (about a seventh of the time on
-        ext4).  Every save counts up the record's "rev", by which readers
-        pick the newer of the two files.
+        one JSON line each, with fdatasync (a third to a fifth of the time
+        in measurements on ext4).  Every save counts up the record's "rev",
+        by which readers pick the newer of the two files.
         """
         key = _safe_key(str(record["deployment_id"]))
         path = os.path.join(self.deployments_dir, key + ".json")
         log_path = os.path.join(self.deployments_dir, key + ".log")
         record["rev"] = record.get("rev", 0) + 1
+        terminal = record.get("state") in STATES_TERMINAL
         try:
-            if record.get("state") in STATES_TERMINAL or \
-                    not os.path.exists(path) or \
-                    not self._append_change(log_path, record):
+            if not terminal and not os.path.exists(path):
+                # The empty log is created before the record's rename, so
+                # the directory fsync of that rename makes its name durable
+                # too, and the first change needs no directory fsync.
+                os.close(os.open(log_path,
+                                 os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+                self._replace_deployment(path, None, record)
+            elif terminal or not self._append_change(log_path, record):
                 self._replace_deployment(path, log_path, record)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot write {log_path}: {exc.strerror}; check the free "
+                f"space and permissions of {self.deployments_dir}") from exc
         finally:
             # Also after a failure: the rename may have happened before
             # the directory fsync failed, so the file can be new.
             self._forget_view(key)
 
-    def _replace_deployment(self, path: str, log_path: str,
+    def _replace_deployment(self, path: str, log_path: str | None,
                             record: dict) -> None:
         history = history_key(record)
         atomic_write_json(path, record,
                           xattrs={HISTORY_XATTR: history} if history else None)
+        if log_path is None:
+            return
         # Without a directory fsync the log may come back after a crash;
         # its changes then have a lower rev than the record and are ignored.
         with contextlib.suppress(FileNotFoundError):
