@@ -234,7 +234,9 @@ def test_prune_keeps_old_running_record(tmp_path):
     for index in range(3):
         _finished(store, f"d{index}", now - 10 + index, now - 9 + index)
     assert co.prune_history(store, 1, 1, now) == 3
-    assert os.listdir(store.deployments_dir) == ["run.json"]
+    # The running record keeps its change log.
+    assert sorted(os.listdir(store.deployments_dir)) == ["run.json",
+                                                         "run.log"]
 
 
 # === Status view cache (no sandbox) ===
