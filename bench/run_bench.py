@@ -892,10 +892,10 @@ def measured(op: harness.OperatorProcess, action, markers: list) -> dict:
 
     The systemctl, Caddy and fsync times are the waits that the operator
     logs per HTTP request and per deployment (systemctl_ms, caddy_ms,
-    storage_ms), summed over the log lines of this action: every line that
-    action() added and that contains each word of one of ``markers``. So
-    the reconciler's or another thread's calls that overlap the action are
-    not subtracted from its own time.
+    storage_ms). They are summed over the log lines of this action: the
+    lines that action() added and that contain each word of one of
+    ``markers``. So the reconciler's or another thread's calls that
+    overlap the action are not subtracted from its own time.
     """
     offset = os.path.getsize(op.log_path)
     total = action()
@@ -908,10 +908,12 @@ def measured(op: harness.OperatorProcess, action, markers: list) -> dict:
 
 def logged_waits(op: harness.OperatorProcess, offset: int, markers: list,
                  timeout: float = 10.0) -> dict:
-    """Sum systemctl_ms, caddy_ms, storage_ms and cpu_ms of the log lines
-    after offset that match a marker (a list of words), in seconds; wait
-    until each marker has a line, since a deployment is logged just after
-    its record is saved."""
+    """Sum systemctl_ms, caddy_ms, storage_ms and cpu_ms, in seconds, of
+    the log lines after offset that match a marker (a list of words).
+
+    Waits until each marker has a line, because a deployment is logged
+    just after its record is saved.
+    """
     deadline = time.monotonic() + timeout
     while True:
         with open(op.log_path, encoding="utf-8", errors="replace") as handle:
