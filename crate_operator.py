@@ -465,8 +465,9 @@ WAIT_KINDS = ("systemctl", "caddy", "storage")
 
 
 def count_wait(kind: str, seconds: float) -> None:
-    """Add ``seconds`` to this thread's wait for ``kind`` (systemctl, caddy,
-    storage)."""
+    """Add ``seconds`` to this thread's wait for ``kind`` (one of
+    WAIT_KINDS), or with ``kind`` "cpu" the CPU time of a job that ran
+    for this thread."""
     setattr(_WAITS, kind, getattr(_WAITS, kind, 0.0) + seconds)
 
 
@@ -6596,7 +6597,7 @@ class BinaryRuntime:
         stops it, so the port is not checked here.  The unit is enabled
         already: the operator enabled it when it started the instance that
         runs, and the reconciler enables it again when someone disabled it
-        (see boot_problem).
+        (see check).
         """
         self.systemd.restart(instance["unit"])
 
@@ -8653,9 +8654,9 @@ class Reconciler(PeriodicThread):
     At start-up and every reconcile_interval_s it checks every app, one
     after another, as a job of that app so it never runs beside a deploy:
     a serving or running instance whose unit or container is down is
-    started again, and a route that Caddy lost or changed is written again
-    from the record, route by route (never with POST /load).  What it
-    cannot repair stays in
+    started again, a running unit that is disabled is enabled, and a route
+    that Caddy lost or changed is written again from the record, route by
+    route (never with POST /load).  What it cannot repair stays in
     ``drift`` (shown by GET /healthz) until a later pass succeeds.
     """
 
