@@ -3071,14 +3071,17 @@ class Store:
         have handed out.  Values are reserved in blocks of SEQ_BLOCK, so
         that one durable write covers many events; after a restart the
         counter continues above the block, which leaves a gap but never
-        repeats a value.
+        repeats a value.  It also continues above every event left in the
+        outbox, so that a lost or older seq.json (restored from a backup,
+        or deleted by hand) cannot make a new event overwrite an old one.
         """
         path = os.path.join(self.root, "seq.json")
         with self._seq_lock:
             if self._seq_next is None or self._seq_next > self._seq_reserved:
                 if self._seq_next is None:
                     stored = read_json(path) or {"seq": 0}
-                    self._seq_next = stored["seq"] + 1
+                    self._seq_next = max(stored["seq"],
+                                         self._highest_outbox_seq()) + 1
                 reserved = self._seq_next + SEQ_BLOCK - 1
                 # The block counts as reserved only once seq.json holds it:
                 # after a failed write, handing out values from it would
@@ -3088,6 +3091,15 @@ class Store:
             value = self._seq_next
             self._seq_next += 1
             return value
+
+    def _highest_outbox_seq(self) -> int:
+        """Return the highest seq among the outbox file names, or 0."""
+        highest = 0
+        for name in os.listdir(self.outbox_dir):
+            stem = name[:-len(".json")]
+            if name.endswith(".json") and stem.isdigit():
+                highest = max(highest, int(stem))
+        return highest
 
     def outbox_add(self, event: dict) -> None:
         """Persist one callback event before anyone tries to deliver it."""

@@ -182,6 +182,21 @@ def test_store_seq_never_repeats_after_restart(tmp_path):
     assert third.next_seq() > later[-1]
 
 
+def test_store_seq_above_outbox_without_seq_file(tmp_path):
+    first = co.Store(str(tmp_path))
+    for _ in range(5):
+        first.outbox_add({"seq": first.next_seq(), "event": "x"})
+    # seq.json deleted by hand, or an older copy restored from a backup.
+    os.unlink(os.path.join(str(tmp_path), "seq.json"))
+    second = co.Store(str(tmp_path))
+    assert second.next_seq() == 6
+    second.outbox_add({"seq": 6, "event": "x"})
+    # An older seq.json, restored from a backup.
+    co.atomic_write_json(os.path.join(str(tmp_path), "seq.json"), {"seq": 2})
+    third = co.Store(str(tmp_path))
+    assert third.next_seq() == 7
+
+
 def test_emit_stores_record_before_its_event(tmp_path):
     order = []
 
