@@ -1,0 +1,127 @@
+"""Attacks on the record change log and the in-place restart of a slot.
+
+Each test states the defect it shows. App ids of this module start at
+970000.
+"""
+
+from __future__ import annotations
+
+import http.server
+import os
+import threading
+
+import pytest
+
+import crate_operator as co
+import harness
+
+_ids = iter(range(970000, 980000))
+DEPLOY = "/v1/app/instance/binary/deploy"
+
+
+def next_id() -> int:
+    return next(_ids)
+
+
+# === Record change log (no sandbox) ===
+
+
+def test_append_after_torn_line_is_read(tmp_path):
+    """A change appended after a torn last line must be the one read back.
+
+    A crash in the middle of an append leaves a line without its newline.
+    The next process appends its first change right behind those bytes,
+    so that line does not parse and readers fall back to the change before
+    the torn one, although the new change was written and synced.
+    """
+    store = co.Store(str(tmp_path))
+    base = os.path.join(store.deployments_dir, f"{next_id()}")
+    deployment_id = int(os.path.basename(base))
+    record = {"deployment_id": deployment_id, "state": "queued"}
+    store.save_deployment(record)
+    record.update(state="running", step=1)
+    store.save_deployment(record)
+    with open(base + ".log", "ab") as handle:
+        handle.write(b'{"deployment_id":%d,"rev":3,"state":"runn'
+                     % deployment_id)
+    restarted = co.Store(str(tmp_path))
+    recovered = restarted.deployment(deployment_id)
+    assert recovered["step"] == 1
+    recovered["step"] = 2
+    restarted.save_deployment(recovered)
+    assert restarted.deployment(deployment_id)["step"] == 2
+    assert co.Store(str(tmp_path)).deployment(deployment_id)["step"] == 2
+    listed = list(co.Store(str(tmp_path)).iter_deployments())
+    assert [r["step"] for r in listed] == [2]
+
+
+# === In-place update of a slot (sandbox) ===
+
+
+@pytest.fixture(scope="module")
+def asset_url(asset_server):
+    path = os.path.join(asset_server.root_dir, "sample-review")
+    harness.build_asset("review", path)
+    return asset_server.url("/sample-review")
+
+
+def deploy_body(app_id, deployment_id, asset_url, callbacks, ports):
+    return {
+        "app_id": app_id, "team_id": "team-review", "environment_id": 3,
+        "deployment_id": deployment_id, "deployment_strategy": "immediate",
+        "domain": f"review{app_id}.example.test", "asset_url": asset_url,
+        "target_version": f"v{deployment_id}",
+        "slots": {"blue": {"port": ports[0]}, "green": {"port": ports[1]}},
+        "env_vars": {"GREETING": "hello"}, "health_check_path": "/healthz",
+        "callback_url": callbacks.url(f"/cb/review/{app_id}"),
+    }
+
+
+def deploy(operator, body):
+    status, _, answer = operator.request("POST", DEPLOY, body)
+    assert status == 202, answer
+    return operator.wait_state(body["deployment_id"],
+                               ("succeeded", "failed", "rolled_back"),
+                               timeout=90)
+
+
+class _AlwaysHealthy(http.server.BaseHTTPRequestHandler):
+    """A process that is not the operator's and answers 200 on any path."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_in_place_new_port_taken_by_other_process(operator, asset_url,
+                                                  callbacks):
+    """An immediate update that moves the live slot to a port that another
+    process holds must not succeed.
+
+    The restart path skips the port check of start(), so the health check
+    reached the other process and the route was pointed at it while the
+    new unit could not bind.
+    """
+    app_id = next_id()
+    ports = [harness.free_port(), harness.free_port()]
+    first = deploy(operator, deploy_body(app_id, next_id(), asset_url,
+                                         callbacks, ports))
+    assert first["state"] == "succeeded", first
+    squatter = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                               _AlwaysHealthy)
+    thread = threading.Thread(target=squatter.serve_forever, daemon=True)
+    thread.start()
+    try:
+        taken = squatter.server_address[1]
+        second = deploy(operator, deploy_body(app_id, next_id(), asset_url,
+                                              callbacks, [taken, ports[1]]))
+    finally:
+        squatter.shutdown()
+        squatter.server_close()
+    assert second["state"] != "succeeded", second
+    assert str(taken) in (second.get("error") or ""), second
