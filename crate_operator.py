@@ -3010,15 +3010,19 @@ class Store:
         created = False
         try:
             try:
-                fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
+                fd = os.open(log_path, os.O_RDWR | os.O_APPEND)
             except FileNotFoundError:
-                fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                fd = os.open(log_path, os.O_RDWR | os.O_APPEND | os.O_CREAT,
                              0o600)
                 created = True
             try:
                 size = os.fstat(fd).st_size
                 if size + len(line) > RECORD_LOG_MAX:
                     return False
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    # A crash cut the last append short; without a newline
+                    # first, this line would join it and be skipped.
+                    line = b"\n" + line
                 try:
                     _write_all(fd, line)
                     sync_fd(fd, data_only=True)
