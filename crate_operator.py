@@ -7728,8 +7728,11 @@ class Strategies:
                 runtime.reload()
             return "failed", f"{exc}; the previous version keeps serving"
         try:
+            # A restart skips start()'s port check, which is only safe
+            # while the old process of the same unit holds the port.
             if runtime.restarts_in_place and old.get("state") == "running" \
-                    and old["unit"] == instance["unit"]:
+                    and old["unit"] == instance["unit"] \
+                    and old.get("port") == instance["port"]:
                 job.step("start_instance", runtime.restart, instance,
                          message=f"restart {instance['unit']} on port "
                                  f"{instance['port']}")
