@@ -125,3 +125,33 @@ def test_in_place_new_port_taken_by_other_process(operator, asset_url,
         squatter.server_close()
     assert second["state"] != "succeeded", second
     assert str(taken) in (second.get("error") or ""), second
+
+
+def test_in_place_old_unit_dead_port_taken(operator, sandbox, asset_url,
+                                           callbacks):
+    """An immediate update must not succeed on a port that another process
+    took after the live unit stopped.
+
+    The record still says the old instance runs, so the update restarts
+    the unit without start()'s port check, and the health check reaches
+    the other process.
+    """
+    app_id = next_id()
+    ports = [harness.free_port(), harness.free_port()]
+    first = deploy(operator, deploy_body(app_id, next_id(), asset_url,
+                                         callbacks, ports))
+    assert first["state"] == "succeeded", first
+    unit = f"crate-app-{app_id}-blue.service"
+    sandbox.systemctl("stop", unit)
+    squatter = http.server.ThreadingHTTPServer(("127.0.0.1", ports[0]),
+                                               _AlwaysHealthy)
+    thread = threading.Thread(target=squatter.serve_forever, daemon=True)
+    thread.start()
+    try:
+        second = deploy(operator, deploy_body(app_id, next_id(), asset_url,
+                                              callbacks, ports))
+    finally:
+        squatter.shutdown()
+        squatter.server_close()
+    assert second["state"] != "succeeded", second
+    assert str(ports[0]) in (second.get("error") or ""), second
