@@ -6596,12 +6596,17 @@ class BinaryRuntime:
     def restart(self, instance: dict) -> None:
         """Restart the running unit of ``instance`` from its new unit file.
 
-        The old process of the same unit holds the port until systemd
-        stops it, so the port is not checked here.  The unit is enabled
-        already: the operator enabled it when it started the instance that
-        runs, and the reconciler enables it again when someone disabled it
-        (see boot_problem).
+        While the unit runs, its old process holds the port until systemd
+        stops it, so the port is not checked.  A unit that does not run
+        holds no port, and another process may have taken it, so it is
+        started with start()'s port check; telling the two apart costs one
+        systemctl show.  A running unit is enabled already: the operator
+        enabled it when it started it, and the reconciler enables it again
+        when someone disabled it.
         """
+        if self.problem(instance) is not None:
+            self.start(instance)
+            return
         self.systemd.restart(instance["unit"])
 
     def stop(self, instance: dict) -> None:
