@@ -55,6 +55,42 @@ def test_append_after_torn_line_is_read(tmp_path):
     assert [r["step"] for r in listed] == [2]
 
 
+def test_read_during_terminal_save_not_older(tmp_path, monkeypatch):
+    """A read that overlaps the terminal save must not return a state older
+    than the one stored when the read began.
+
+    The reader takes the record file and then the change log. When the
+    terminal save replaces the file and deletes the log between those two
+    reads, the reader returned the first write ("queued") although the log
+    held "running".
+    """
+    store = co.Store(str(tmp_path))
+    deployment_id = next_id()
+    record = {"deployment_id": deployment_id, "state": "queued"}
+    store.save_deployment(record)
+    record["state"] = "running"
+    store.save_deployment(record)
+    writer = co.Store(str(tmp_path))
+    finished = dict(record, state="succeeded")
+    pending = [finished]
+
+    def after_first_read(read):
+        def wrapper(path):
+            value = read(path)
+            if pending:
+                # The writer runs between the reader's two file reads.
+                writer.save_deployment(pending.pop())
+            return value
+        return wrapper
+
+    monkeypatch.setattr(co, "read_json", after_first_read(co.read_json))
+    monkeypatch.setattr(co, "_last_logged_record",
+                        after_first_read(co._last_logged_record))
+    seen = store.deployment(deployment_id)
+    assert not pending, "the writer did not run during the read"
+    assert seen["state"] in ("running", "succeeded"), seen
+
+
 # === In-place update of a slot (sandbox) ===
 
 
