@@ -2911,13 +2911,16 @@ class Store:
         The "rev" counter of save_deployment orders them: after a crash
         between folding the log into the record file and deleting the log,
         the log is older.  A torn last line (a crash while appending) is
-        skipped, so the change before it is returned.
+        skipped, so the change before it is returned.  The log is read
+        first: a save that replaces the record file and deletes the log
+        between the two reads then leaves the newer record file, where the
+        other order returned the record file read before the save.
         """
+        logged = _last_logged_record(
+            os.path.join(self.deployments_dir, key + ".log"))
         record = read_json(os.path.join(self.deployments_dir, key + ".json"))
         if record is None:
             return None
-        logged = _last_logged_record(
-            os.path.join(self.deployments_dir, key + ".log"))
         if logged is not None and logged.get("rev", 0) > record.get("rev", 0):
             return logged
         return record
