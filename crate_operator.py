@@ -4649,11 +4649,12 @@ class CaddyClient:
 
     def _count_unchanged(self, index: tuple[dict[str, int], int],
                          action: str) -> bool:
-        """Return True when the server still has the indexed number of routes.
+        """Return True unless the server has more routes than indexed.
 
-        Caddy 2.6.2 answers 400 "array index out of bounds" for the position
-        right after the last route; any other answer means routes were
-        added, and the index is dropped.
+        Caddy 2.6.2 answers 400 "array index out of bounds" for any position
+        at or past the end, so routes removed after the indexed route (the
+        catch-all included) pass this probe; ensure_server finds those.  Any
+        other answer means routes were added, and the index is dropped.
         """
         status, body = self._request("GET", self._route_path(index[1]), action)
         if status == 400 and b"out of bounds" in body:
