@@ -6,7 +6,9 @@ Each test states the defect it shows. App ids of this module start at
 
 from __future__ import annotations
 
+import http.client
 import http.server
+import json
 import os
 import threading
 
@@ -191,3 +193,45 @@ def test_in_place_old_unit_dead_port_taken(operator, sandbox, asset_url,
         squatter.server_close()
     assert second["state"] != "succeeded", second
     assert str(ports[0]) in (second.get("error") or ""), second
+
+
+# === Caddy route count probe (host Caddy) ===
+
+
+def _admin(caddy, method, path):
+    connection = http.client.HTTPConnection("127.0.0.1", caddy.admin_port,
+                                            timeout=10)
+    try:
+        connection.request(method, path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def test_route_probe_misses_removed_catch_all(caddy):
+    """The count probe of an in-place route write passes when the catch-all
+    was removed after the indexed route, because Caddy answers "out of
+    bounds" for every position past the end; ensure_server finds it."""
+    name = f"review{next_id()}"
+    client = co.CaddyClient(caddy.admin_url, name,
+                            f"127.0.0.1:{harness.free_port()}", False)
+    routes = f"/config/apps/http/servers/{name}/routes"
+    client.ensure_server()
+    try:
+        client.set_app_route(1, "probe.review.test", [("127.0.0.1:9", 100)])
+        status, body = _admin(caddy, "GET", routes)
+        assert status == 200, body
+        assert json.loads(body)[-1] == co.catch_all_route()
+        status, body = _admin(caddy, "DELETE", routes + "/1")
+        assert status == 200, body
+        client.set_app_route(1, "probe.review.test", [("127.0.0.1:10", 100)])
+        status, body = _admin(caddy, "GET", routes)
+        live = json.loads(body)
+        assert [co._route_id(route) for route in live] == ["crate-app-1"]
+        assert "127.0.0.1:10" in json.dumps(live[0])
+        client.ensure_server()
+        status, body = _admin(caddy, "GET", routes)
+        assert json.loads(body)[-1] == co.catch_all_route()
+    finally:
+        _admin(caddy, "DELETE", f"/config/apps/http/servers/{name}")
