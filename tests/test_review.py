@@ -11,6 +11,7 @@ import http.server
 import json
 import os
 import threading
+import types
 
 import pytest
 
@@ -91,6 +92,35 @@ def test_read_during_terminal_save_not_older(tmp_path, monkeypatch):
     seen = store.deployment(deployment_id)
     assert not pending, "the writer did not run during the read"
     assert seen["state"] in ("running", "succeeded"), seen
+
+
+# === Waits on log lines (no sandbox) ===
+
+
+def test_cancelled_deployment_logs_no_request_waits(tmp_path, caplog):
+    """A queued deployment cancelled by a delete request must not log that
+    request's waits as its own: the deployment never ran."""
+    store = co.Store(str(tmp_path))
+    operator = types.SimpleNamespace(
+        store=store,
+        outbox=types.SimpleNamespace(
+            emit=lambda record, event: store.save_deployment(record)))
+    deployment_id = next_id()
+    record = {"deployment_id": deployment_id, "app_id": deployment_id,
+              "state": "queued"}
+    store.save_deployment(record)
+    job = co.DeployJob(operator, record, {"app_id": deployment_id})
+    # The delete request waited for systemctl before it cancelled the job.
+    co.reset_waits()
+    co.count_wait("systemctl", 2.0)
+    with caplog.at_level("INFO", logger=co.LOG.name):
+        job.cancel("cancelled by a deletion")
+    lines = [entry for entry in caplog.records
+             if entry.getMessage() == "deployment.cancelled"]
+    assert len(lines) == 1, caplog.records
+    fields = lines[0].fields
+    assert fields.get("systemctl_ms", 0.0) == 0.0, fields
+    assert store.deployment(deployment_id)["state"] == "cancelled"
 
 
 # === In-place update of a slot (sandbox) ===
