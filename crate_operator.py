@@ -7314,7 +7314,10 @@ class DeployJob:
         self.op.outbox.emit(self.record, f"deployment.{state}")  # saves
         level = logging.WARNING if state in ("failed", "rolled_back") \
             else logging.INFO
-        waits = waits_ms() if state in STATES_TERMINAL else {}
+        # A cancelled job never ran: it ends in the thread of the request
+        # that cancelled it, whose waits are not the job's.
+        waits = waits_ms() if state in STATES_TERMINAL and \
+            not self.cancelled else {}
         log(f"deployment.{state}", level, error=error, **self.ids, **waits)
 
     def _count_outcome(self, state: str) -> None:
