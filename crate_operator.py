@@ -2912,9 +2912,9 @@ class Store:
         between folding the log into the record file and deleting the log,
         the log is older.  A torn last line (a crash while appending) is
         skipped, so the change before it is returned.  The log is read
-        first: a save that replaces the record file and deletes the log
-        between the two reads then leaves the newer record file, where the
-        other order returned the record file read before the save.
+        first, so that a save which replaces the record file and deletes the
+        log between the two reads is found in the record file.  In the other
+        order, the record file from before that save was returned.
         """
         logged = _last_logged_record(
             os.path.join(self.deployments_dir, key + ".log"))
@@ -3023,8 +3023,8 @@ class Store:
                 if size + len(line) > RECORD_LOG_MAX:
                     return False
                 if size and os.pread(fd, 1, size - 1) != b"\n":
-                    # A crash cut the last append short; without a newline
-                    # first, this line would join it and be skipped.
+                    # A crash cut the last append short. Without a newline
+                    # first, this line would join it and readers skip both.
                     line = b"\n" + line
                 try:
                     _write_all(fd, line)
@@ -6603,7 +6603,7 @@ class BinaryRuntime:
         While the unit runs, its old process holds the port until systemd
         stops it, so the port is not checked.  A unit that does not run
         holds no port, and another process may have taken it, so it is
-        started with start()'s port check; telling the two apart costs one
+        started with start()'s port check.  Telling the two apart costs one
         systemctl show.  A running unit is enabled already: the operator
         enabled it when it started it, and the reconciler enables it again
         when someone disabled it.
@@ -7314,8 +7314,8 @@ class DeployJob:
         self.op.outbox.emit(self.record, f"deployment.{state}")  # saves
         level = logging.WARNING if state in ("failed", "rolled_back") \
             else logging.INFO
-        # A cancelled job never ran: it ends in the thread of the request
-        # that cancelled it, whose waits are not the job's.
+        # A cancelled job never ran. It ends in the thread of the request
+        # that cancelled it, and that request logs its own waits.
         waits = waits_ms() if state in STATES_TERMINAL and \
             not self.cancelled else {}
         log(f"deployment.{state}", level, error=error, **self.ids, **waits)

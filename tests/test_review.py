@@ -1,6 +1,7 @@
-"""Attacks on the record change log and the in-place restart of a slot.
+"""Attacks on the record change log, the in-place restart of a slot, the
+waits on log lines and the Caddy route count probe.
 
-Each test states the defect it shows. App ids of this module start at
+Each test states the defect or the behavior it checks. App ids of this module start at
 970000.
 """
 
@@ -154,7 +155,7 @@ def deploy(operator, body):
 
 
 class _AlwaysHealthy(http.server.BaseHTTPRequestHandler):
-    """A process that is not the operator's and answers 200 on any path."""
+    """A process that is not the operator's and returns 200 on any path."""
 
     def do_GET(self):
         self.send_response(200)
@@ -168,8 +169,8 @@ class _AlwaysHealthy(http.server.BaseHTTPRequestHandler):
 
 def test_in_place_new_port_taken_by_other_process(operator, asset_url,
                                                   callbacks):
-    """An immediate update that moves the live slot to a port that another
-    process holds must not succeed.
+    """An immediate update that moves the live slot to a port where another
+    process listens must not succeed.
 
     The restart path skips the port check of start(), so the health check
     reached the other process and the route was pointed at it while the
@@ -200,7 +201,7 @@ def test_in_place_old_unit_dead_port_taken(operator, sandbox, asset_url,
     """An immediate update must not succeed on a port that another process
     took after the live unit stopped.
 
-    The record still says the old instance runs, so the update restarts
+    The record still marks the old instance as running, so the update restarts
     the unit without start()'s port check, and the health check reaches
     the other process.
     """
@@ -241,8 +242,8 @@ def _admin(caddy, method, path):
 
 def test_route_probe_misses_removed_catch_all(caddy):
     """The count probe of an in-place route write passes when the catch-all
-    was removed after the indexed route, because Caddy answers "out of
-    bounds" for every position past the end; ensure_server finds it."""
+    was removed after the indexed route, because Caddy returns "out of
+    bounds" for every position past the end. ensure_server finds it."""
     name = f"review{next_id()}"
     client = co.CaddyClient(caddy.admin_url, name,
                             f"127.0.0.1:{harness.free_port()}", False)
