@@ -12,6 +12,7 @@ import http.server
 import json
 import os
 import threading
+import time
 import types
 
 import pytest
@@ -122,6 +123,40 @@ def test_cancelled_deployment_logs_no_request_waits(tmp_path, caplog):
     fields = lines[0].fields
     assert fields.get("systemctl_ms", 0.0) == 0.0, fields
     assert store.deployment(deployment_id)["state"] == "cancelled"
+
+
+def test_shared_reload_wait_counted(tmp_path):
+    """A caller that waits for another thread's daemon-reload before its own
+    waits for systemctl, so that wait must count as its systemctl time."""
+    gate = tmp_path / "gate"
+    script = tmp_path / "systemctl"
+    # The fake systemctl blocks every call until the test creates the gate.
+    script.write_text(f"#!/bin/sh\nwhile [ ! -e {gate} ]; do sleep 0.01; "
+                      f"done\n")
+    script.chmod(0o755)
+    systemd = co.Systemd([str(script)], str(tmp_path))
+    first = threading.Thread(target=systemd.daemon_reload)
+    first.start()
+    while not systemd._reload_running:
+        time.sleep(0.01)
+    counted = []
+
+    def second_reload():
+        co.reset_waits()
+        systemd.daemon_reload()
+        counted.append(co.waits_ms()["systemctl_ms"])
+
+    second = threading.Thread(target=second_reload)
+    second.start()
+    while systemd._reload_requested < 2:
+        time.sleep(0.01)
+    # The second caller waits for the first reload from here on.
+    time.sleep(0.5)
+    gate.touch()
+    first.join(30)
+    second.join(30)
+    assert counted, "the second reload did not finish"
+    assert counted[0] >= 500.0, counted
 
 
 # === In-place update of a slot (sandbox) ===
