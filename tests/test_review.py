@@ -159,6 +159,35 @@ def test_shared_reload_wait_counted(tmp_path):
     assert counted[0] >= 500.0, counted
 
 
+def test_slow_reset_failed_wait_counted(tmp_path):
+    """A reset-failed beside the reload that outlasts it holds up the
+    caller, so that wait must count as the caller's systemctl time."""
+    gate = tmp_path / "gate"
+    script = tmp_path / "systemctl"
+    # The fake systemctl blocks reset-failed until the test creates the gate.
+    script.write_text(f"#!/bin/sh\n[ \"$1\" = reset-failed ] || exit 0\n"
+                      f"while [ ! -e {gate} ]; do sleep 0.01; done\n")
+    script.chmod(0o755)
+    systemd = co.Systemd([str(script)], str(tmp_path))
+    counted = []
+
+    def reload_and_prepare():
+        co.reset_waits()
+        systemd.daemon_reload(starting=("app.service",))
+        counted.append(co.waits_ms()["systemctl_ms"])
+
+    caller = threading.Thread(target=reload_and_prepare)
+    caller.start()
+    while systemd._reload_done < 1:
+        time.sleep(0.01)
+    # The reload is done; the caller waits for reset-failed from here on.
+    time.sleep(0.5)
+    gate.touch()
+    caller.join(30)
+    assert counted, "daemon_reload did not return"
+    assert counted[0] >= 500.0, counted
+
+
 # === In-place update of a slot (sandbox) ===
 
 
