@@ -3415,8 +3415,12 @@ class Systemd:
         try:
             self._daemon_reload()
         finally:
+            # A reset-failed that outlasts the reload is waited for here,
+            # and its systemctl time counts in its own thread only.
+            joined_from = time.monotonic()
             for thread in threads:
                 thread.join()
+            count_wait("systemctl", time.monotonic() - joined_from)
 
     def _prepare(self, name: str) -> None:
         try:
@@ -3443,8 +3447,12 @@ class Systemd:
         with self._reload_cond:
             self._reload_requested += 1
             ticket = self._reload_requested
+            # Waiting for another caller's reload is a wait for systemctl
+            # too; run() counts only this thread's own call.
+            waited_from = time.monotonic()
             while self._reload_running:
                 self._reload_cond.wait()
+            count_wait("systemctl", time.monotonic() - waited_from)
             if self._reload_done >= ticket:
                 return
             self._reload_running = True
