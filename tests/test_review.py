@@ -99,9 +99,9 @@ def test_read_during_terminal_save_not_older(tmp_path, monkeypatch):
 # === Waits on log lines (no sandbox) ===
 
 
-def test_cancelled_deployment_logs_no_request_waits(tmp_path, caplog):
+def test_cancelled_job_logs_no_waits(tmp_path, caplog):
     """A queued deployment cancelled by a delete request must not log that
-    request's waits as its own: the deployment never ran."""
+    request's waits as its own, because the deployment never ran."""
     store = co.Store(str(tmp_path))
     operator = types.SimpleNamespace(
         store=store,
@@ -180,7 +180,7 @@ def test_slow_reset_failed_wait_counted(tmp_path):
     caller.start()
     while systemd._reload_done < 1:
         time.sleep(0.01)
-    # The reload is done; the caller waits for reset-failed from here on.
+    # The reload is done, and the caller waits for reset-failed from here on.
     time.sleep(0.5)
     gate.touch()
     caller.join(30)
@@ -231,8 +231,7 @@ class _AlwaysHealthy(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_in_place_new_port_taken_by_other_process(operator, asset_url,
-                                                  callbacks):
+def test_in_place_new_port_taken(operator, asset_url, callbacks):
     """An immediate update that moves the live slot to a port where another
     process listens must not succeed.
 
