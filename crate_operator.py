@@ -2912,13 +2912,16 @@ class Store:
         The "rev" counter of save_deployment orders them: after a crash
         between folding the log into the record file and deleting the log,
         the log is older.  A torn last line (a crash while appending) is
-        skipped, so the change before it is returned.
+        skipped, so the change before it is returned.  The log is read
+        first, so that a save which replaces the record file and deletes the
+        log between the two reads is found in the record file.  In the other
+        order, the record file from before that save was returned.
         """
+        logged = _last_logged_record(
+            os.path.join(self.deployments_dir, key + ".log"))
         record = read_json(os.path.join(self.deployments_dir, key + ".json"))
         if record is None:
             return None
-        logged = _last_logged_record(
-            os.path.join(self.deployments_dir, key + ".log"))
         if logged is not None and logged.get("rev", 0) > record.get("rev", 0):
             return logged
         return record
@@ -3011,15 +3014,19 @@ class Store:
         created = False
         try:
             try:
-                fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
+                fd = os.open(log_path, os.O_RDWR | os.O_APPEND)
             except FileNotFoundError:
-                fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                fd = os.open(log_path, os.O_RDWR | os.O_APPEND | os.O_CREAT,
                              0o600)
                 created = True
             try:
                 size = os.fstat(fd).st_size
                 if size + len(line) > RECORD_LOG_MAX:
                     return False
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    # A crash cut the last append short. Without a newline
+                    # first, this line would join it and readers skip both.
+                    line = b"\n" + line
                 try:
                     _write_all(fd, line)
                     sync_fd(fd, data_only=True)
@@ -3421,8 +3428,12 @@ class Systemd:
         try:
             self._daemon_reload()
         finally:
+            # A reset-failed that outlasts the reload is waited for here,
+            # and its systemctl time counts in its own thread only.
+            joined_from = time.monotonic()
             for thread in threads:
                 thread.join()
+            count_wait("systemctl", time.monotonic() - joined_from)
 
     def _prepare(self, name: str) -> None:
         try:
@@ -3449,8 +3460,12 @@ class Systemd:
         with self._reload_cond:
             self._reload_requested += 1
             ticket = self._reload_requested
+            # Waiting for another caller's reload is a wait for systemctl
+            # too; run() counts only this thread's own call.
+            waited_from = time.monotonic()
             while self._reload_running:
                 self._reload_cond.wait()
+            count_wait("systemctl", time.monotonic() - waited_from)
             if self._reload_done >= ticket:
                 return
             self._reload_running = True
@@ -4655,11 +4670,12 @@ class CaddyClient:
 
     def _count_unchanged(self, index: tuple[dict[str, int], int],
                          action: str) -> bool:
-        """Return True when the server still has the indexed number of routes.
+        """Return True unless the server has more routes than indexed.
 
-        Caddy 2.6.2 answers 400 "array index out of bounds" for the position
-        right after the last route; any other answer means routes were
-        added, and the index is dropped.
+        Caddy 2.6.2 answers 400 "array index out of bounds" for any position
+        at or past the end, so routes removed after the indexed route (the
+        catch-all included) pass this probe; ensure_server finds those.  Any
+        other answer means routes were added, and the index is dropped.
         """
         status, body = self._request("GET", self._route_path(index[1]), action)
         if status == 400 and b"out of bounds" in body:
@@ -6606,10 +6622,11 @@ class BinaryRuntime:
         """Restart the running unit of ``instance`` from its new unit file.
 
         The old process of the same unit holds the port until systemd
-        stops it, so the port is not checked here.  The unit is enabled
-        already: the operator enabled it when it started the instance that
-        runs, and the reconciler enables it again when someone disabled it
-        (see check).
+        stops it, so the port is not checked here: the caller restarts
+        only a unit that it saw running (see Strategies._in_place).  A
+        running unit is enabled already: the operator enabled it when it
+        started it, and the reconciler enables it again when someone
+        disabled it (see check).
         """
         self.systemd.restart(instance["unit"])
 
@@ -7314,7 +7331,10 @@ class DeployJob:
         self.op.outbox.emit(self.record, f"deployment.{state}")  # saves
         level = logging.WARNING if state in ("failed", "rolled_back") \
             else logging.INFO
-        waits = waits_ms() if state in STATES_TERMINAL else {}
+        # A cancelled job never ran. It ends in the thread of the request
+        # that cancelled it, and that request logs its own waits.
+        waits = waits_ms() if state in STATES_TERMINAL and \
+            not self.cancelled else {}
         log(f"deployment.{state}", level, error=error, **self.ids, **waits)
 
     def _count_outcome(self, state: str) -> None:
@@ -7727,6 +7747,15 @@ class Strategies:
         snap = runtime.snapshot(job.app_id, slot)
         job.journal_new(instance)
         old = copy.deepcopy(live)
+        # A restart skips start()'s port check, which is only safe while
+        # the old process of the same unit holds the port. Whether it runs
+        # is asked beside the daemon-reload, which takes longer, so the
+        # question adds no wait.
+        restart = runtime.restarts_in_place and \
+            old.get("state") == "running" and \
+            old["unit"] == instance["unit"] and \
+            old.get("port") == instance["port"]
+        old_check = _Beside(runtime.problem, old) if restart else None
         try:
             job.step("write_unit", runtime.install, plan, instance, release,
                      message=instance["unit"])
@@ -7737,8 +7766,7 @@ class Strategies:
                 runtime.reload()
             return "failed", f"{exc}; the previous version keeps serving"
         try:
-            if runtime.restarts_in_place and old.get("state") == "running" \
-                    and old["unit"] == instance["unit"]:
+            if restart and old_check.outcome() == (None, None):
                 job.step("start_instance", runtime.restart, instance,
                          message=f"restart {instance['unit']} on port "
                                  f"{instance['port']}")
@@ -7784,6 +7812,27 @@ class Strategies:
         return "rolled_back", (f"{exc}; version {old['version']} was "
                                f"restored and serves again")
 
+
+
+class _Beside:
+    """One call run in a thread beside the caller's next steps."""
+
+    def __init__(self, func, *args):
+        self._outcome = (None, None)
+        self._thread = threading.Thread(target=self._run, args=(func, args),
+                                        name="beside", daemon=True)
+        self._thread.start()
+
+    def _run(self, func, args) -> None:
+        try:
+            self._outcome = (func(*args), None)
+        except Exception as exc:  # handed to the caller by outcome()
+            self._outcome = (None, exc)
+
+    def outcome(self) -> tuple:
+        """Wait for the call; return (its result, None) or (None, error)."""
+        self._thread.join()
+        return self._outcome
 
 
 class InstanceSetDeploy:
