@@ -7740,22 +7740,22 @@ class Strategies:
     def _in_place(self, job: DeployJob, app: dict, live: dict):
         plan = job.plan
         runtime = self.op.runtime_for(plan["kind"])
-        release = job.step("fetch_asset", runtime.prepare, plan,
-                           message=runtime.describe_source(plan))
-        slot = live["instance_id"]
-        instance = self._new_instance(plan, slot, release)
-        snap = runtime.snapshot(job.app_id, slot)
-        job.journal_new(instance)
         old = copy.deepcopy(live)
         # A restart skips start()'s port check, which is only safe while
-        # the old process of the same unit holds the port. Whether it runs
-        # is asked beside the daemon-reload, which takes longer, so the
-        # question adds no wait.
+        # the old process of the same unit holds the port.  Whether it runs
+        # is asked beside the download and the file writes, so the question
+        # adds no wait (beside the daemon-reload it slowed the reload).
+        slot = live["instance_id"]
         restart = runtime.restarts_in_place and \
             old.get("state") == "running" and \
-            old["unit"] == instance["unit"] and \
-            old.get("port") == instance["port"]
+            old.get("port") == plan["targets"][slot]
         old_check = _Beside(runtime.problem, old) if restart else None
+        release = job.step("fetch_asset", runtime.prepare, plan,
+                           message=runtime.describe_source(plan))
+        instance = self._new_instance(plan, slot, release)
+        restart = restart and old["unit"] == instance["unit"]
+        snap = runtime.snapshot(job.app_id, slot)
+        job.journal_new(instance)
         try:
             job.step("write_unit", runtime.install, plan, instance, release,
                      message=instance["unit"])
