@@ -2922,6 +2922,13 @@ class Store:
         record = read_json(os.path.join(self.deployments_dir, key + ".json"))
         if record is None:
             return None
+        if not isinstance(record, dict):
+            # Only a hand-edited or damaged file holds this; as a record it
+            # would stop recovery and every reader that lists records.
+            log("deployment.record_invalid", logging.WARNING,
+                deployment_id=key,
+                error="the record file holds no JSON object; it is skipped")
+            return None
         if logged is not None and logged.get("rev", 0) > record.get("rev", 0):
             return logged
         return record

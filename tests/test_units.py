@@ -297,6 +297,18 @@ def test_record_log_torn_line_and_stale_log(tmp_path):
     assert os.listdir(store.deployments_dir) == []
 
 
+def test_record_file_without_object_skipped(tmp_path):
+    store = co.Store(str(tmp_path))
+    store.save_deployment({"deployment_id": 25, "state": "queued"})
+    store.save_deployment({"deployment_id": 25, "state": "running"})
+    store.save_deployment({"deployment_id": 26, "state": "succeeded"})
+    path = os.path.join(store.deployments_dir, "25.json")
+    pathlib.Path(path).write_text("[1, 2]")
+    again = co.Store(str(tmp_path))
+    assert again.deployment(25) is None
+    assert [r["deployment_id"] for r in again.iter_deployments()] == [26]
+
+
 def test_record_log_folded_past_its_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(co, "RECORD_LOG_MAX", 400)
     store = co.Store(str(tmp_path))
