@@ -1005,7 +1005,8 @@ def bench_scale(env: Environment, rows: list) -> None:
         log("scale %d: deploy %s route %s" % (apps, deploy_row, route_row))
         for label, row in (("deploy", deploy_row), ("route change", route_row)):
             text = ("total %.1f ms = systemctl %.1f + Caddy %.1f + fsync %.1f "
-                    "+ own %.1f ms (medians of %d; own CPU %.1f ms"
+                    "+ own %.1f ms (medians of %d; CPU time of the job and "
+                    "request threads %.1f ms"
                     % (row["total"], row["systemctl"], row["caddy"],
                        row["fsync"], row["own"], row["samples"], row["cpu"]))
             if "health" in row:
@@ -1020,7 +1021,7 @@ def bench_scale(env: Environment, rows: list) -> None:
         cpu_growth = own[last][index + 4] / max(own[first][index + 4], 0.1)
         rows.append(("Scale", "own time %s, %d vs %d apps" % (label, last, first),
                      "%.2f times (%.2f with the fsync waits counted as own; "
-                     "own CPU %.2f times)" % (growth, with_fsync, cpu_growth),
+                     "thread CPU %.2f times)" % (growth, with_fsync, cpu_growth),
                      "<= 1.3", verdict(growth <= 1.3)))
 
 
