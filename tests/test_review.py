@@ -35,8 +35,8 @@ def test_append_after_torn_line_is_read(tmp_path):
     """A change appended after a torn last line must be the one read back.
 
     A crash in the middle of an append leaves a line without its newline.
-    The next process appends its first change right behind those bytes,
-    so that line does not parse and readers fall back to the change before
+    The next process appended its first change right behind those bytes,
+    so that line did not parse and readers fell back to the change before
     the torn one, although the new change was written and synced.
     """
     store = co.Store(str(tmp_path))
@@ -64,8 +64,8 @@ def test_read_during_terminal_save_not_older(tmp_path, monkeypatch):
     """A read that overlaps the terminal save must not return a state older
     than the one stored when the read began.
 
-    The reader takes the record file and then the change log. When the
-    terminal save replaces the file and deletes the log between those two
+    The reader took the record file and then the change log. When the
+    terminal save replaced the file and deleted the log between those two
     reads, the reader returned the first write ("queued") although the log
     held "running".
     """
@@ -125,29 +125,39 @@ def test_cancelled_job_logs_no_waits(tmp_path, caplog):
     assert store.deployment(deployment_id)["state"] == "cancelled"
 
 
+def gated_systemd(tmp_path, blocked: str):
+    """Return (Systemd, gate): a fake systemctl whose calls matching the
+    shell pattern ``blocked`` wait until the test creates the gate file."""
+    gate = tmp_path / "gate"
+    script = tmp_path / "systemctl"
+    script.write_text(f"#!/bin/sh\ncase \"$1\" in {blocked}) ;; *) exit 0 ;; "
+                      f"esac\nwhile [ ! -e {gate} ]; do sleep 0.01; done\n")
+    script.chmod(0o755)
+    return co.Systemd([str(script)], str(tmp_path)), gate
+
+
+def counting_waits(func, counted: list) -> threading.Thread:
+    """Start func in a thread that records its systemctl_ms in counted."""
+    def run():
+        co.reset_waits()
+        func()
+        counted.append(co.waits_ms()["systemctl_ms"])
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
 def test_shared_reload_wait_counted(tmp_path):
     """A caller that waits for another thread's daemon-reload before its own
     waits for systemctl, so that wait must count as its systemctl time."""
-    gate = tmp_path / "gate"
-    script = tmp_path / "systemctl"
-    # The fake systemctl blocks every call until the test creates the gate.
-    script.write_text(f"#!/bin/sh\nwhile [ ! -e {gate} ]; do sleep 0.01; "
-                      f"done\n")
-    script.chmod(0o755)
-    systemd = co.Systemd([str(script)], str(tmp_path))
+    systemd, gate = gated_systemd(tmp_path, "*")
     first = threading.Thread(target=systemd.daemon_reload)
     first.start()
     while not systemd._reload_running:
         time.sleep(0.01)
     counted = []
-
-    def second_reload():
-        co.reset_waits()
-        systemd.daemon_reload()
-        counted.append(co.waits_ms()["systemctl_ms"])
-
-    second = threading.Thread(target=second_reload)
-    second.start()
+    second = counting_waits(systemd.daemon_reload, counted)
     while systemd._reload_requested < 2:
         time.sleep(0.01)
     # The second caller waits for the first reload from here on.
@@ -162,22 +172,10 @@ def test_shared_reload_wait_counted(tmp_path):
 def test_slow_reset_failed_wait_counted(tmp_path):
     """A reset-failed beside the reload that outlasts it holds up the
     caller, so that wait must count as the caller's systemctl time."""
-    gate = tmp_path / "gate"
-    script = tmp_path / "systemctl"
-    # The fake systemctl blocks reset-failed until the test creates the gate.
-    script.write_text(f"#!/bin/sh\n[ \"$1\" = reset-failed ] || exit 0\n"
-                      f"while [ ! -e {gate} ]; do sleep 0.01; done\n")
-    script.chmod(0o755)
-    systemd = co.Systemd([str(script)], str(tmp_path))
+    systemd, gate = gated_systemd(tmp_path, "reset-failed")
     counted = []
-
-    def reload_and_prepare():
-        co.reset_waits()
-        systemd.daemon_reload(starting=("app.service",))
-        counted.append(co.waits_ms()["systemctl_ms"])
-
-    caller = threading.Thread(target=reload_and_prepare)
-    caller.start()
+    caller = counting_waits(
+        lambda: systemd.daemon_reload(starting=("app.service",)), counted)
     while systemd._reload_done < 1:
         time.sleep(0.01)
     # The reload is done, and the caller waits for reset-failed from here on.
@@ -235,7 +233,7 @@ def test_in_place_new_port_taken(operator, asset_url, callbacks):
     """An immediate update that moves the live slot to a port where another
     process listens must not succeed.
 
-    The restart path skips the port check of start(), so the health check
+    The restart path skipped the port check of start(), so the health check
     reached the other process and the route was pointed at it while the
     new unit could not bind.
     """
@@ -264,9 +262,9 @@ def test_in_place_old_unit_dead_port_taken(operator, sandbox, asset_url,
     """An immediate update must not succeed on a port that another process
     took after the live unit stopped.
 
-    The record still marks the old instance as running, so the update restarts
-    the unit without start()'s port check, and the health check reaches
-    the other process.
+    The record still marks the old instance as running, so the update
+    restarted the unit without start()'s port check, and the health check
+    reached the other process.
     """
     app_id = next_id()
     ports = [harness.free_port(), harness.free_port()]
