@@ -2636,10 +2636,11 @@ def _check_config(values: dict) -> None:
 # === State store ===
 
 def sync_fd(fd: int, data_only: bool = False) -> None:
-    """fsync (or fdatasync) ``fd``, counted as this thread's storage wait.
+    """Flush ``fd`` with fsync (or fdatasync), counted as this thread's
+    storage wait.
 
-    The wait depends on what else the filesystem has to write: on ext4 an
-    fsync right after Caddy saved its config also writes that file.
+    The wait also depends on what else the filesystem has to write, so it
+    can grow with other processes' writes (an estimate: not traced here).
     """
     started = time.monotonic()
     try:
@@ -7749,9 +7750,9 @@ class Strategies:
         runtime = self.op.runtime_for(plan["kind"])
         old = copy.deepcopy(live)
         # A restart skips start()'s port check, which is only safe while
-        # the old process of the same unit holds the port.  Whether it runs
-        # is asked beside the download and the file writes, so the question
-        # adds no wait (beside the daemon-reload it slowed the reload).
+        # the old process of the same unit holds the port.  Whether that
+        # unit runs is checked in a thread beside the download and the file
+        # writes, because beside the daemon-reload the check slowed it.
         slot = live["instance_id"]
         restart = runtime.restarts_in_place and \
             old.get("state") == "running" and \

@@ -191,6 +191,11 @@ def _write_raw(store, deployment_id, record):
     return path
 
 
+def _failing_fsync(path):
+    """Fail like a directory fsync on a disk that reports an I/O error."""
+    raise OSError(co.errno.EIO, "Input/output error")
+
+
 def _finished(store, deployment_id, created, finished, state="succeeded"):
     store.save_deployment({
         "deployment_id": deployment_id, "state": state,
@@ -267,10 +272,7 @@ def test_status_view_failed_save(tmp_path, monkeypatch):
     view = json.loads(store.deployment_view("f", co.render_status))
     assert view["state"] == "running"
 
-    def failing_fsync(path):
-        raise OSError(co.errno.EIO, "Input/output error")
-
-    monkeypatch.setattr(co, "fsync_dir", failing_fsync)
+    monkeypatch.setattr(co, "fsync_dir", _failing_fsync)
     with pytest.raises(co.StorageError):
         store.save_deployment({"deployment_id": "f", "state": "failed"})
     monkeypatch.undo()
@@ -289,10 +291,7 @@ def test_app_summaries_failed_save(tmp_path, monkeypatch):
                     "instances": {"a": {"port": 20001}}})
     assert store.apps_with_domain("old.attack.test") == [app_id]
 
-    def failing_fsync(path):
-        raise OSError(co.errno.EIO, "Input/output error")
-
-    monkeypatch.setattr(co, "fsync_dir", failing_fsync)
+    monkeypatch.setattr(co, "fsync_dir", _failing_fsync)
     with pytest.raises(co.StorageError):
         store.save_app({"app_id": app_id, "domain": "new.attack.test",
                         "instances": {"a": {"port": 20002}}})
@@ -303,8 +302,7 @@ def test_app_summaries_failed_save(tmp_path, monkeypatch):
     assert 20002 in store.used_ports()
 
 
-def test_app_summaries_failed_delete(tmp_path,
-                                                      monkeypatch):
+def test_app_summaries_failed_delete(tmp_path, monkeypatch):
     """A delete that unlinked the file and then failed must not leave the
     app's domain in the summaries, or the domain stays taken."""
     store = co.Store(str(tmp_path))
@@ -313,10 +311,7 @@ def test_app_summaries_failed_delete(tmp_path,
                     "instances": {"a": {"port": 20003}}})
     assert store.apps_with_domain("gone.attack.test") == [app_id]
 
-    def failing_fsync(path):
-        raise OSError(co.errno.EIO, "Input/output error")
-
-    monkeypatch.setattr(co, "fsync_dir", failing_fsync)
+    monkeypatch.setattr(co, "fsync_dir", _failing_fsync)
     with pytest.raises(OSError):
         store.delete_app(app_id)
     monkeypatch.undo()

@@ -558,17 +558,23 @@ def test_status_paths_need_token(operator):
     assert headers["WWW-Authenticate"].startswith("Bearer")
 
 
+def failing_deploy_body(app_id, asset_server, callbacks, label):
+    """Return a slots deploy body whose asset URL is not found, so the
+    deployment fails after it was accepted."""
+    return {
+        "app_id": app_id, "team_id": "http-test", "environment_id": 1,
+        "deployment_id": app_id, "deployment_strategy": "immediate",
+        "domain": f"h{app_id}.http.test",
+        "asset_url": asset_server.url(f"/missing/{label}-asset"),
+        "target_version": "v1", "slots": {"a": {"port": harness.free_port()}},
+        "env_vars": {}, "callback_url": callbacks.url(f"/cb/{label}"),
+    }
+
+
 def test_status_of_accepted_deploy_both_paths(operator, callbacks,
                                               asset_server):
     app_id = deployment_id = next_id()
-    body = {
-        "app_id": app_id, "team_id": "http-test", "environment_id": 1,
-        "deployment_id": deployment_id, "deployment_strategy": "immediate",
-        "domain": f"h{app_id}.http.test",
-        "asset_url": asset_server.url("/missing/http-test-asset"),
-        "target_version": "v1", "slots": {"a": {"port": harness.free_port()}},
-        "env_vars": {}, "callback_url": callbacks.url("/cb/http-test"),
-    }
+    body = failing_deploy_body(app_id, asset_server, callbacks, "http-test")
     status, _, accepted = operator.request("POST", DEPLOY, body)
     assert status == 202, accepted
     document = operator.wait_state(deployment_id, co.STATES_TERMINAL)
@@ -593,14 +599,7 @@ def test_status_follows_job_and_restart(operator_factory, callbacks,
     """
     operator = operator_factory()
     app_id = deployment_id = next_id()
-    body = {
-        "app_id": app_id, "team_id": "http-test", "environment_id": 1,
-        "deployment_id": deployment_id, "deployment_strategy": "immediate",
-        "domain": f"h{app_id}.http.test",
-        "asset_url": asset_server.url("/missing/http-cache-asset"),
-        "target_version": "v1", "slots": {"a": {"port": harness.free_port()}},
-        "env_vars": {}, "callback_url": callbacks.url("/cb/http-cache"),
-    }
+    body = failing_deploy_body(app_id, asset_server, callbacks, "http-cache")
     status, _, accepted = operator.request("POST", DEPLOY, body)
     assert status == 202, accepted
     path = operator.status_path(deployment_id)

@@ -236,12 +236,17 @@ def _record(store, deployment_id, state, created, finished):
     })
 
 
+def _finished_records(store, count, now):
+    """Store count succeeded records d0, d1, ..., the last one newest."""
+    for index in range(count):
+        _record(store, f"d{index}", "succeeded", now - 100 + index,
+                now - 99 + index)
+
+
 def test_prune_keeps_newest_by_count(tmp_path):
     store = co.Store(str(tmp_path))
     now = time.time()
-    for index in range(6):
-        _record(store, f"d{index}", "succeeded", now - 100 + index,
-                now - 99 + index)
+    _finished_records(store, 6, now)
     removed = co.prune_history(store, 4, 3600, now)
     assert removed == 2
     left = sorted(r["deployment_id"] for r in store.deployments())
@@ -285,9 +290,7 @@ def _write_without_key(store, deployment_id, state, created, finished):
 def test_prune_ranks_by_key_without_parsing(tmp_path):
     store = co.Store(str(tmp_path))
     now = time.time()
-    for index in range(6):
-        _record(store, f"d{index}", "succeeded", now - 100 + index,
-                now - 99 + index)
+    _finished_records(store, 6, now)
     # Overwriting the content in place keeps each file's attribute, so a
     # pass that parsed the files would find no valid record to rank.
     for name in os.listdir(store.deployments_dir):
@@ -344,9 +347,7 @@ def test_prune_without_xattr_support(tmp_path, monkeypatch):
     monkeypatch.setattr(co.os, "setxattr", unsupported)
     store = co.Store(str(tmp_path))
     now = time.time()
-    for index in range(4):
-        _record(store, f"d{index}", "succeeded", now - 100 + index,
-                now - 99 + index)
+    _finished_records(store, 4, now)
     path = os.path.join(store.deployments_dir, "d0.json")
     with pytest.raises(OSError):
         os.getxattr(path, co.HISTORY_XATTR)
@@ -358,9 +359,7 @@ def test_prune_without_xattr_support(tmp_path, monkeypatch):
 def test_prune_skips_invalid_record(tmp_path):
     store = co.Store(str(tmp_path))
     now = time.time()
-    for index in range(3):
-        _record(store, f"d{index}", "succeeded", now - 100 + index,
-                now - 99 + index)
+    _finished_records(store, 3, now)
     invalid = os.path.join(store.deployments_dir, "broken.json")
     with open(invalid, "w", encoding="utf-8") as handle:
         handle.write("{not json")
@@ -384,12 +383,12 @@ def test_reconcile_pass_checks_one_app_at_a_time(monkeypatch):
     host = _PassHost(range(1, 21))
     reconciler = co.Reconciler(host)
     lock = threading.Lock()
-    running, most, checked = [0], [0], []
+    running, max_running, checked = [0], [0], []
 
     def check_app(app_id):
         with lock:
             running[0] += 1
-            most[0] = max(most[0], running[0])
+            max_running[0] = max(max_running[0], running[0])
         time.sleep(0.005)
         with lock:
             running[0] -= 1
@@ -399,7 +398,7 @@ def test_reconcile_pass_checks_one_app_at_a_time(monkeypatch):
     reconciler.run_once()
     assert host.runner.wait_idle(10)
     assert sorted(checked) == list(range(1, 21))
-    assert most[0] == 1
+    assert max_running[0] == 1
 
 
 def test_reconcile_pass_goes_on_past_a_busy_app(monkeypatch):
@@ -467,10 +466,10 @@ def test_metrics_count_a_deploy(operator, asset_url, callbacks):
 
 
 def logged_fields(operator, *words, timeout=10.0):
-    """Wait for the one log line with all words; return its key=value fields.
+    """Wait for the one log line with all words and return its fields.
 
-    A request and a deployment are logged just after their answer and
-    their record, so the line can come a moment after the test saw those.
+    A request is logged just after its response and a deployment just
+    after its record is saved, so the line can appear a moment later.
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -485,7 +484,7 @@ def logged_fields(operator, *words, timeout=10.0):
 
 def test_waits_logged_per_request_and_deployment(operator, asset_url,
                                                  callbacks):
-    """A finished deployment and each logged request say how long they
+    """A finished deployment and each logged request log how long they
     waited for systemctl, Caddy and fsync, counted in their own threads."""
     app_id, deployment_id = next_id(), next_id()
     body = deploy_body(app_id, deployment_id, asset_url, callbacks)

@@ -148,8 +148,8 @@ def test_routes_restored_after_caddy_restart(operator_factory, caddy,
         "state"] == "succeeded"
     repaired = f"event=drift.repaired kind=route app_id={body['app_id']}"
     assert repaired not in operator.log_text()
-    # The operator reconciles every 0.5 s, so it may put the route back
-    # before this test could see Caddy empty; its log says it did.
+    # The operator reconciles every 0.5 s and may put the route back before
+    # this test could see Caddy empty, so the test checks its log instead.
     caddy.restart(empty=True)
     serves(caddy, body["domain"], "old ")
     deadline = time.monotonic() + 10
@@ -342,7 +342,7 @@ def test_parallel_deploys_of_25_apps(operator, caddy, assets, callbacks):
         assert one["finished_at"] <= two["started_at"]
         # The other apps' deploys still change Caddy's config, and in one
         # CI run Caddy 2.6.2 reset a new connection during such a change;
-        # serves() asks again for up to 10 s.
+        # serves() retries for up to 10 s.
         serves(caddy, first["domain"], "new ")
 
 

@@ -7,6 +7,7 @@ Each test states the defect or the behavior it checks. App ids of this module st
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import http.server
 import json
@@ -229,6 +230,21 @@ class _AlwaysHealthy(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@contextlib.contextmanager
+def squatting(port):
+    """Serve _AlwaysHealthy on 127.0.0.1:port (0 picks a free port) and
+    yield the port it listens on."""
+    squatter = http.server.ThreadingHTTPServer(("127.0.0.1", port),
+                                               _AlwaysHealthy)
+    thread = threading.Thread(target=squatter.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield squatter.server_address[1]
+    finally:
+        squatter.shutdown()
+        squatter.server_close()
+
+
 def test_in_place_new_port_taken(operator, asset_url, callbacks):
     """An immediate update that moves the live slot to a port where another
     process listens must not succeed.
@@ -242,19 +258,12 @@ def test_in_place_new_port_taken(operator, asset_url, callbacks):
     first = deploy(operator, deploy_body(app_id, next_id(), asset_url,
                                          callbacks, ports))
     assert first["state"] == "succeeded", first
-    squatter = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                               _AlwaysHealthy)
-    thread = threading.Thread(target=squatter.serve_forever, daemon=True)
-    thread.start()
-    try:
-        taken = squatter.server_address[1]
+    with squatting(0) as squatter_port:
+        ports_after = [squatter_port, ports[1]]
         second = deploy(operator, deploy_body(app_id, next_id(), asset_url,
-                                              callbacks, [taken, ports[1]]))
-    finally:
-        squatter.shutdown()
-        squatter.server_close()
+                                              callbacks, ports_after))
     assert second["state"] != "succeeded", second
-    assert str(taken) in (second.get("error") or ""), second
+    assert str(squatter_port) in (second.get("error") or ""), second
 
 
 def test_in_place_old_unit_dead_port_taken(operator, sandbox, asset_url,
@@ -273,16 +282,9 @@ def test_in_place_old_unit_dead_port_taken(operator, sandbox, asset_url,
     assert first["state"] == "succeeded", first
     unit = f"crate-app-{app_id}-blue.service"
     sandbox.systemctl("stop", unit)
-    squatter = http.server.ThreadingHTTPServer(("127.0.0.1", ports[0]),
-                                               _AlwaysHealthy)
-    thread = threading.Thread(target=squatter.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with squatting(ports[0]):
         second = deploy(operator, deploy_body(app_id, next_id(), asset_url,
                                               callbacks, ports))
-    finally:
-        squatter.shutdown()
-        squatter.server_close()
     assert second["state"] != "succeeded", second
     assert str(ports[0]) in (second.get("error") or ""), second
 

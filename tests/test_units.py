@@ -262,7 +262,7 @@ def test_record_changes_appended_until_terminal(tmp_path):
     for step in range(3):
         record.update(state="running", steps=record["steps"] + [step])
         store.save_deployment(record)
-        # The record file keeps the first write; the log holds each change.
+        # The record file keeps the first write; the log contains each change.
         assert pathlib.Path(base + ".json").read_bytes() == first
         assert store.deployment(21)["steps"] == list(range(step + 1))
         assert co.Store(str(tmp_path)).deployment(21) == record
