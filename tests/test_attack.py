@@ -514,10 +514,9 @@ def _resets_before_each_start(calls, unit):
             continue
         if words[0] == "reset-failed":
             reset = True
-        elif words[0] == "stop" or "--now" in words and words[0] == "disable":
+        elif words[0] == "stop":
             reset = False
-        elif words[0] in ("start", "restart") or \
-                "--now" in words and words[0] == "enable":
+        elif words[0] in ("start", "restart"):
             answer.append(reset)
             reset = False
     return answer

@@ -651,9 +651,9 @@ def test_reset_failed_before_every_start(tmp_path):
     beside = ["daemon-reload", f"reset-failed {unit}"]
     assert sorted(lines[:2]) == beside
     assert lines[2:6] == [
-        f"enable --no-reload --now {unit}",
+        f"start {unit}",
         f"reset-failed {unit}", f"start {unit}",
-        f"disable --no-reload --now {unit}",
+        f"stop {unit}",
     ]
     assert sorted(lines[6:8]) == beside
     assert lines[8:11] == [
@@ -665,6 +665,34 @@ def test_reset_failed_before_every_start(tmp_path):
         f"restart {unit}",
         f"reset-failed {unit}", f"restart {unit}",
     ]
+
+
+def test_enable_makes_the_boot_symlink(tmp_path):
+    """enable and disable touch only <unit>'s link in the .wants directory,
+    relative, as systemctl would make it; neither runs systemctl."""
+    systemd, calls = _recording_systemd(tmp_path)
+    unit = "crate-app-5-blue.service"
+    link = tmp_path / "multi-user.target.wants" / unit
+    assert not systemd.is_enabled(unit)
+    systemd.enable(unit)
+    systemd.enable(unit)
+    assert os.readlink(link) == "../" + unit
+    assert systemd.is_enabled(unit)
+    assert [p.name for p in link.parent.iterdir()] == [unit]
+    systemd.disable(unit)
+    systemd.disable(unit)
+    assert not os.path.lexists(link)
+    assert not calls.exists()
+
+
+def test_failed_disable_still_stops(tmp_path):
+    systemd, calls = _recording_systemd(tmp_path)
+    unit = "crate-app-5-blue.service"
+    # A directory in place of the link makes the unlink fail.
+    (tmp_path / "multi-user.target.wants" / unit).mkdir(parents=True)
+    with pytest.raises(co.SystemdError, match="cannot disable"):
+        systemd.disable_and_stop(unit)
+    assert calls.read_text().splitlines() == [f"stop {unit}"]
 
 
 def test_systemd_refuses_foreign_units(tmp_path):
