@@ -276,6 +276,8 @@ HEALTH_UNIT_CHECK_S = 0.5
 UNIT_PREFIX = "crate-app-"
 # The target that starts app units at boot: their [Install] WantedBy=.
 BOOT_TARGET = "multi-user.target"
+# Units per `systemctl show` call when the reconciler checks all of them.
+SHOW_MANY_UNITS = 200
 # Newest Engine API this program speaks (docker 20.10); newer daemons are
 # asked for this version.
 DOCKER_API_MAX = (1, 41)
@@ -2661,16 +2663,19 @@ def fsync_dir(path: str) -> None:
 
 
 def atomic_write(path: str, data: bytes, mode: int = 0o600,
-                 xattrs: dict | None = None) -> None:
+                 xattrs: dict | None = None, sync: bool = True) -> None:
     """Replace ``path`` with ``data``: temporary file, fsync, rename, fsync.
 
     Readers see the old or the new content, never a partial file.
     ``xattrs`` (name to bytes) are set on the temporary file before its
     fsync, so they describe the new content from the moment it is visible.
+    With ``sync`` False both fsyncs are left out: a process crash still
+    leaves the old or the new file, but a power loss may leave either, or
+    on some filesystems an empty file, so readers must handle that.
     """
     directory = os.path.dirname(path)
     try:
-        _atomic_write(path, directory, data, mode, xattrs or {})
+        _atomic_write(path, directory, data, mode, xattrs or {}, sync)
     except OSError as exc:
         raise StorageError(
             f"cannot write {path}: {exc.strerror}; check the free space "
@@ -2678,7 +2683,7 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600,
 
 
 def _atomic_write(path: str, directory: str, data: bytes, mode: int,
-                  xattrs: dict) -> None:
+                  xattrs: dict, sync: bool) -> None:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -2686,14 +2691,16 @@ def _atomic_write(path: str, directory: str, data: bytes, mode: int,
             handle.flush()
             for name, value in xattrs.items():
                 _set_xattr(handle.fileno(), name, value)
-            sync_fd(handle.fileno())
+            if sync:
+                sync_fd(handle.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(directory)
+    if sync:
+        fsync_dir(directory)
 
 
 def _set_xattr(fd: int, name: str, value: bytes) -> None:
@@ -2711,13 +2718,13 @@ def _set_xattr(fd: int, name: str, value: bytes) -> None:
 
 
 def atomic_write_json(path: str, value, mode: int = 0o600,
-                      xattrs: dict | None = None) -> None:
+                      xattrs: dict | None = None, sync: bool = True) -> None:
     """Write ``value`` as JSON through atomic_write."""
     # Without indentation, because only then does json use its C encoder:
     # a 3.3 KB deployment record took 82 us with indent=1 and 21 us so.
     data = json.dumps(value, sort_keys=True,
                       separators=(",", ":")).encode() + b"\n"
-    atomic_write(path, data, mode, xattrs)
+    atomic_write(path, data, mode, xattrs, sync)
 
 
 def read_json(path: str):
@@ -3127,15 +3134,37 @@ class Store:
         atomic_write_json(path, event)
 
     def outbox_update(self, event: dict) -> None:
-        """Store the delivery progress of one event."""
-        self.outbox_add(event)
+        """Store the delivery progress of one event.
+
+        The mark of a delivered or given-up event is written without
+        fsync: after a power loss it may be missing, and the event is then
+        sent once more (delivery is at least once), or the file may be
+        empty, and _read_event skips it.  Those fsyncs ran in the delivery
+        thread while a deploy wrote its own records, and all fsyncs share
+        the filesystem's journal.  A failed attempt is stored durably,
+        because its event has not been delivered yet.
+        """
+        finished = bool(event.get("delivered_at") or event.get("given_up_at"))
+        path = os.path.join(self.outbox_dir, f"{event['seq']:012d}.json")
+        atomic_write_json(path, event, sync=not finished)
+
+    def _read_event(self, name: str) -> dict | None:
+        """Return one outbox event, or None when its file is unreadable."""
+        path = os.path.join(self.outbox_dir, name)
+        try:
+            event = read_json(path)
+        except (OSError, ValueError) as exc:
+            log("outbox.event_unreadable", logging.WARNING, path=path,
+                error=str(exc))
+            return None
+        return event if isinstance(event, dict) and event else None
 
     def outbox_events(self) -> list:
         """Return every outbox event in seq order."""
         out = []
         for name in sorted(os.listdir(self.outbox_dir)):
             if name.endswith(".json") and not name.startswith("."):
-                event = read_json(os.path.join(self.outbox_dir, name))
+                event = self._read_event(name)
                 if event:
                     out.append(event)
         return out
@@ -3150,7 +3179,7 @@ class Store:
                 continue
             if len(events) == limit:
                 return events, True
-            event = read_json(os.path.join(self.outbox_dir, name))
+            event = self._read_event(name)
             if event:
                 events.append(event)
         return events, False
@@ -3602,6 +3631,28 @@ class Systemd:
             if sep:
                 values[key] = value
         return values
+
+    def show_many(self, names: list, *props: str) -> dict:
+        """Return {unit name: its named properties} from one systemctl
+        call per SHOW_MANY_UNITS units.
+
+        systemctl prints one block of lines per unit, blocks separated by
+        an empty line; the Id property names each block's unit.
+        """
+        found = {}
+        fields = "--property=" + ",".join(("Id",) + props)
+        for first in range(0, len(names), SHOW_MANY_UNITS):
+            chunk = names[first:first + SHOW_MANY_UNITS]
+            result = self.run("show", fields, "--", *chunk)
+            for block in result.stdout.split("\n\n"):
+                values = {}
+                for line in block.splitlines():
+                    key, sep, value = line.partition("=")
+                    if sep:
+                        values[key] = value
+                if values.get("Id") in chunk:
+                    found[values.pop("Id")] = values
+        return found
 
 
 # === Host adapter: Docker Engine API ===
@@ -6363,6 +6414,11 @@ def instance_environment(plan: dict, instance: dict) -> dict:
     return env
 
 
+# Unit properties that BinaryRuntime.check reads.
+_UNIT_CHECK_PROPS = ("LoadState", "ActiveState", "SubState", "Result",
+                     "ExecMainCode", "ExecMainStatus", "NRestarts")
+
+
 class BinaryRuntime:
     """Prepare, start, stop, check and remove binary instances.
 
@@ -6707,9 +6763,20 @@ class BinaryRuntime:
         from one systemctl show, the second from the unit's symlink in
         the .wants directory (see Systemd.enable).
         """
-        props = self.systemd.show(
-            instance["unit"], "LoadState", "ActiveState", "SubState",
-            "Result", "ExecMainCode", "ExecMainStatus", "NRestarts")
+        props = self.systemd.show(instance["unit"], *_UNIT_CHECK_PROPS)
+        return self._judge(instance, props)
+
+    def check_many(self, instances: list) -> dict:
+        """Return {unit: check(instance)} for many instances, with one
+        systemctl call per SHOW_MANY_UNITS units instead of one each."""
+        units = sorted({instance["unit"] for instance in instances})
+        shown = self.systemd.show_many(units, *_UNIT_CHECK_PROPS)
+        return {instance["unit"]: self._judge(instance,
+                                              shown.get(instance["unit"], {}))
+                for instance in instances}
+
+    def _judge(self, instance: dict, props: dict) -> tuple:
+        """Return the check() result for the shown properties of a unit."""
         active = props.get("ActiveState")
         if active in ("active", "activating", "reloading") and \
                 props.get("SubState") != "auto-restart":
@@ -7254,6 +7321,12 @@ class DockerRuntime:
         policy starts with dockerd, so it has no boot problem."""
         return self.problem(instance), None
 
+    def check_many(self, instances: list) -> dict:
+        """Return {container name: check(instance)}: one inspect each,
+        since an Engine API call costs no process start."""
+        return {instance["unit"]: self.check(instance)
+                for instance in instances}
+
     def problem(self, instance: dict) -> str | None:
         """Return why an instance is not running, or None when it runs."""
         name = instance["unit"]
@@ -7355,6 +7428,14 @@ class DeployJob:
     callback outbox.
     """
 
+    # A deploy changes nothing on the host before its first step, whose
+    # start entry is saved before the step runs.  So the "running" state is
+    # stored and sent with that entry, one write instead of two; a crash
+    # before it leaves the record queued, which start-up marks failed.
+    # Lifecycle jobs store it at once, because a stop changes the route
+    # before its first step.
+    defers_running = True
+
     def __init__(self, operator, record: dict, plan: dict):
         self.op = operator
         self.record = record
@@ -7363,15 +7444,30 @@ class DeployJob:
         self.ids = {"app_id": self.app_id,
                     "deployment_id": record["deployment_id"]}
         self.cancelled = False
+        # A state change stored and sent with the next save (see above).
+        self._deferred_event: str | None = None
 
     # --- record keeping
 
     def save(self) -> None:
-        """Store the deployment record."""
-        self.op.store.save_deployment(self.record)
+        """Store the deployment record, with a deferred state change."""
+        event, self._deferred_event = self._deferred_event, None
+        if event is None:
+            self.op.store.save_deployment(self.record)
+            return
+        self.refresh_view()
+        self.op.outbox.emit(self.record, event)  # saves
 
-    def set_state(self, state: str, error: str | None = None) -> None:
-        """Change the state, store it and emit the callback event."""
+    def set_state(self, state: str, error: str | None = None,
+                  defer: bool = False) -> None:
+        """Change the state, store it and emit the callback event.
+
+        With ``defer`` the record is stored and the event sent by the next
+        save().
+        """
+        if self._deferred_event is not None:
+            # Events go out in the order of the state changes.
+            self.save()
         self.record["state"] = state
         self.record["error"] = error
         now = utc_now()
@@ -7381,8 +7477,11 @@ class DeployJob:
         if state in STATES_TERMINAL:
             self.record["finished_at"] = now
             self._count_outcome(state)
-        self.refresh_view()
-        self.op.outbox.emit(self.record, f"deployment.{state}")  # saves
+        if defer:
+            self._deferred_event = f"deployment.{state}"
+        else:
+            self.refresh_view()
+            self.op.outbox.emit(self.record, f"deployment.{state}")  # saves
         level = logging.WARNING if state in ("failed", "rolled_back") \
             else logging.INFO
         # A cancelled job never ran. It ends in the thread of the request
@@ -7418,6 +7517,8 @@ class DeployJob:
 
     def progress(self, event_name: str) -> None:
         """Store the record and send a callback without a state change."""
+        if self._deferred_event is not None:
+            self.save()
         self.refresh_view()
         self.op.outbox.emit(self.record, event_name)  # saves
 
@@ -7484,7 +7585,7 @@ class DeployJob:
     def _run(self) -> None:
         if self.cancelled or self.record["state"] != "queued":
             return
-        self.set_state("running")
+        self.set_state("running", defer=self.defers_running)
         try:
             outcome, error = self.execute()
         except StepError as exc:
@@ -8150,6 +8251,8 @@ class LifecycleJob(DeployJob):
     shape as a deployment's, with ``action`` naming the operation.
     """
 
+    defers_running = False
+
     def __init__(self, operator, record: dict, plan: dict):
         super().__init__(operator, record, plan)
         self.strategies = operator.strategies
@@ -8766,9 +8869,10 @@ class PeriodicThread:
 class Reconciler(PeriodicThread):
     """Bring routes and instances back in line with the records.
 
-    At start-up and every reconcile_interval_s it checks every app, one
-    after another, as a job of that app so it never runs beside a deploy:
-    a serving or running instance whose unit or container is down is
+    At start-up and every reconcile_interval_s it reads the state of all
+    apps at once (_in_order), then checks each app that looks wrong on
+    its own, one after another, as a job of that app so it never runs
+    beside a deploy: a running instance whose unit or container is down is
     started again, a running unit that is disabled is enabled, and a route
     that Caddy lost or changed is written again from the record, route by
     route (never with POST /load).  What it cannot repair stays in
@@ -8793,8 +8897,10 @@ class Reconciler(PeriodicThread):
             return [self.drift[key] for key in sorted(self.drift)]
 
     def run_once(self) -> None:
-        """Queue a check of every app behind its running jobs."""
-        if not self.op.caddy.ping():
+        """Check every app; queue a repair of each that looks wrong behind
+        its running jobs."""
+        caddy_ok = self.op.caddy.ping()
+        if not caddy_ok:
             self._set("caddy", "the Caddy admin API is unreachable")
         else:
             try:
@@ -8805,10 +8911,15 @@ class Reconciler(PeriodicThread):
                     error=str(exc))
             else:
                 self._set("caddy", None)
-        for app in self.op.store.apps():
+        apps = self.op.store.apps()
+        in_order = self._in_order(apps) if caddy_ok else set()
+        for app in apps:
             if self._stopping.is_set():
                 return
             app_id = app["app_id"]
+            if app_id in in_order:
+                self._clear(app)
+                continue
             job = _InlineJob(lambda app_id=app_id: self.check_app(app_id))
             self.op.runner.submit(app_id, job)
             # One app at a time: a pass that queued every app at once ran
@@ -8817,6 +8928,56 @@ class Reconciler(PeriodicThread):
             # apps.  An app busy with a deploy gets its check when its turn
             # comes, without holding up the pass for longer than this.
             job.done.wait(RECONCILE_APP_WAIT_S)
+
+    def _in_order(self, apps: list) -> set:
+        """Return the ids of the apps that look as their records say.
+
+        One read of Caddy's routes and one systemctl call per
+        SHOW_MANY_UNITS units cover all apps; before, each app cost a
+        systemctl process per instance and three Caddy requests every
+        pass.  An app that looks wrong, or that a deploy changes in the
+        meantime, is checked again on its own (check_app) as a job of the
+        app, so this read only decides which apps need that.  When a read
+        fails, every app is checked on its own.
+        """
+        try:
+            routes = {_route_id(route): {dial for dial, _ in
+                                         upstreams_from_route(route)}
+                      for route in self.op.caddy.routes()
+                      if isinstance(route, dict)}
+            running = {}
+            for app in apps:
+                for instance in app.get("instances", {}).values():
+                    if instance.get("state") == "running":
+                        running.setdefault(instance["kind"], []).append(
+                            instance)
+            results = {}
+            for kind, instances in running.items():
+                results.update(
+                    self.op.runtime_for(kind).check_many(instances))
+        except (OperatorError, OSError) as exc:
+            log("reconcile.batch_failed", logging.WARNING, error=str(exc))
+            return set()
+        in_order = set()
+        for app in apps:
+            instances = app.get("instances", {}).values()
+            if any(results.get(i["unit"]) != (None, None) for i in instances
+                   if i.get("state") == "running"):
+                continue
+            serving = [i for i in instances if i.get("serving")]
+            wanted = {f"127.0.0.1:{i['port']}" for i in serving}
+            if app.get("domain") and serving and \
+                    routes.get(caddy_route_id(app["app_id"])) != wanted:
+                continue
+            in_order.add(app["app_id"])
+        return in_order
+
+    def _clear(self, app: dict) -> None:
+        """Drop the drift reports of an app found in order."""
+        prefix = f"app {app['app_id']} "
+        with self._lock:
+            for key in [k for k in self.drift if k.startswith(prefix)]:
+                del self.drift[key]
 
     def _set(self, key: str, message: str | None) -> None:
         with self._lock:

@@ -369,14 +369,36 @@ def test_prune_skips_invalid_record(tmp_path):
 
 
 class _PassHost:
-    """The parts of an Operator that a reconciliation pass uses."""
+    """The parts of an Operator that a reconciliation pass uses.
 
-    def __init__(self, app_ids):
+    Each app has one running instance, unit u<app id>; the units named in
+    ``down`` are reported stopped, and ``routes`` are Caddy's routes.
+    """
+
+    def __init__(self, app_ids, down=None, routes=(), domain=None):
         self.runner = co.JobRunner()
+        self.batches = []
+        down = set(app_ids) if down is None else set(down)
+
+        def check_many(instances):
+            self.batches.append(sorted(i["unit"] for i in instances))
+            return {i["unit"]: ("stopped" if i["app_id"] in down
+                                else None, None) for i in instances}
+
+        def app(app_id):
+            instance = {"app_id": app_id, "instance_id": "a",
+                        "unit": f"u{app_id}", "state": "running",
+                        "serving": True, "kind": "binary", "port": app_id}
+            return {"app_id": app_id, "domain": domain,
+                    "instances": {"a": instance}}
+
         self.store = types.SimpleNamespace(
-            apps=lambda: [{"app_id": app_id} for app_id in app_ids])
+            apps=lambda: [app(app_id) for app_id in app_ids])
         self.caddy = types.SimpleNamespace(ping=lambda: True,
-                                           ensure_server=lambda: None)
+                                           ensure_server=lambda: None,
+                                           routes=lambda: list(routes))
+        self.runtime_for = lambda kind: types.SimpleNamespace(
+            check_many=check_many)
 
 
 def test_reconcile_pass_checks_one_app_at_a_time(monkeypatch):
@@ -417,6 +439,42 @@ def test_reconcile_pass_goes_on_past_a_busy_app(monkeypatch):
     release.set()
     assert host.runner.wait_idle(10)
     assert checked == [2, 1]
+
+
+def test_reconcile_pass_queues_only_apps_out_of_order(monkeypatch):
+    """One batch check covers all apps; only an app whose unit is down or
+    whose route differs from its record gets a check of its own."""
+    def route(app_id, port):
+        return co.build_app_route(app_id, f"a{app_id}.example.test",
+                                  [(f"127.0.0.1:{port}", 100)])
+
+    host = _PassHost([1, 2, 3, 4], down=[2], domain="x.example.test",
+                     routes=[route(1, 1), route(2, 2), route(3, 9)])
+    reconciler = co.Reconciler(host)
+    reconciler.drift["app 1 route"] = "an old report"
+    checked = []
+    monkeypatch.setattr(reconciler, "check_app", checked.append)
+    reconciler.run_once()
+    assert host.runner.wait_idle(10)
+    # 2: unit down; 3: route to another port; 4: no route at all.
+    assert checked == [2, 3, 4]
+    assert host.batches == [["u1", "u2", "u3", "u4"]]
+    assert reconciler.report() == []
+
+
+def test_reconcile_pass_checks_each_app_when_caddy_read_fails(monkeypatch):
+    host = _PassHost([1, 2], down=[])
+
+    def unreachable():
+        raise co.CaddyError("the Caddy admin API is unreachable", 503)
+
+    host.caddy.routes = unreachable
+    reconciler = co.Reconciler(host)
+    checked = []
+    monkeypatch.setattr(reconciler, "check_app", checked.append)
+    reconciler.run_once()
+    assert host.runner.wait_idle(10)
+    assert checked == [1, 2]
 
 
 def test_history_key_rejects_spaces():

@@ -316,6 +316,11 @@ def test_callbacks_signed_and_ordered(operator, assets, callbacks):
     events = [json.loads(r.body) for r in mine]
     assert [e["event"] for e in events] == [
         "deployment.queued", "deployment.running", "deployment.succeeded"]
+    # The running state is stored with the start entry of the first step.
+    running = events[1]["deployment"]
+    assert running["state"] == "running"
+    assert [(s["name"], s["state"]) for s in running["steps"]] == [
+        ("fetch_asset", "running")]
     seqs = [e["seq"] for e in events]
     assert seqs == sorted(seqs)
     assert [e["deployment_seq"] for e in events] == [1, 2, 3]

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import pathlib
 
 import pytest
@@ -195,6 +196,55 @@ def test_store_seq_above_outbox_without_seq_file(tmp_path):
     co.atomic_write_json(os.path.join(str(tmp_path), "seq.json"), {"seq": 2})
     third = co.Store(str(tmp_path))
     assert third.next_seq() == 7
+
+
+def test_delivered_mark_skips_fsync(tmp_path, monkeypatch):
+    """Only the mark of a finished event is written without fsync."""
+    store = co.Store(str(tmp_path))
+    event = {"seq": store.next_seq(), "event": "x", "attempts": 1}
+    synced = []
+    monkeypatch.setattr(co, "sync_fd", lambda fd, data_only=False:
+                        synced.append(fd))
+    store.outbox_update(dict(event, next_at=5.0))
+    assert len(synced) == 2  # the file and its directory
+    store.outbox_update(dict(event, delivered_at=6.0))
+    store.outbox_update(dict(event, given_up_at=7.0))
+    assert len(synced) == 2
+    assert store.outbox_events() == [dict(event, given_up_at=7.0)]
+
+
+def test_unreadable_outbox_event_skipped(tmp_path):
+    """An outbox file left empty by a power loss is skipped, with a warning."""
+    store = co.Store(str(tmp_path))
+    first, second = store.next_seq(), store.next_seq()
+    store.outbox_add({"seq": first, "event": "x"})
+    with open(os.path.join(store.outbox_dir, f"{second:012d}.json"), "wb"):
+        pass
+    assert store.outbox_events() == [{"seq": first, "event": "x"}]
+    assert store.outbox_after(0, 10) == ([{"seq": first, "event": "x"}],
+                                         False)
+
+
+def test_deferred_running_state_precedes_failure(tmp_path):
+    """A deploy that fails before its first step still stores and sends
+    "running" before "failed", and sends "running" once."""
+    store = co.Store(str(tmp_path))
+    config = co.load_config(write_config(tmp_path, BASE), {}, {})
+    outbox = co.CallbackOutbox(store, config)
+    outbox.stop()  # no delivery threads: the outbox files are checked
+
+    class Failing:
+        def run(self, job):
+            raise RuntimeError("no app record")
+
+    op = types.SimpleNamespace(store=store, outbox=outbox, runtimes={},
+                               strategies=Failing())
+    record = {"deployment_id": 77, "app_id": 77, "state": "queued",
+              "callback_url": "http://127.0.0.1:9/cb", "steps": []}
+    co.DeployJob(op, record, {"app_id": 77}).run()
+    events = [e["event"] for e in store.outbox_events()]
+    assert events == ["deployment.running", "deployment.failed"]
+    assert store.deployment(77)["state"] == "failed"
 
 
 def test_emit_stores_record_before_its_event(tmp_path):
@@ -693,6 +743,32 @@ def test_failed_disable_still_stops(tmp_path):
     with pytest.raises(co.SystemdError, match="cannot disable"):
         systemd.disable_and_stop(unit)
     assert calls.read_text().splitlines() == [f"stop {unit}"]
+
+
+def test_show_many_reads_blocks_by_id(tmp_path, monkeypatch):
+    """One systemctl show per SHOW_MANY_UNITS units; each block is matched
+    to its unit by Id, and a unit missing from the output is left out."""
+    monkeypatch.setattr(co, "SHOW_MANY_UNITS", 2)
+    calls = tmp_path / "calls"
+    fake = tmp_path / "systemctl"
+    fake.write_text(
+        "#!/bin/sh\n"
+        f"echo \"$@\" >> {calls}\n"
+        "shift 2\n"
+        "for unit in \"$@\"; do\n"
+        "  [ \"$unit\" = crate-app-3-c.service ] && continue\n"
+        "  printf 'Id=%s\\nActiveState=active\\nResult=x=y\\n\\n' \"$unit\"\n"
+        "done\n")
+    fake.chmod(0o755)
+    systemd = co.Systemd([str(fake)], str(tmp_path))
+    units = [f"crate-app-{n}-{c}.service" for n, c in ((1, "a"), (2, "b"),
+                                                        (3, "c"))]
+    shown = systemd.show_many(units, "ActiveState", "Result")
+    assert shown == {units[0]: {"ActiveState": "active", "Result": "x=y"},
+                     units[1]: {"ActiveState": "active", "Result": "x=y"}}
+    assert calls.read_text().splitlines() == [
+        f"show --property=Id,ActiveState,Result -- {units[0]} {units[1]}",
+        f"show --property=Id,ActiveState,Result -- {units[2]}"]
 
 
 def test_systemd_refuses_foreign_units(tmp_path):
