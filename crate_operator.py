@@ -4302,6 +4302,34 @@ def upstreams_from_route(route: dict) -> list[tuple[str, int]]:
     return [(dial, weights[dial]) for dial in counts]
 
 
+def caddy_json(value) -> bytes | None:
+    """Return the bytes that Caddy 2.6.2 answers for a GET of ``value``, or
+    None when they cannot be told here.
+
+    Go's encoder sorts object keys and writes compact JSON with a final
+    newline, as json.dumps does with these options.  It escapes <, >, &,
+    U+2028 and U+2029, writes some control characters differently and
+    formats floats its own way, so values with any of those give None.
+    """
+    if _has_float(value):
+        return None
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False)
+    if any(char in text for char in "\\<>&\u2028\u2029"):
+        return None
+    return text.encode("utf-8") + b"\n"
+
+
+def _has_float(value) -> bool:
+    if isinstance(value, float):
+        return True
+    if isinstance(value, dict):
+        return any(_has_float(item) for item in value.values())
+    if isinstance(value, list):
+        return any(_has_float(item) for item in value)
+    return False
+
+
 def caddy_config_etag(path: str, body: bytes) -> str:
     """Compute the ETag that Caddy 2.6.2 sends for GET path with this body.
 
@@ -4504,6 +4532,11 @@ class CaddyClient:
         # read, or None. Replaced as a whole, never changed in place, so a
         # reader without the lock sees one consistent pair.
         self._route_index: tuple[dict[str, int], int] | None = None
+        # (position, body of GET .../routes/<position>) of app routes by
+        # "@id", as this client last wrote or read them; changed under the
+        # write lock only.  A write based on it sends If-Match with the
+        # body's hash, so Caddy rejects it when the route changed since.
+        self._known: dict[str, tuple[int, bytes]] = {}
 
     def _admin_key(self) -> str:
         if self._socket_path is not None:
@@ -4706,6 +4739,14 @@ class CaddyClient:
     # which rebuilds the index. Positions, not GET /id/<id>, are used, because
     # Caddy 2.6.2 resolves an id outside its config lock and sometimes returned
     # a neighbouring route during another client's change.
+    #
+    # The client also keeps each route as it last wrote it (_known), in the
+    # bytes Caddy answers for it (caddy_json), so the next change skips the
+    # read of the route and sends If-Match with the hash of those bytes.
+    # A replacement checks the route count first, so that a copy of the
+    # route inserted by another writer is still found and removed; a
+    # domain change reads the whole config for its domain check anyway.
+    # Any failed guessed write falls back to the read of the route.
 
     def _index_routes(self, snapshot: _ConfigSnapshot) -> None:
         """Rebuild the route index from a full read.
@@ -4798,14 +4839,15 @@ class CaddyClient:
         return False
 
     def _read_indexed(
-        self, route_id: str, action: str, catch_all: bool = True
+        self, route_id: str, action: str, check: str = "catch_all"
     ) -> tuple[int, dict, str] | None:
         """Read one route at its indexed position and check the index.
 
         Returns (position, route, If-Match value for that position), or None
         when the route is not indexed or the index is stale (then dropped).
-        With catch_all False, only the route count is checked, not that the
-        catch-all is the last route (one request fewer).
+        check "catch_all" also checks that the catch-all is the last route,
+        "count" only the route count (one request fewer), "none" nothing
+        more (two fewer).
         """
         index = self._route_index
         position = index[0].get(route_id) if index else None
@@ -4820,11 +4862,48 @@ class CaddyClient:
             )
             self._drop_index(index)
             return None
-        if catch_all and not self._catch_all_last(index, action):
+        if check == "catch_all" and not self._catch_all_last(index, action):
             return None
-        if not catch_all and not self._count_unchanged(index, action):
+        if check == "count" and not self._count_unchanged(index, action):
             return None
         return position, route, caddy_config_etag(self._route_path(position), body)
+
+    def _remember(self, route_id: str, position: int, route: dict) -> None:
+        """Note the route that this client wrote or read at position."""
+        body = caddy_json(route)
+        if body is None:
+            self._known.pop(route_id, None)
+        else:
+            self._known[route_id] = (position, body)
+
+    def _known_route(self, route_id: str) -> tuple[int, dict, str] | None:
+        """Return (position, route, If-Match value) of a route as this client
+        last wrote or read it, or None; no request is made."""
+        known = self._known.get(route_id)
+        index = self._route_index
+        if known is None or index is None or index[0].get(route_id) != known[0]:
+            return None
+        position, body = known
+        return (position, json.loads(body),
+                caddy_config_etag(self._route_path(position), body))
+
+    def _write_known(self, route_id: str, position: int, suffix: str,
+                     document: object, if_match: str, action: str) -> bool:
+        """PATCH a route based on _known_route; False when that failed.
+
+        Any error counts as a stale guess, not only 412: Caddy 2.6.2 answers
+        "array index out of bounds" when the server has shrunk below the
+        position.  Caddy applies no part of a failed change, and the caller
+        reads the route and tries once more, which reports a real error.
+        """
+        path = self._route_path(position) + suffix
+        status, body = self._request("PATCH", path, action, document, if_match)
+        if status == 200:
+            return True
+        self._known.pop(route_id, None)
+        LOG.debug("%s: writing Caddy route %s as last known returned %d, "
+                  "reading it", action, route_id, status)
+        return False
 
     def _write_position(
         self,
@@ -4851,8 +4930,10 @@ class CaddyClient:
             raise self._response_error(action, method, path, status, body)
         return True
 
-    def _domain_mentioned(self, domain: str, action: str) -> bool:
-        """Return False only when no route in any server can match domain.
+    def _domain_mentioned(self, domain: str, action: str,
+                          route_id: str | None = None) -> bool:
+        """Return False only when no route in any server can match domain,
+        and the config has route_id (when given) exactly once.
 
         Reads the whole config but does not parse it: a route matching domain
         contains the JSON string "<domain>" in some letter case, with trailing
@@ -4866,6 +4947,9 @@ class CaddyClient:
         status, body = self._request("GET", "/config/", action)
         if status != 200:
             raise self._response_error(action, "GET", "/config/", status, body)
+        if route_id is not None and \
+                body.count(b'"@id":' + json.dumps(route_id).encode()) != 1:
+            return True
         return b'"' + domain.encode("ascii") in body.lower()
 
     # --- Reads ---
@@ -5072,6 +5156,7 @@ class CaddyClient:
         indexes = self._route_indexes(snapshot, route_id)
         routes = snapshot.server(self.server)["routes"]
         if len(indexes) == 1 and routes[indexes[0]] == route:
+            self._remember(route_id, indexes[0], route)
             return route
         if len(indexes) == 1:
             method, path, document = "PATCH", "/id/" + route_id, route
@@ -5100,6 +5185,8 @@ class CaddyClient:
             self._index_route_list(
                 routes[:catch_all_index] + [route] + routes[catch_all_index:]
             )
+        self._remember(route_id, indexes[0] if indexes else catch_all_index,
+                       route)
         LOG.info("Caddy route %s %s", route_id, "replaced" if indexes else "created")
         return route
 
@@ -5110,19 +5197,35 @@ class CaddyClient:
         stale or the domain changes, because a new domain must be checked
         against every route.
         """
+        route_id = route["@id"]
+        index = self._route_index
+        known = self._known_route(route_id)
+        if known is not None and self._count_unchanged(index, action):
+            # The route as last written, unless If-Match says it changed:
+            # the route count (which shows a copy of it added by another
+            # writer) and the write, two requests.
+            position, live, if_match = known
+            if live.get("match") == route["match"] and live != route and \
+                    self._write_known(route_id, position, "", route, if_match,
+                                      action):
+                self._remember(route_id, position, route)
+                LOG.info("Caddy route %s replaced", route_id)
+                return route
         # Replacing a route in place does not need the catch-all last;
         # ensure_server, which the reconciler runs every pass, puts it back.
-        found = self._read_indexed(route["@id"], action, catch_all=False)
+        found = self._read_indexed(route_id, action, check="count")
         if found is None:
             return _READ_AGAIN
         position, live, if_match = found
         if live.get("match") != route["match"]:
             return _READ_AGAIN
         if live == route:
+            self._remember(route_id, position, live)
             return route
         if not self._write_position("PATCH", position, "", route, if_match, action):
             return _READ_AGAIN
-        LOG.info("Caddy route %s replaced", route["@id"])
+        self._remember(route_id, position, route)
+        LOG.info("Caddy route %s replaced", route_id)
         return route
 
     def set_app_route(self, app_id: int | str, domain: str, upstreams: list) -> dict:
@@ -5205,21 +5308,40 @@ class CaddyClient:
         between that read and the write is not detected. Writers in this
         process are ordered by the lock.
         """
-        found = self._read_indexed(route_id, action)
+        # The write is guarded by the hash of the route, and the domain check
+        # reads every route (and finds a second copy of the route), so the
+        # index needs no check of its own here.
+        known = self._known_route(route_id)
+        if known is not None:
+            position, route, if_match = known
+            if route.get("match") != [{"host": [domain]}]:
+                if self._domain_mentioned(domain, action, route_id):
+                    return _READ_AGAIN
+                if self._write_known(route_id, position, "/match",
+                                     [{"host": [domain]}], if_match, action):
+                    return self._domain_changed(route_id, position, route,
+                                                domain)
+        found = self._read_indexed(route_id, action, check="none")
         if found is None:
             return _READ_AGAIN
         position, route, if_match = found
         match = [{"host": [domain]}]
         if route.get("match") == match:
             return route
-        if self._domain_mentioned(domain, action):
+        if self._domain_mentioned(domain, action, route_id):
             return _READ_AGAIN
         if not self._write_position(
             "PATCH", position, "/match", match, if_match, action
         ):
             return _READ_AGAIN
+        return self._domain_changed(route_id, position, route, domain)
+
+    def _domain_changed(self, route_id: str, position: int, route: dict,
+                        domain: str) -> dict:
+        route = dict(route, match=[{"host": [domain]}])
+        self._remember(route_id, position, route)
         LOG.info("Caddy route %s now matches domain %s", route_id, domain)
-        return dict(route, match=match)
+        return route
 
     def delete_app_route(self, app_id: int | str) -> bool:
         """Delete the route of app_id and return False when Caddy had none.
@@ -5238,6 +5360,7 @@ class CaddyClient:
             if self._guarded_write("DELETE", path, None, snapshot, action):
                 LOG.info("Caddy route %s deleted", route_id)
                 deleted.append(path)
+                self._known.pop(route_id, None)
             return _READ_AGAIN
 
         return self._run_guarded(action, delete_step)

@@ -790,14 +790,53 @@ def test_route_update_reads_one_route(caddy, client, backends):
     before = len(caddy.admin_requests())
     client.set_app_route("second", "second.example.test", [(backends[1], 100)])
     requests = caddy.admin_requests()[before:]
-    # The route, the position after the last route, and one write.
+    # The route is known from the client's own write: the position after
+    # the last route, and one write guarded by the known route's hash.
     assert requests == [
-        ("GET", ROUTES_PATH + "/1"),
         ("GET", ROUTES_PATH + "/3"),
         ("PATCH", ROUTES_PATH + "/1"),
     ]
     assert proxy_get(caddy, "second.example.test")[2] == b"backend-B"
     assert proxy_get(caddy, "first.example.test")[2] == b"backend-A"
+    # Another client changes the route: the write guarded by the hash of
+    # the route as this client wrote it gets 412, so the change reads the
+    # route, finds it as wanted and writes nothing.
+    other = make_client(caddy)
+    other.set_app_route("second", "second.example.test", [(backends[0], 100)])
+    before = len(caddy.admin_requests())
+    client.set_app_route("second", "second.example.test", [(backends[0], 100)])
+    assert caddy.admin_requests()[before:] == [
+        ("GET", ROUTES_PATH + "/3"),
+        ("PATCH", ROUTES_PATH + "/1"),
+        ("GET", ROUTES_PATH + "/1"),
+        ("GET", ROUTES_PATH + "/3"),
+    ]
+    assert proxy_get(caddy, "second.example.test")[2] == b"backend-A"
+
+
+def test_known_route_past_the_end_read_again(caddy, client, backends):
+    """A route this client knows at a position the server no longer has
+    is read again; the error of the guessed write is not reported."""
+    client.set_app_route("first", "first.example.test", [(backends[0], 100)])
+    client.set_app_route("second", "second.example.test", [(backends[0], 100)])
+    second = caddy.routes()[1]
+    caddy.call_json("PATCH", ROUTES_PATH, [second])
+    route = client.set_app_route("second", "second.example.test",
+                                 [(backends[1], 100)])
+    assert route_ids(caddy.routes()) == ["crate-app-second", "crate-catch-all"]
+    assert proxy_get(caddy, "second.example.test")[2] == b"backend-B"
+    assert route == caddy.routes()[0]
+
+
+def test_caddy_json_matches_caddy_bytes(caddy, client, backends):
+    """The bytes caddy_json predicts are those Caddy answers for a GET."""
+    route = client.set_app_route("shop", "shop.example.test",
+                                 [(backends[0], 60), (backends[1], 40)])
+    status, body = caddy.call("GET", ROUTES_PATH + "/0")
+    assert status == 200
+    assert co.caddy_json(route) == body
+    assert co.caddy_json({"a": "<b>"}) is None
+    assert co.caddy_json({"a": 0.5}) is None
 
 
 def test_domain_change_parses_no_config(caddy, client, backends, monkeypatch):
@@ -866,15 +905,18 @@ def test_stale_index_repaired(caddy, client, backends, change, expected_ids):
     if "crate-app-first" in expected_ids:
         assert first in routes
     assert proxy_get(caddy, "second.example.test")[2] == b"backend-B"
-    # The full read that repaired the change rebuilt the index, so the next
-    # change reads one route again.
+    # The full read that repaired the change rebuilt the index, and the
+    # route is known from the repairing write, so the next change reads
+    # only the config for the domain check, then writes.
     positions, count = client._route_index
     assert count == len(routes)
     assert positions["crate-app-second"] == expected_ids.index("crate-app-second")
     before = len(caddy.admin_requests())
     client.change_domain("second", "second2.example.test")
-    methods = [method for method, _ in caddy.admin_requests()[before:]]
-    assert methods == ["GET", "GET", "GET", "GET", "PATCH"]
+    assert caddy.admin_requests()[before:] == [
+        ("GET", "/config/"),
+        ("PATCH", ROUTES_PATH + "/%d/match"
+         % expected_ids.index("crate-app-second"))]
     assert proxy_get(caddy, "second2.example.test")[2] == b"backend-B"
 
 
@@ -897,6 +939,7 @@ def test_route_changed_after_read_gets_412(
     caddy, client, backends, monkeypatch, caplog
 ):
     client.set_app_route("shop", "shop.example.test", [(backends[0], 100)])
+    client._known.clear()  # so that the change reads the route first
     original = co.CaddyClient._read_indexed
     interrupted = []
 
