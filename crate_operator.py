@@ -6493,6 +6493,37 @@ def _port_in_use(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+# Local addresses, as /proc/net/tcp and tcp6 spell them, of sockets that
+# accept connections to 127.0.0.1: 127.0.0.1 and 0.0.0.0, then :: and
+# ::ffff:127.0.0.1 (words in host byte order, little-endian here).
+_LOOPBACK_LISTEN = {"/proc/net/tcp": ("0100007F", "00000000"),
+                    "/proc/net/tcp6": ("0" * 32,
+                                       "0000000000000000FFFF00000100007F")}
+
+
+def loopback_listeners(port: int) -> set:
+    """Return the inodes of the sockets that listen for 127.0.0.1:port.
+
+    Read from /proc/net of this network namespace, which the apps share:
+    no process is started, unlike a systemctl call.
+    """
+    inodes = set()
+    for path, addresses in _LOOPBACK_LISTEN.items():
+        try:
+            with open(path, encoding="ascii") as handle:
+                lines = handle.read().splitlines()[1:]
+        except FileNotFoundError:  # no IPv6 in this kernel
+            continue
+        for line in lines:
+            fields = line.split()
+            address, _, hex_port = fields[1].partition(":")
+            # State 0A is TCP_LISTEN.
+            if fields[3] == "0A" and address in addresses and \
+                    int(hex_port, 16) == port:
+                inodes.add(fields[9])
+    return inodes
+
+
 def probe_http(port: int, path: str) -> tuple:
     """Return (ready, detail) for one GET of http://127.0.0.1:port<path>.
 
@@ -6862,8 +6893,9 @@ class BinaryRuntime:
         """Restart the running unit of ``instance`` from its new unit file.
 
         The old process of the same unit holds the port until systemd
-        stops it, so the port is not checked here: the caller restarts
-        only a unit that it saw running (see Strategies._in_place).  A
+        stops it, so the port is not checked here: the caller checks after
+        the health check that a new socket listens on the port (see
+        Strategies._in_place).  A
         running unit is enabled already: the operator enabled it when it
         started it, and the reconciler enables it again when someone
         disabled it (see check).
@@ -8019,15 +8051,15 @@ class Strategies:
         plan = job.plan
         runtime = self.op.runtime_for(plan["kind"])
         old = copy.deepcopy(live)
-        # A restart skips start()'s port check, which is only safe while
-        # the old process of the same unit holds the port.  Whether that
-        # unit runs is checked in a thread beside the download and the file
-        # writes, because beside the daemon-reload the check slowed it.
+        # A restart skips start()'s port check, which is safe while the old
+        # process of the same unit holds the port: the restart frees it for
+        # the new one.  When another process holds it instead (the old unit
+        # died and something else took the port), the health check would
+        # reach that process, so _check_new_listener fails the update.
         slot = live["instance_id"]
         restart = runtime.restarts_in_place and \
             old.get("state") == "running" and \
             old.get("port") == plan["targets"][slot]
-        old_check = _Beside(runtime.problem, old) if restart else None
         release = job.step("fetch_asset", runtime.prepare, plan,
                            message=runtime.describe_source(plan))
         instance = self._new_instance(plan, slot, release)
@@ -8044,12 +8076,13 @@ class Strategies:
                 runtime.reload()
             return "failed", f"{exc}; the previous version keeps serving"
         try:
-            if restart and old_check.outcome() == (None, None):
+            if restart:
+                held = loopback_listeners(instance["port"])
                 job.step("start_instance", runtime.restart, instance,
                          message=f"restart {instance['unit']} on port "
                                  f"{instance['port']}")
-                job.step("health_check", self.op.wait_healthy, job.plan,
-                         instance)
+                job.step("health_check", self._healthy_after_restart,
+                         job.plan, instance, held)
             else:
                 job.step("stop_old", runtime.stop, old, message=old["unit"])
                 self._start_and_check(job, instance)
@@ -8063,6 +8096,20 @@ class Strategies:
         app["serving_version"] = plan["version"]
         self.op.store.save_app(app)
         return "succeeded", None
+
+    def _healthy_after_restart(self, plan: dict, instance: dict,
+                               held: set) -> None:
+        """Wait for the health check, then make sure that the new process
+        answered it: some socket must listen for the port that did not
+        before the restart (``held``)."""
+        self.op.wait_healthy(plan, instance)
+        if not loopback_listeners(instance["port"]) - held:
+            raise StepError(
+                f"port {instance['port']} is held by another process: after "
+                f"the restart of {instance['unit']} only the socket that "
+                f"listened before answers, so the health check did not "
+                f"reach the new version; free the port or deploy to another "
+                f"one")
 
     def _restore_in_place(self, job, app, old, snap, exc):
         """Bring back the version that served before an in-place update."""
@@ -8089,28 +8136,6 @@ class Strategies:
         self.op.store.save_app(app)
         return "rolled_back", (f"{exc}; version {old['version']} was "
                                f"restored and serves again")
-
-
-
-class _Beside:
-    """One call run in a thread beside the caller's next steps."""
-
-    def __init__(self, func, *args):
-        self._outcome = (None, None)
-        self._thread = threading.Thread(target=self._run, args=(func, args),
-                                        name="beside", daemon=True)
-        self._thread.start()
-
-    def _run(self, func, args) -> None:
-        try:
-            self._outcome = (func(*args), None)
-        except Exception as exc:  # handed to the caller by outcome()
-            self._outcome = (None, exc)
-
-    def outcome(self) -> tuple:
-        """Wait for the call; return (its result, None) or (None, error)."""
-        self._thread.join()
-        return self._outcome
 
 
 class InstanceSetDeploy:

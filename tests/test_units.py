@@ -9,6 +9,7 @@ import hmac
 import json
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -769,6 +770,34 @@ def test_show_many_reads_blocks_by_id(tmp_path, monkeypatch):
     assert calls.read_text().splitlines() == [
         f"show --property=Id,ActiveState,Result -- {units[0]} {units[1]}",
         f"show --property=Id,ActiveState,Result -- {units[2]}"]
+
+
+def test_loopback_listeners_finds_sockets_for_loopback(tmp_path):
+    """Sockets that accept 127.0.0.1:port count, by inode; others do not."""
+    wanted = socket.socket()
+    wanted.bind(("127.0.0.1", 0))
+    port = wanted.getsockname()[1]
+    assert co.loopback_listeners(port) == set()  # bound, not listening
+    wanted.listen()
+    other = socket.socket()
+    other.bind(("127.0.0.2", port))
+    other.listen()
+    try:
+        inode = str(os.fstat(wanted.fileno()).st_ino)
+        assert co.loopback_listeners(port) == {inode}
+    finally:
+        wanted.close()
+        other.close()
+    assert co.loopback_listeners(port) == set()
+    wildcard = socket.socket(socket.AF_INET6)
+    wildcard.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    wildcard.bind(("::", port))
+    wildcard.listen()
+    try:
+        assert co.loopback_listeners(port) == {
+            str(os.fstat(wildcard.fileno()).st_ino)}
+    finally:
+        wildcard.close()
 
 
 def test_systemd_refuses_foreign_units(tmp_path):
