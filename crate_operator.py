@@ -6493,35 +6493,71 @@ def _port_in_use(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-# Local addresses, as /proc/net/tcp and tcp6 spell them, of sockets that
-# accept connections to 127.0.0.1: 127.0.0.1 and 0.0.0.0, then :: and
-# ::ffff:127.0.0.1 (words in host byte order, little-endian here).
-_LOOPBACK_LISTEN = {"/proc/net/tcp": ("0100007F", "00000000"),
-                    "/proc/net/tcp6": ("0" * 32,
-                                       "0000000000000000FFFF00000100007F")}
+# Local addresses of sockets that accept connections to 127.0.0.1:
+# 127.0.0.1 and 0.0.0.0, then :: and ::ffff:127.0.0.1.
+_LOOPBACK_LISTEN = {
+    socket.AF_INET: (bytes([127, 0, 0, 1]), bytes(4)),
+    socket.AF_INET6: (bytes(16), bytes(10) + b"\xff\xff" + bytes([127, 0, 0, 1])),
+}
+# Linux sock_diag (linux/sock_diag.h, linux/inet_diag.h): the netlink
+# protocol, the request type, and the length of struct inet_diag_msg.
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_INET_DIAG_MSG_LEN = 72
+_TCP_LISTEN = 10
 
 
 def loopback_listeners(port: int) -> set:
     """Return the inodes of the sockets that listen for 127.0.0.1:port.
 
-    Read from /proc/net of this network namespace, which the apps share:
-    no process is started, unlike a systemctl call.
+    Asks the kernel for the listening TCP sockets of this network
+    namespace, which the apps share, over netlink (sock_diag): no process
+    is started, unlike a systemctl call, and no other socket is read,
+    unlike /proc/net/tcp, which took 10 ms with 1,900 connections in
+    TIME_WAIT.  Raises OSError when netlink is not available.
     """
     inodes = set()
-    for path, addresses in _LOOPBACK_LISTEN.items():
-        try:
-            with open(path, encoding="ascii") as handle:
-                lines = handle.read().splitlines()[1:]
-        except FileNotFoundError:  # no IPv6 in this kernel
-            continue
-        for line in lines:
-            fields = line.split()
-            address, _, hex_port = fields[1].partition(":")
-            # State 0A is TCP_LISTEN.
-            if fields[3] == "0A" and address in addresses and \
-                    int(hex_port, 16) == port:
-                inodes.add(fields[9])
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM,
+                       _NETLINK_SOCK_DIAG) as netlink:
+        netlink.settimeout(5.0)
+        for family, addresses in _LOOPBACK_LISTEN.items():
+            # struct inet_diag_req_v2: family, protocol, ext, pad, states,
+            # then a zeroed struct inet_diag_sockid (48 bytes).
+            request = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0,
+                                  1 << _TCP_LISTEN) + bytes(48)
+            # struct nlmsghdr: length, type, flags (REQUEST | DUMP), seq, pid.
+            netlink.send(struct.pack("=IHHII", 16 + len(request),
+                                     _SOCK_DIAG_BY_FAMILY, 0x301, 1, 0)
+                         + request)
+            for message in _netlink_dump(netlink):
+                if len(message) < _INET_DIAG_MSG_LEN:
+                    continue
+                # struct inet_diag_msg: family, state, timer, retrans, then
+                # sockid (sport and dport big-endian, src 16 bytes, ...), and
+                # expires, rqueue, wqueue, uid and inode at the end.
+                source_port = struct.unpack_from("!H", message, 4)[0]
+                source = message[8:8 + (4 if family == socket.AF_INET else 16)]
+                if source_port == port and source in addresses:
+                    inodes.add(struct.unpack_from("=I", message, 68)[0])
     return inodes
+
+
+def _netlink_dump(netlink: socket.socket):
+    """Yield the payloads of one netlink dump until its NLMSG_DONE."""
+    while True:
+        data = netlink.recv(1 << 16)
+        offset = 0
+        while offset + 16 <= len(data):
+            length, kind = struct.unpack_from("=IH", data, offset)
+            if length < 16:
+                raise OSError(errno.EPROTO, "invalid netlink message length")
+            if kind == 3:  # NLMSG_DONE
+                return
+            if kind == 2:  # NLMSG_ERROR: a negative errno follows
+                code = -struct.unpack_from("=i", data, offset + 16)[0]
+                raise OSError(code, os.strerror(code))
+            yield data[offset + 16:offset + length]
+            offset += (length + 3) & ~3
 
 
 def probe_http(port: int, path: str) -> tuple:
@@ -8075,9 +8111,9 @@ class Strategies:
             with contextlib.suppress(Exception):
                 runtime.reload()
             return "failed", f"{exc}; the previous version keeps serving"
+        held = self._listeners_before_restart(instance) if restart else None
         try:
-            if restart:
-                held = loopback_listeners(instance["port"])
+            if held is not None:
                 job.step("start_instance", runtime.restart, instance,
                          message=f"restart {instance['unit']} on port "
                                  f"{instance['port']}")
@@ -8097,13 +8133,28 @@ class Strategies:
         self.op.store.save_app(app)
         return "succeeded", None
 
+    def _listeners_before_restart(self, instance: dict) -> set | None:
+        """Return the sockets listening for the instance's port, or None
+        when they cannot be read, so that the update stops and starts."""
+        try:
+            return loopback_listeners(instance["port"])
+        except OSError as exc:
+            log("listeners.unreadable", logging.WARNING, error=str(exc),
+                app_id=instance["app_id"], instance_id=instance["instance_id"])
+            return None
+
     def _healthy_after_restart(self, plan: dict, instance: dict,
                                held: set) -> None:
         """Wait for the health check, then make sure that the new process
         answered it: some socket must listen for the port that did not
         before the restart (``held``)."""
         self.op.wait_healthy(plan, instance)
-        if not loopback_listeners(instance["port"]) - held:
+        try:
+            listening = loopback_listeners(instance["port"])
+        except OSError as exc:
+            raise StepError(f"cannot read the sockets listening on port "
+                            f"{instance['port']}: {exc}") from exc
+        if not listening - held:
             raise StepError(
                 f"port {instance['port']} is held by another process: after "
                 f"the restart of {instance['unit']} only the socket that "
@@ -11193,7 +11244,8 @@ DEFAULT_PORT = parse_listen(CONFIG_SPEC["listen"][0])[1]
 # directives limit root: it may write only the unit dir, its state dir and
 # apps_dir, and use only the system calls of an ordinary service. Its one
 # capability, CAP_DAC_OVERRIDE, lets it connect to a Caddy admin or docker
-# socket that another user owns.
+# socket that another user owns. AF_NETLINK is for loopback_listeners
+# (sock_diag); without CAP_NET_ADMIN netlink cannot change the network.
 OPERATOR_UNIT_HARDENING = """\
 CapabilityBoundingSet=CAP_DAC_OVERRIDE
 NoNewPrivileges=yes
@@ -11215,7 +11267,7 @@ RestrictRealtime=yes
 RestrictSUIDSGID=yes
 LockPersonality=yes
 MemoryDenyWriteExecute=yes
-RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
 SystemCallArchitectures=native
 SystemCallFilter=@system-service
 SystemCallFilter=~@privileged @resources

@@ -783,7 +783,7 @@ def test_loopback_listeners_finds_sockets_for_loopback(tmp_path):
     other.bind(("127.0.0.2", port))
     other.listen()
     try:
-        inode = str(os.fstat(wanted.fileno()).st_ino)
+        inode = os.fstat(wanted.fileno()).st_ino
         assert co.loopback_listeners(port) == {inode}
     finally:
         wanted.close()
@@ -795,9 +795,20 @@ def test_loopback_listeners_finds_sockets_for_loopback(tmp_path):
     wildcard.listen()
     try:
         assert co.loopback_listeners(port) == {
-            str(os.fstat(wildcard.fileno()).st_ino)}
+            os.fstat(wildcard.fileno()).st_ino}
     finally:
         wildcard.close()
+
+
+def test_no_restart_without_listeners(monkeypatch):
+    """When the listening sockets cannot be read, an in-place update stops
+    and starts the unit, with start()'s port check, instead of a restart."""
+    def unavailable(port):
+        raise OSError(co.errno.EAFNOSUPPORT, "netlink is not available")
+
+    monkeypatch.setattr(co, "loopback_listeners", unavailable)
+    instance = {"app_id": 5, "instance_id": "blue", "port": 10001}
+    assert co.Strategies._listeners_before_restart(None, instance) is None
 
 
 def test_systemd_refuses_foreign_units(tmp_path):
