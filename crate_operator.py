@@ -6731,9 +6731,13 @@ class BinaryRuntime:
     # --- release records, reuse and pruning
 
     def _write_record(self, app_id: int, record: dict) -> None:
+        # Without fsync: the release is durable before its record is
+        # written, and a record that a power loss empties or loses is
+        # skipped by release_records, so the release is downloaded again
+        # instead of reused, and pruned by its age like any other.
         path = self._record_path(app_id, record["name"])
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        atomic_write_json(path, record, 0o600)
+        atomic_write_json(path, record, 0o600, sync=False)
 
     def release_records(self, app_id: int) -> list:
         """Return the records of the app's releases whose directory exists."""

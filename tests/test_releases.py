@@ -551,6 +551,28 @@ def test_prune_keeps_newest_and_in_use(tmp_path):
     assert records == ["v1-1", "v3-3", "v4-4", "v5-5"]
 
 
+def test_lost_release_record_means_no_reuse(tmp_path, monkeypatch):
+    """A release record is written without fsync; one that a power loss
+    left empty is skipped, and its release is pruned by age."""
+    runtime, _ = runtime_for(tmp_path, release_retention=1)
+    synced = []
+    monkeypatch.setattr(co, "sync_fd", lambda fd, data_only=False:
+                        synced.append(fd))
+    releases = runtime.releases_dir(7)
+    os.makedirs(releases)
+    for n in (1, 2):
+        os.mkdir(os.path.join(releases, f"v{n}-{n}"), 0o555)
+        runtime._write_record(7, {"name": f"v{n}-{n}", "version": f"v{n}",
+                                  "used_at": 1000.0 + n})
+    assert synced == []
+    with open(runtime._record_path(7, "v2-2"), "w", encoding="utf-8"):
+        pass
+    assert [r["name"] for r in runtime.release_records(7)] == ["v1-1"]
+    os.utime(os.path.join(releases, "v2-2"), (1.0, 1.0))
+    runtime.prune_releases(7, "v1-1")
+    assert sorted(os.listdir(releases)) == [".meta", "v1-1"]
+
+
 # === Unit: downloads ===
 
 def test_download_4xx_not_retried(asset_server, tmp_path):
