@@ -5004,18 +5004,21 @@ class CaddyClient:
         found = _find_domain_owner(snapshot.config, name)
         return found[1] if found else None
 
-    def get_app_route(self, app_id: int | str) -> dict | None:
+    def get_app_route(self, app_id: int | str,
+                      check: str = "catch_all") -> dict | None:
         """Return the route of app_id in the server, or None when it has none.
 
         The route is read at its indexed position, or looked up in a read of
         the whole config, and never with GET /id/<id>. Caddy 2.6.2 maps the
         id to a path in one step and reads that path in a second one, so
         during another client's change it sometimes returned a neighbouring
-        route.
+        route. check is passed to _read_indexed: "none" reads one route
+        only, and may return the first of two copies that another writer
+        made.
         """
         route_id = caddy_route_id(app_id)
         action = f"read Caddy route {route_id}"
-        found = self._read_indexed(route_id, action)
+        found = self._read_indexed(route_id, action, check)
         if found is not None:
             return found[1]
         snapshot = self._snapshot(action)
@@ -9921,7 +9924,10 @@ class Operator:
     def _change_domain(self, value: dict) -> dict:
         app_id, old, new = value["app_id"], value["old_domain"], \
             value["new_domain"]
-        route = self.caddy.get_app_route(app_id)
+        # One request: change_domain reads the whole config and falls back
+        # to parsing it when the route appears twice, so the index needs no
+        # check here.
+        route = self.caddy.get_app_route(app_id, check="none")
         hosts = []
         for matcher in (route or {}).get("match", []):
             hosts += [normalise_domain(h) for h in matcher.get("host", [])]

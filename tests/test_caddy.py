@@ -856,6 +856,20 @@ def test_domain_change_parses_no_config(caddy, client, backends, monkeypatch):
     assert proxy_get(caddy, "moved.example.test")[2] == b"backend-A"
 
 
+def test_domain_update_requests(caddy, client, backends):
+    """A domain update as the operator makes it: the route, read at its
+    position, then the config for the domain check, then one write."""
+    client.set_app_route("shop", "shop.example.test", [(backends[0], 100)])
+    before = len(caddy.admin_requests())
+    route = client.get_app_route("shop", check="none")
+    assert route["match"] == [{"host": ["shop.example.test"]}]
+    client.change_domain("shop", "moved.example.test")
+    assert caddy.admin_requests()[before:] == [
+        ("GET", ROUTES_PATH + "/0"), ("GET", "/config/"),
+        ("PATCH", ROUTES_PATH + "/0/match")]
+    assert proxy_get(caddy, "moved.example.test")[2] == b"backend-A"
+
+
 def shift_first_away(caddy):
     caddy.call_json("DELETE", "/id/crate-app-first")
 
