@@ -52,6 +52,10 @@ SCALE_REPEATS = 15
 # Route changes after each measured deploy. A route change takes a few ms
 # of own time, so its median needs more samples than the deploy's.
 SCALE_ROUTE_CHANGES = 5
+# Pause before each measured deploy and route change. Caddy goes on
+# working for a while after it answers a config change, and systemd after
+# a start, and a call made at once shared the CPUs with that work.
+SCALE_SETTLE_S = 0.1
 HISTORY_RECORDS = 1000
 # Records the pruning row starts with; all but 100 are pruned.
 PRUNE_RECORDS = 2000 if QUICK else 5000
@@ -80,7 +84,7 @@ T0 = time.monotonic()
 class Environment:
     """Sandboxed systemd, Caddy, asset server, callbacks and one operator."""
 
-    def __init__(self) -> None:
+    def __init__(self, first_id: int = 700000) -> None:
         self.shared = harness.make_shared_dir()
         self.sandbox = harness.SystemdSandbox(self.shared)
         self.caddy = harness.CaddyProcess(self.shared)
@@ -91,7 +95,7 @@ class Environment:
         self.dockerd: harness.DockerDaemon | None = None
         self.registry: harness.RegistryProcess | None = None
         self._images = 0
-        self._ids = iter(range(700000, 800000))
+        self._ids = iter(range(first_id, first_id + 100000))
         self._builds = 0
 
     def start(self) -> None:
@@ -961,48 +965,96 @@ def wait_all(op: harness.OperatorProcess, bodies: list) -> None:
                                % (doc["state"], doc.get("error")))
 
 
-def bench_scale(env: Environment, rows: list) -> None:
-    """Measure the operator's own time per deploy and route change as apps grow."""
-    op = env.operator
+class ScaleWorld:
+    """One app count of the scale section: a sandboxed systemd, a Caddy
+    and an operator of its own, with count apps, and the app whose
+    deploys and route changes are measured."""
+
+    def __init__(self, count: int, first_id: int) -> None:
+        self.count = count
+        self.env = Environment(first_id)
+        self.probe: dict = {}
+        self.deploys: list = []
+        self.routes: list = []
+        self.changes = 0
+
+    def start(self) -> None:
+        """Start the world and deploy its count apps, the probe included."""
+        env = self.env
+        env.start()
+        write_busybox_asset(env.assets.root_dir, "scale-app")
+        populate(env, self.count - 1)
+        self.probe = env.slots_body(env.next_id(), env.new_busybox_asset())
+        deploy(env.operator, SLOTS, self.probe)
+
+    def apps(self) -> int:
+        """Return the number of app records of the world's operator."""
+        return len(os.listdir(os.path.join(self.env.operator.state_dir, "apps")))
+
+    def measure_round(self) -> None:
+        """Measure one update deploy of the probe and SCALE_ROUTE_CHANGES
+        domain changes."""
+        env, op = self.env, self.env.operator
+        body = env.update(self.probe, env.new_busybox_asset())
+        time.sleep(SCALE_SETTLE_S)
+        ids = "deployment_id=%d" % body["deployment_id"]
+        docs: list = []
+        self.deploys.append(measured(op, functools.partial(
+            deploy_seconds, op, body, docs),
+            [["event=http.request", ids],
+             ["event=deployment.succeeded", ids]]))
+        self.deploys[-1]["health"] = health_wait_seconds(docs[-1])
+        self.probe = body
+        for _ in range(SCALE_ROUTE_CHANGES):
+            time.sleep(SCALE_SETTLE_S)
+            self.changes += 1
+            old = self.probe["domain"]
+            new = "moved%d-%d.example.test" % (body["app_id"], self.changes)
+            self.routes.append(measured(op, functools.partial(
+                domain_update, op, self.probe, old, new),
+                [["event=http.request", "path=/v1/app/domain/update"]]))
+            self.probe = dict(self.probe, domain=new)
+
+
+def bench_scale(rows: list) -> None:
+    """Measure the operator's own time per deploy and route change as apps grow.
+
+    Each app count gets a world of its own (ScaleWorld), all of them
+    running at once, and the measured deploys and route changes take turns
+    between the worlds, round by round, so that the machine's changing
+    speed falls on every count alike.
+    """
     if shutil.which("busybox") is None:
         raise RuntimeError("the scale section runs its apps with busybox httpd, and "
                            "busybox is not installed: install the Debian package "
                            "busybox, or leave out scale in BENCH_SECTIONS")
-    write_busybox_asset(env.assets.root_dir, "scale-app")
-    own: dict[int, tuple[float, float]] = {}
-    for count in SCALE_POINTS:
-        populate(env, count)
-        apps = len(os.listdir(os.path.join(op.state_dir, "apps")))
-        probe = env.slots_body(env.next_id(), env.new_busybox_asset())
-        deploy(op, SLOTS, probe)
-        deploys = []
-        routes = []
-        docs: list[dict] = []
-        domain = probe["domain"]
+    worlds = [ScaleWorld(count, 2000000 + n * 100000)
+              for n, count in enumerate(SCALE_POINTS)]
+    try:
+        for world in worlds:
+            world.start()
+            log("scale: %d apps ready" % world.apps())
         for index in range(SCALE_REPEATS):
-            body = env.update(probe, env.new_busybox_asset())
-            ids = "deployment_id=%d" % body["deployment_id"]
-            deploys.append(measured(op, functools.partial(
-                deploy_seconds, op, body, docs),
-                [["event=http.request", ids],
-                 ["event=deployment.succeeded", ids]]))
-            deploys[-1]["health"] = health_wait_seconds(docs[-1])
-            log("scale %d apps, deploy steps: %s" % (count, step_durations(docs[-1])))
-            for change in range(SCALE_ROUTE_CHANGES):
-                new_domain = "moved%d-%d-%d.example.test" % (probe["app_id"], index,
-                                                             change)
-                routes.append(measured(op, functools.partial(
-                    domain_update, op, probe, domain, new_domain),
-                    [["event=http.request", "path=/v1/app/domain/update"]]))
-                domain = new_domain
-                probe = dict(probe, domain=new_domain)
-        deploy_row = dict(summarize(deploys), samples=len(deploys))
-        route_row = dict(summarize(routes), samples=len(routes))
-        own[count] = (deploy_row["own"], route_row["own"],
-                      deploy_row["own"] + deploy_row["fsync"],
-                      route_row["own"] + route_row["fsync"],
-                      deploy_row["cpu"], route_row["cpu"])
-        log("scale %d: deploy %s route %s" % (apps, deploy_row, route_row))
+            for world in (worlds if index % 2 == 0 else worlds[::-1]):
+                world.measure_round()
+        scale_rows(rows, worlds)
+    finally:
+        for world in worlds:
+            world.env.stop()
+
+
+def scale_rows(rows: list, worlds: list) -> None:
+    """Add the rows of each app count and the growth from first to last."""
+    own = {}
+    for world in worlds:
+        deploy_row = dict(summarize(world.deploys), samples=len(world.deploys))
+        route_row = dict(summarize(world.routes), samples=len(world.routes))
+        own[world.count] = (deploy_row["own"], route_row["own"],
+                            deploy_row["own"] + deploy_row["fsync"],
+                            route_row["own"] + route_row["fsync"],
+                            deploy_row["cpu"], route_row["cpu"])
+        log("scale %d: deploy %s route %s" % (world.apps(), deploy_row,
+                                               route_row))
         for label, row in (("deploy", deploy_row), ("route change", route_row)):
             text = ("total %.1f ms = systemctl %.1f + Caddy %.1f + fsync %.1f "
                     "+ own %.1f ms (medians of %d; CPU time of the job and "
@@ -1013,7 +1065,8 @@ def bench_scale(env: Environment, rows: list) -> None:
                 # Own time includes this wait, in which the new process
                 # starts and the operator probes it every 20 ms.
                 text += "; own includes %.0f ms of health check wait" % row["health"]
-            rows.append(("Scale", "%d apps: %s" % (apps, label), text + ")", "", ""))
+            rows.append(("Scale", "%d apps: %s" % (world.apps(), label),
+                         text + ")", "", ""))
     first, last = SCALE_POINTS[0], SCALE_POINTS[-1]
     for index, label in ((0, "deploy"), (1, "route change")):
         growth = own[last][index] / own[first][index]
@@ -1311,7 +1364,7 @@ def main() -> int:
         if "prune" in selected:
             bench_prune(env, rows)
         if "scale" in selected:
-            bench_scale(env, rows)
+            bench_scale(rows)
     finally:
         env.stop()
     text = render(rows, causes)
