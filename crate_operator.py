@@ -5203,12 +5203,13 @@ class CaddyClient:
         route_id = route["@id"]
         index = self._route_index
         known = self._known_route(route_id)
-        if known is not None and self._count_unchanged(index, action):
+        if known is not None:
             # The route as last written, unless If-Match says it changed:
             # the route count (which shows a copy of it added by another
             # writer) and the write, two requests.
             position, live, if_match = known
             if live.get("match") == route["match"] and live != route and \
+                    self._count_unchanged(index, action) and \
                     self._write_known(route_id, position, "", route, if_match,
                                       action):
                 self._remember(route_id, position, route)
@@ -6532,7 +6533,15 @@ def loopback_listeners(port: int) -> set:
             netlink.send(struct.pack("=IHHII", 16 + len(request),
                                      _SOCK_DIAG_BY_FAMILY, 0x301, 1, 0)
                          + request)
-            for message in _netlink_dump(netlink):
+            try:
+                messages = list(_netlink_dump(netlink))
+            except OSError as exc:
+                # A kernel without IPv6 has no such sockets to list.
+                if family == socket.AF_INET6 and exc.errno in (
+                        errno.ENOENT, errno.EINVAL, errno.EAFNOSUPPORT):
+                    continue
+                raise
+            for message in messages:
                 if len(message) < _INET_DIAG_MSG_LEN:
                     continue
                 # struct inet_diag_msg: family, state, timer, retrans, then
