@@ -4303,7 +4303,7 @@ def upstreams_from_route(route: dict) -> list[tuple[str, int]]:
 
 
 def caddy_json(value) -> bytes | None:
-    """Return the bytes that Caddy 2.6.2 answers for a GET of ``value``, or
+    """Return the bytes that Caddy 2.6.2 returns for a GET of ``value``, or
     None when they cannot be told here.
 
     Go's encoder sorts object keys and writes compact JSON with a final
@@ -4741,7 +4741,7 @@ class CaddyClient:
     # a neighbouring route during another client's change.
     #
     # The client also keeps each route as it last wrote it (_known), in the
-    # bytes Caddy answers for it (caddy_json), so the next change skips the
+    # bytes Caddy returns for it (caddy_json), so the next change skips the
     # read of the route and sends If-Match with the hash of those bytes.
     # A replacement checks the route count first, so that a copy of the
     # route inserted by another writer is still found and removed; a

@@ -1019,10 +1019,10 @@ class ScaleWorld:
 def bench_scale(rows: list) -> None:
     """Measure the operator's own time per deploy and route change as apps grow.
 
-    Each app count gets a world of its own (ScaleWorld), all of them
-    running at once, and the measured deploys and route changes take turns
-    between the worlds, round by round, so that the machine's changing
-    speed falls on every count alike.
+    Each app count gets a world of its own (ScaleWorld), and all of them
+    run at once. The measured deploys and route changes take turns between
+    the worlds, round by round, so the machine's changing speed falls on
+    every count alike.
     """
     if shutil.which("busybox") is None:
         raise RuntimeError("the scale section runs its apps with busybox httpd, and "

@@ -829,7 +829,7 @@ def test_known_route_past_the_end_read_again(caddy, client, backends):
 
 
 def test_caddy_json_matches_caddy_bytes(caddy, client, backends):
-    """The bytes caddy_json predicts are those Caddy answers for a GET."""
+    """The bytes caddy_json predicts are those Caddy returns for a GET."""
     route = client.set_app_route("shop", "shop.example.test",
                                  [(backends[0], 60), (backends[1], 40)])
     status, body = caddy.call("GET", ROUTES_PATH + "/0")

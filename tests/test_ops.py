@@ -442,7 +442,7 @@ def test_reconcile_pass_goes_on_past_a_busy_app(monkeypatch):
 
 
 def test_reconcile_pass_queues_only_apps_out_of_order(monkeypatch):
-    """One batch check covers all apps; only an app whose unit is down or
+    """One batch check covers all apps. Only an app whose unit is down or
     whose route differs from its record gets a check of its own."""
     def route(app_id, port):
         return co.build_app_route(app_id, f"a{app_id}.example.test",
@@ -462,7 +462,7 @@ def test_reconcile_pass_queues_only_apps_out_of_order(monkeypatch):
     assert reconciler.report() == []
 
 
-def test_reconcile_pass_checks_each_app_when_caddy_read_fails(monkeypatch):
+def test_reconcile_pass_caddy_unreachable(monkeypatch):
     host = _PassHost([1, 2], down=[])
 
     def unreachable():
