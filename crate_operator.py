@@ -698,6 +698,10 @@ METRICS.declare("crate_drift_found_total", "counter",
                 "by reconciliation, by kind.")
 METRICS.declare("crate_drift_repaired_total", "counter",
                 "Differences repaired by reconciliation, by kind.")
+METRICS.declare("crate_reconcile_apps_total", "counter",
+                "Apps looked at by reconciliation passes: in_order when the "
+                "pass's read of all apps found them as recorded, "
+                "checked_alone when they were checked on their own.")
 METRICS.declare("crate_history_pruned_total", "counter",
                 "Deployment records removed by history retention.")
 METRICS.declare("crate_systemctl_seconds_total", "counter",
@@ -9133,8 +9137,12 @@ class Reconciler(PeriodicThread):
                 return
             app_id = app["app_id"]
             if app_id in in_order:
+                METRICS.inc("crate_reconcile_apps_total",
+                            {"outcome": "in_order"})
                 self._clear(app)
                 continue
+            METRICS.inc("crate_reconcile_apps_total",
+                        {"outcome": "checked_alone"})
             job = _InlineJob(lambda app_id=app_id: self.check_app(app_id))
             self.op.runner.submit(app_id, job)
             # One app at a time: a pass that queued every app at once ran

@@ -138,6 +138,43 @@ def deployed(operator, assets, callbacks):
     return body
 
 
+def reconciled_apps(operator) -> dict:
+    """Return crate_reconcile_apps_total by outcome from GET /metrics."""
+    status, _, text = operator.request("GET", "/metrics")
+    assert status == 200
+    counts = {"in_order": 0.0, "checked_alone": 0.0}
+    for line in text.decode().splitlines():
+        if line.startswith("crate_reconcile_apps_total{"):
+            outcome = line.split('outcome="')[1].split('"')[0]
+            counts[outcome] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def test_reconcile_reads_all_apps_at_once(operator_factory, sandbox, assets,
+                                          callbacks):
+    """Healthy apps pass the read of all apps (one systemctl show, one
+    Caddy read); an app whose unit stopped is checked alone and started."""
+    operator = fast_reconciling(operator_factory)
+    first = deployed(operator, assets, callbacks)
+    deployed(operator, assets, callbacks)
+    before = reconciled_apps(operator)
+    deadline = time.monotonic() + 10
+    while reconciled_apps(operator)["in_order"] < before["in_order"] + 4:
+        assert time.monotonic() < deadline, reconciled_apps(operator)
+        time.sleep(0.1)
+    assert reconciled_apps(operator)["checked_alone"] == \
+        before["checked_alone"]
+    assert "reconcile.batch_failed" not in operator.log_text()
+    unit = f"crate-app-{first['app_id']}-blue.service"
+    sandbox.systemctl("stop", unit)
+    deadline = time.monotonic() + 10
+    while sandbox.unit_property(unit, "ActiveState") != "active":
+        assert time.monotonic() < deadline, "the unit was not started again"
+        time.sleep(0.1)
+    assert reconciled_apps(operator)["checked_alone"] > \
+        before["checked_alone"]
+
+
 def test_routes_restored_after_caddy_restart(operator_factory, caddy,
                                              assets, callbacks):
     operator = fast_reconciling(operator_factory)
