@@ -52,9 +52,10 @@ SCALE_REPEATS = 15
 # Route changes after each measured deploy. A route change takes a few ms
 # of own time, so its median needs more samples than the deploy's.
 SCALE_ROUTE_CHANGES = 5
-# Pause before each measured deploy and route change. Caddy goes on
-# working for a while after it answers a config change, and systemd after
-# a start, and a call made at once shared the CPUs with that work.
+# Pause before each measured deploy and route change. Caddy goes on using
+# the CPUs for a while after it responds to a config change, more with
+# more routes, and a call made at once shared them (inferred from runs
+# with and without the pause, see bench/results.md).
 SCALE_SETTLE_S = 0.1
 HISTORY_RECORDS = 1000
 # Records the pruning row starts with; all but 100 are pruned.

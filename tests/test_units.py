@@ -764,8 +764,8 @@ def test_show_many_reads_blocks_by_id(tmp_path, monkeypatch):
     systemd = co.Systemd([str(fake)], str(tmp_path))
     units = [f"crate-app-{n}-{c}.service" for n, c in ((1, "a"), (2, "b"),
                                                         (3, "c"))]
-    shown = systemd.show_many(units, "ActiveState", "Result")
-    assert shown == {units[0]: {"ActiveState": "active", "Result": "x=y"},
+    properties = systemd.show_many(units, "ActiveState", "Result")
+    assert properties == {units[0]: {"ActiveState": "active", "Result": "x=y"},
                      units[1]: {"ActiveState": "active", "Result": "x=y"}}
     assert calls.read_text().splitlines() == [
         f"show --property=Id,ActiveState,Result -- {units[0]} {units[1]}",
@@ -774,19 +774,19 @@ def test_show_many_reads_blocks_by_id(tmp_path, monkeypatch):
 
 def test_loopback_listeners_finds_sockets_for_loopback(tmp_path):
     """Sockets that accept 127.0.0.1:port count, by inode; others do not."""
-    wanted = socket.socket()
-    wanted.bind(("127.0.0.1", 0))
-    port = wanted.getsockname()[1]
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
     assert co.loopback_listeners(port) == set()  # bound, not listening
-    wanted.listen()
+    listener.listen()
     other = socket.socket()
     other.bind(("127.0.0.2", port))
     other.listen()
     try:
-        inode = os.fstat(wanted.fileno()).st_ino
+        inode = os.fstat(listener.fileno()).st_ino
         assert co.loopback_listeners(port) == {inode}
     finally:
-        wanted.close()
+        listener.close()
         other.close()
     assert co.loopback_listeners(port) == set()
     wildcard = socket.socket(socket.AF_INET6)
