@@ -800,7 +800,7 @@ def test_route_update_reads_one_route(caddy, client, backends):
     assert proxy_get(caddy, "first.example.test")[2] == b"backend-A"
     # Another client changes the route: the write guarded by the hash of
     # the route as this client wrote it gets 412, so the change reads the
-    # route, finds it as wanted and writes nothing.
+    # route, finds it as expected and writes nothing.
     other = make_client(caddy)
     other.set_app_route("second", "second.example.test", [(backends[0], 100)])
     before = len(caddy.admin_requests())

@@ -371,8 +371,9 @@ def test_prune_skips_invalid_record(tmp_path):
 class _PassHost:
     """The parts of an Operator that a reconciliation pass uses.
 
-    Each app has one running instance, unit u<app id>; the units named in
-    ``down`` are reported stopped, and ``routes`` are Caddy's routes.
+    Each app has one running instance, unit u<app id>. The apps named in
+    ``down`` have that unit reported stopped, and ``routes`` are Caddy's
+    routes.
     """
 
     def __init__(self, app_ids, down=None, routes=(), domain=None):

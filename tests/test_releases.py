@@ -552,8 +552,8 @@ def test_prune_keeps_newest_and_in_use(tmp_path):
 
 
 def test_lost_release_record_means_no_reuse(tmp_path, monkeypatch):
-    """A release record is written without fsync; one that a power loss
-    left empty is skipped, and its release is pruned by age."""
+    """A release record is written without fsync. A record that a power
+    loss left empty is skipped, and its release is pruned by age."""
     runtime, _ = runtime_for(tmp_path, release_retention=1)
     synced = []
     monkeypatch.setattr(co, "sync_fd", lambda fd, data_only=False:
