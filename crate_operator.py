@@ -7641,7 +7641,7 @@ class DeployJob:
 
     # A deploy changes nothing on the host before its first step, whose
     # start entry is saved before the step runs.  So the "running" state is
-    # stored and sent with that entry, one write instead of two; a crash
+    # stored and sent with that entry, one write instead of two.  A crash
     # before it leaves the record queued, which start-up marks failed.
     # Lifecycle jobs store it at once, because a stop changes the route
     # before its first step.
@@ -8108,10 +8108,10 @@ class Strategies:
         runtime = self.op.runtime_for(plan["kind"])
         old = copy.deepcopy(live)
         # A restart skips start()'s port check, which is safe while the old
-        # process of the same unit holds the port: the restart frees it for
-        # the new one.  When another process holds it instead (the old unit
-        # died and something else took the port), the health check would
-        # reach that process, so _check_new_listener fails the update.
+        # process of the same unit holds the port, because the restart frees
+        # it for the new one.  When another process holds it instead (the old
+        # unit died and something else took the port), the health check
+        # reaches that process, so _healthy_after_restart fails the update.
         slot = live["instance_id"]
         restart = runtime.restarts_in_place and \
             old.get("state") == "running" and \
@@ -9156,9 +9156,8 @@ class Reconciler(PeriodicThread):
         """Return the ids of the apps that look as their records say.
 
         One read of Caddy's routes and one systemctl call per
-        SHOW_MANY_UNITS units cover all apps; before, each app cost a
-        systemctl process per instance and three Caddy requests every
-        pass.  An app that looks wrong, or that a deploy changes in the
+        SHOW_MANY_UNITS units cover all apps, so a pass starts no process
+        per app.  An app that looks wrong, or that a deploy changes in the
         meantime, is checked again on its own (check_app) as a job of the
         app, so this read only decides which apps need that.  When a read
         fails, every app is checked on its own.
@@ -9187,10 +9186,9 @@ class Reconciler(PeriodicThread):
             if any(results.get(i["unit"]) != (None, None) for i in instances
                    if i.get("state") == "running"):
                 continue
-            serving = [i for i in instances if i.get("serving")]
-            wanted = {f"127.0.0.1:{i['port']}" for i in serving}
-            if app.get("domain") and serving and \
-                    routes.get(caddy_route_id(app["app_id"])) != wanted:
+            expected = _serving_dials(app)
+            if app.get("domain") and expected and \
+                    routes.get(caddy_route_id(app["app_id"])) != expected:
                 continue
             in_order.add(app["app_id"])
         return in_order
@@ -9279,7 +9277,7 @@ class Reconciler(PeriodicThread):
         except OperatorError as exc:
             self._set(key, f"{key}: cannot read it: {exc}")
             return
-        wanted = {f"127.0.0.1:{i['port']}" for i in serving}
+        wanted = _serving_dials(app)
         if current == wanted:
             self._set(key, None)
             return
@@ -9296,6 +9294,14 @@ class Reconciler(PeriodicThread):
                 app_id=app_id)
             return
         self._repaired(key, "route", app_id=app_id)
+
+
+def _serving_dials(app: dict) -> set:
+    """Return the upstream dials that an app's route should list: one per
+    serving instance."""
+    return {f"127.0.0.1:{instance['port']}"
+            for instance in app["instances"].values()
+            if instance.get("serving")}
 
 
 class _RouteWriter:

@@ -138,6 +138,15 @@ def deployed(operator, assets, callbacks):
     return body
 
 
+def stop_until_started_again(sandbox, unit: str) -> None:
+    """Stop unit behind the operator's back and wait until it runs again."""
+    sandbox.systemctl("stop", unit)
+    deadline = time.monotonic() + 10
+    while sandbox.unit_property(unit, "ActiveState") != "active":
+        assert time.monotonic() < deadline, f"{unit} was not started again"
+        time.sleep(0.1)
+
+
 def reconciled_apps(operator) -> dict:
     """Return crate_reconcile_apps_total by outcome from GET /metrics."""
     status, _, text = operator.request("GET", "/metrics")
@@ -153,7 +162,7 @@ def reconciled_apps(operator) -> dict:
 def test_reconcile_reads_all_apps_at_once(operator_factory, sandbox, assets,
                                           callbacks):
     """Healthy apps pass the read of all apps (one systemctl show, one
-    Caddy read); an app whose unit stopped is checked alone and started."""
+    Caddy read). An app whose unit stopped is checked alone and started."""
     operator = fast_reconciling(operator_factory)
     first = deployed(operator, assets, callbacks)
     deployed(operator, assets, callbacks)
@@ -165,12 +174,8 @@ def test_reconcile_reads_all_apps_at_once(operator_factory, sandbox, assets,
     assert reconciled_apps(operator)["checked_alone"] == \
         before["checked_alone"]
     assert "reconcile.batch_failed" not in operator.log_text()
-    unit = f"crate-app-{first['app_id']}-blue.service"
-    sandbox.systemctl("stop", unit)
-    deadline = time.monotonic() + 10
-    while sandbox.unit_property(unit, "ActiveState") != "active":
-        assert time.monotonic() < deadline, "the unit was not started again"
-        time.sleep(0.1)
+    stop_until_started_again(sandbox,
+                             f"crate-app-{first['app_id']}-blue.service")
     assert reconciled_apps(operator)["checked_alone"] > \
         before["checked_alone"]
 
@@ -273,12 +278,8 @@ def test_lost_instance_started_again(operator_factory, sandbox, caddy,
                                      assets, callbacks):
     operator = fast_reconciling(operator_factory)
     body = deployed(operator, assets, callbacks)
-    unit = f"crate-app-{body['app_id']}-blue.service"
-    sandbox.systemctl("stop", unit)
-    deadline = time.monotonic() + 10
-    while sandbox.unit_property(unit, "ActiveState") != "active":
-        assert time.monotonic() < deadline, "instance was not started again"
-        time.sleep(0.1)
+    stop_until_started_again(sandbox,
+                             f"crate-app-{body['app_id']}-blue.service")
     serves(caddy, body["domain"], "old ")
     deadline = time.monotonic() + 10
     while "event=drift.repaired" not in operator.log_text():

@@ -238,11 +238,11 @@ def test_deferred_running_state_precedes_failure(tmp_path):
         def run(self, job):
             raise RuntimeError("no app record")
 
-    op = types.SimpleNamespace(store=store, outbox=outbox, runtimes={},
+    operator = types.SimpleNamespace(store=store, outbox=outbox, runtimes={},
                                strategies=Failing())
     record = {"deployment_id": 77, "app_id": 77, "state": "queued",
               "callback_url": "http://127.0.0.1:9/cb", "steps": []}
-    co.DeployJob(op, record, {"app_id": 77}).run()
+    co.DeployJob(operator, record, {"app_id": 77}).run()
     events = [e["event"] for e in store.outbox_events()]
     assert events == ["deployment.running", "deployment.failed"]
     assert store.deployment(77)["state"] == "failed"
@@ -719,8 +719,8 @@ def test_reset_failed_before_every_start(tmp_path):
 
 
 def test_enable_makes_the_boot_symlink(tmp_path):
-    """enable and disable touch only <unit>'s link in the .wants directory,
-    relative, as systemctl would make it; neither runs systemctl."""
+    """enable and disable touch only <unit>'s relative link in the .wants
+    directory, as systemctl would make it. Neither runs systemctl."""
     systemd, calls = _recording_systemd(tmp_path)
     unit = "crate-app-5-blue.service"
     link = tmp_path / "multi-user.target.wants" / unit
@@ -747,8 +747,9 @@ def test_failed_disable_still_stops(tmp_path):
 
 
 def test_show_many_reads_blocks_by_id(tmp_path, monkeypatch):
-    """One systemctl show per SHOW_MANY_UNITS units; each block is matched
-    to its unit by Id, and a unit missing from the output is left out."""
+    """One systemctl show runs per SHOW_MANY_UNITS units. Each block is
+    matched to its unit by Id, and a unit missing from the output is left
+    out."""
     monkeypatch.setattr(co, "SHOW_MANY_UNITS", 2)
     calls = tmp_path / "calls"
     fake = tmp_path / "systemctl"
@@ -772,8 +773,8 @@ def test_show_many_reads_blocks_by_id(tmp_path, monkeypatch):
         f"show --property=Id,ActiveState,Result -- {units[2]}"]
 
 
-def test_loopback_listeners_finds_sockets_for_loopback(tmp_path):
-    """Sockets that accept 127.0.0.1:port count, by inode; others do not."""
+def test_loopback_listeners_by_inode(tmp_path):
+    """Sockets that accept 127.0.0.1:port count, by inode. Others do not."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     port = listener.getsockname()[1]
