@@ -3394,10 +3394,6 @@ class Systemd:
         self._reload_requested = 0
         self._reload_done = 0
         self._reload_running = False
-        # Units whose reset-failed ran beside a daemon-reload and that were
-        # not stopped since; their next start skips its own reset-failed.
-        self._prepared = set()
-        self._prepared_lock = threading.Lock()
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """Run systemctl with ``args``; raise SystemdError on failure."""
@@ -3516,53 +3512,12 @@ class Systemd:
 
     # --- reloads and starts
 
-    def daemon_reload(self, starting: tuple = ()) -> None:
+    def daemon_reload(self) -> None:
         """Reload unit files, sharing one reload among concurrent callers.
 
         A caller returns only after a reload that started after its own
         request finished, so every unit written before the call is loaded.
-        ``starting`` names units that start next: their reset-failed runs
-        in threads beside the reload, which saves a systemctl call's time
-        before each start.
         """
-        threads = []
-        for name in starting:
-            thread = threading.Thread(target=self._prepare, args=(name,),
-                                      name="prepare-start", daemon=True)
-            thread.start()
-            threads.append(thread)
-        try:
-            self._daemon_reload()
-        finally:
-            # A reset-failed that outlasts the reload is waited for here,
-            # and its systemctl time counts in its own thread only.
-            joined_from = time.monotonic()
-            for thread in threads:
-                thread.join()
-            count_wait("systemctl", time.monotonic() - joined_from)
-
-    def _prepare(self, name: str) -> None:
-        try:
-            self.run("reset-failed", name, check=False)
-        except SystemdError:
-            return  # the start runs its own reset-failed
-        with self._prepared_lock:
-            self._prepared.add(name)
-
-    def _take_prepared(self, name: str) -> bool:
-        """Return whether reset-failed of ``name`` ran beside the last
-        daemon-reload and the unit was not stopped since; the next start
-        uses that up."""
-        with self._prepared_lock:
-            done = name in self._prepared
-            self._prepared.discard(name)
-        return done
-
-    def _forget_prepared(self, name: str) -> None:
-        with self._prepared_lock:
-            self._prepared.discard(name)
-
-    def _daemon_reload(self) -> None:
         with self._reload_cond:
             self._reload_requested += 1
             ticket = self._reload_requested
@@ -3588,32 +3543,45 @@ class Systemd:
                 self._reload_cond.notify_all()
 
     def start(self, name: str) -> None:
-        """Clear a failed state (start limit included), then start."""
-        if not self._take_prepared(name):
+        """Start a unit (see _start_or_retry)."""
+        self._start_or_retry("start", name)
+
+    def _start_or_retry(self, verb: str, name: str) -> None:
+        """Run ``systemctl <verb> <name>``; when it fails, clear the failed
+        state with reset-failed and try once more.
+
+        A unit refuses to start once it started StartLimitBurst times in
+        StartLimitIntervalSec: after a crash loop (Restart= restarts
+        count), or after restarts in a row with no daemon-reload between
+        (seen with systemd 252; stop-and-start pairs did not reach the
+        limit).  reset-failed clears the count.  It used to run before
+        every start, which cost one more systemctl call per start.
+        """
+        try:
+            self.run(verb, name)
+        except SystemdError as exc:
+            log("systemd.start_retried", logging.WARNING, unit=name,
+                verb=verb, error=str(exc))
             self.run("reset-failed", name, check=False)
-        self.run("start", name)
+            self.run(verb, name)
 
     def stop(self, name: str) -> None:
         """Stop a unit; stopping an absent or stopped unit succeeds."""
-        self._forget_prepared(name)
         self.run("stop", name, check=False)
 
     def enable_and_start(self, name: str) -> None:
-        """Enable the unit, clear a failed state (start limit included),
-        then start it."""
+        """Enable the unit, then start it (see _start_or_retry)."""
         self.enable(name)
         self.start(name)
 
     def restart(self, name: str) -> None:
-        """Clear a failed state, then restart the unit.
+        """Restart the unit (see _start_or_retry).
 
         One restart stops the running process and starts one from the unit
         file that the last daemon-reload loaded, as an in-place update
         needs; a unit that is not running is started.
         """
-        if not self._take_prepared(name):
-            self.run("reset-failed", name, check=False)
-        self.run("restart", name)
+        self._start_or_retry("restart", name)
 
     def disable_and_stop(self, name: str) -> None:
         """Disable and stop a unit; absent units are fine.
@@ -7018,14 +6986,9 @@ class BinaryRuntime:
         """Return the unit name of one instance."""
         return unit_name(plan["app_id"], instance_id)
 
-    def reload(self, starting: tuple = ()) -> None:
-        """Load the unit files that install wrote (a coalesced reload).
-
-        ``starting`` lists instances that start next; their reset-failed
-        runs beside the reload.
-        """
-        self.systemd.daemon_reload(
-            starting=tuple(instance["unit"] for instance in starting))
+    def reload(self) -> None:
+        """Load the unit files that install wrote (a coalesced reload)."""
+        self.systemd.daemon_reload()
 
     def probe(self, instance: dict, path: str | None) -> tuple:
         """Return (ready, detail): the HTTP path answers, or the port accepts."""
@@ -7463,7 +7426,7 @@ class DockerRuntime:
             config["Cmd"] = list(plan["docker_command"])
         return config
 
-    def reload(self, starting: tuple = ()) -> None:
+    def reload(self) -> None:
         """Do nothing: dockerd reads a container's config when it is created."""
 
     def start(self, instance: dict) -> None:
@@ -7934,7 +7897,7 @@ class Strategies:
         try:
             job.step("write_unit", runtime.install, plan, instance, release,
                      message=instance["unit"])
-            job.step("daemon_reload", runtime.reload, (instance,))
+            job.step("daemon_reload", runtime.reload)
             self._start_and_check(job, instance)
             instance.update(state="running", serving=True)
             job.step("switch_route", self._route, job, app, [instance],
@@ -7999,7 +7962,7 @@ class Strategies:
         try:
             job.step("write_unit", runtime.install, plan, instance, release,
                      message=instance["unit"])
-            job.step("daemon_reload", runtime.reload, (instance,))
+            job.step("daemon_reload", runtime.reload)
             self._start_and_check(job, instance)
         except Exception as exc:
             self._undo_new(job, instance, snap)
@@ -8125,7 +8088,7 @@ class Strategies:
         try:
             job.step("write_unit", runtime.install, plan, instance, release,
                      message=instance["unit"])
-            job.step("daemon_reload", runtime.reload, (instance,))
+            job.step("daemon_reload", runtime.reload)
         except Exception as exc:
             runtime.restore(job.app_id, slot, snap)
             with contextlib.suppress(Exception):
@@ -8271,7 +8234,7 @@ class InstanceSetDeploy:
         for member in members:
             self.job.step("write_unit", self.runtime.install, self.plan,
                           member, self.release, message=member["unit"])
-        self.job.step("daemon_reload", self.runtime.reload, tuple(members))
+        self.job.step("daemon_reload", self.runtime.reload)
         for member in members:
             self.active_id = member["instance_id"]
             self.strategies._start_and_check(self.job, member)

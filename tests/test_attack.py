@@ -9,7 +9,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import sys
 import threading
 import time
 import types
@@ -476,74 +475,6 @@ def test_domain_owner_folds_unicode_host(caddy, attack_server):
     # Only a real match makes the rest of the test meaningful.
     assert served == (200, b"foreign"), served
     assert client.domain_owner("key.attack.test") == "foreign route #0"
-
-
-# === reset-failed beside daemon-reload (fake systemctl) ===
-
-
-FAKE_SYSTEMCTL = """
-import sys
-with open(sys.argv[1], "a", encoding="utf-8") as log:
-    log.write(" ".join(sys.argv[2:]) + "\\n")
-"""
-
-
-@pytest.fixture
-def fake_systemd(tmp_path):
-    script = tmp_path / "systemctl.py"
-    script.write_text(FAKE_SYSTEMCTL)
-    calls = tmp_path / "calls.log"
-    calls.write_text("")
-    unit_dir = tmp_path / "units"
-    unit_dir.mkdir()
-    systemd = co.Systemd([sys.executable, str(script), str(calls)], str(unit_dir))
-
-    def read_calls():
-        return calls.read_text().splitlines()
-
-    return systemd, read_calls
-
-
-def _resets_before_each_start(calls, unit):
-    """Return, per start of unit, whether a reset-failed of it came after the
-    previous stop (or the beginning) and before that start."""
-    answer, reset = [], False
-    for call in calls:
-        words = call.split()
-        if unit not in words:
-            continue
-        if words[0] == "reset-failed":
-            reset = True
-        elif words[0] == "stop":
-            reset = False
-        elif words[0] in ("start", "restart"):
-            answer.append(reset)
-            reset = False
-    return answer
-
-
-def test_start_after_stop_runs_its_own_reset(fake_systemd):
-    systemd, calls = fake_systemd
-    unit = f"{co.UNIT_PREFIX}{next_id()}-a.service"
-    systemd.daemon_reload(starting=(unit,))
-    systemd.stop(unit)
-    systemd.start(unit)
-    systemd.enable_and_start(unit)   # a second start, e.g. after a crash
-    systemd.disable_and_stop(unit)
-    systemd.enable_and_start(unit)
-    assert _resets_before_each_start(calls(), unit) == [True, True, True], calls()
-
-
-def test_reset_beside_reload_saves_one_call(fake_systemd):
-    """The reset-failed beside the reload is used once, not for later starts."""
-    systemd, calls = fake_systemd
-    unit = f"{co.UNIT_PREFIX}{next_id()}-a.service"
-    systemd.daemon_reload(starting=(unit,))
-    systemd.enable_and_start(unit)
-    systemd.start(unit)
-    log = calls()
-    assert [c.split()[0] for c in log].count("reset-failed") == 2, log
-    assert _resets_before_each_start(log, unit) == [True, True], log
 
 
 def test_route_index_survives_another_client(caddy, attack_server):

@@ -683,39 +683,37 @@ def _recording_systemd(tmp_path):
     return co.Systemd([str(fake)], str(tmp_path)), calls
 
 
-def test_reset_failed_before_every_start(tmp_path):
-    systemd, calls = _recording_systemd(tmp_path)
+def test_start_retried_once_after_reset_failed(tmp_path):
+    """A start or restart runs alone while it succeeds; a failed one is
+    followed by reset-failed and one more try, whose error is raised."""
+    calls = tmp_path / "calls"
+    fails = tmp_path / "fails"
+    fake = tmp_path / "systemctl"
+    # Fails a start or restart while the file "fails" holds a line, and
+    # removes one line per failure.
+    fake.write_text(
+        f"#!/bin/sh\necho \"$@\" >> {calls}\n"
+        f"case \"$1\" in start|restart)\n"
+        f"  if [ -s {fails} ]; then sed -i 1d {fails}; "
+        f"echo 'start limit hit' >&2; exit 1; fi;;\nesac\n")
+    fake.chmod(0o755)
+    systemd = co.Systemd([str(fake)], str(tmp_path))
     unit = "crate-app-5-blue.service"
-    systemd.daemon_reload(starting=(unit,))
-    systemd.enable_and_start(unit)
-    # The reset beside the reload covers one start only; a stop in between
-    # also means a new reset-failed, because the stop can leave it failed.
     systemd.start(unit)
-    systemd.disable_and_stop(unit)
-    systemd.daemon_reload(starting=(unit,))
-    systemd.stop(unit)
-    systemd.start(unit)
-    systemd.daemon_reload(starting=(unit,))
     systemd.restart(unit)
+    assert calls.read_text().splitlines() == [f"start {unit}",
+                                              f"restart {unit}"]
+    calls.write_text("")
+    fails.write_text("x\n")
     systemd.restart(unit)
-    lines = calls.read_text().splitlines()
-    beside = ["daemon-reload", f"reset-failed {unit}"]
-    assert sorted(lines[:2]) == beside
-    assert lines[2:6] == [
-        f"start {unit}",
-        f"reset-failed {unit}", f"start {unit}",
-        f"stop {unit}",
-    ]
-    assert sorted(lines[6:8]) == beside
-    assert lines[8:11] == [
-        f"stop {unit}",
-        f"reset-failed {unit}", f"start {unit}",
-    ]
-    assert sorted(lines[11:13]) == beside
-    assert lines[13:] == [
-        f"restart {unit}",
-        f"reset-failed {unit}", f"restart {unit}",
-    ]
+    assert calls.read_text().splitlines() == [
+        f"restart {unit}", f"reset-failed {unit}", f"restart {unit}"]
+    calls.write_text("")
+    fails.write_text("x\nx\n")
+    with pytest.raises(co.SystemdError, match="start limit hit"):
+        systemd.start(unit)
+    assert calls.read_text().splitlines() == [
+        f"start {unit}", f"reset-failed {unit}", f"start {unit}"]
 
 
 def test_enable_makes_the_boot_symlink(tmp_path):
