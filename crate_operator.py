@@ -2982,16 +2982,22 @@ class Store:
             self._view_generation += 1
             self._views.pop(key, None)
 
-    def save_deployment(self, record: dict) -> None:
-        """Store one deployment record durably.
+    def save_deployment(self, record: dict, sync: bool = True) -> None:
+        """Store one deployment record.
 
         A running deployment changes its record at every step, and
         rewriting the file costs a file and a directory fsync each time.
         So the first write and a terminal state replace <id>.json
         atomically, while the changes between are appended to <id>.log as
         one JSON line each, with fdatasync (a third to a fifth of the time
-        in measurements on ext4).  Every save counts up the record's "rev",
-        by which readers pick the newer of the two files.
+        in measurements on ext4), or with ``sync`` False without it.  Every
+        save counts up the record's "rev", by which readers pick the newer
+        of the two files.
+
+        An append without fdatasync survives a crash of this process, but
+        a power loss may lose it, and with it every later append that was
+        not synced either: the record then reads as an earlier change.
+        The next synced append makes the earlier lines durable too.
         """
         key = _safe_key(str(record["deployment_id"]))
         path = os.path.join(self.deployments_dir, key + ".json")
@@ -3006,7 +3012,7 @@ class Store:
                 os.close(os.open(log_path,
                                  os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
                 self._replace_deployment(path, None, record)
-            elif terminal or not self._append_change(log_path, record):
+            elif terminal or not self._append_change(log_path, record, sync):
                 self._replace_deployment(path, log_path, record)
         except OSError as exc:
             raise StorageError(
@@ -3029,10 +3035,12 @@ class Store:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(log_path)
 
-    def _append_change(self, log_path: str, record: dict) -> bool:
+    def _append_change(self, log_path: str, record: dict,
+                       sync: bool = True) -> bool:
         """Append one record to the change log and return True, or return
         False when the log has reached RECORD_LOG_MAX and should be folded
-        into the record file instead."""
+        into the record file instead.  With ``sync`` False the line is not
+        flushed to disk (see save_deployment)."""
         line = json.dumps(record, sort_keys=True,
                           separators=(",", ":")).encode() + b"\n"
         created = False
@@ -3053,7 +3061,8 @@ class Store:
                     line = b"\n" + line
                 try:
                     _write_all(fd, line)
-                    sync_fd(fd, data_only=True)
+                    if sync:
+                        sync_fd(fd, data_only=True)
                 except OSError:
                     # A part of the line may be on disk; cut it off so the
                     # next append starts on a line of its own.
@@ -3062,7 +3071,7 @@ class Store:
                     raise
             finally:
                 os.close(fd)
-            if created:
+            if created and sync:
                 fsync_dir(self.deployments_dir)
         except OSError as exc:
             raise StorageError(
@@ -3132,10 +3141,15 @@ class Store:
                 highest = max(highest, int(stem))
         return highest
 
-    def outbox_add(self, event: dict) -> None:
-        """Persist one callback event before anyone tries to deliver it."""
+    def outbox_add(self, event: dict, sync: bool = True) -> None:
+        """Store one callback event before anyone tries to deliver it.
+
+        With ``sync`` False the event is written without fsync: a crash of
+        this process keeps it, a power loss may lose it or leave its file
+        empty, which _read_event skips.
+        """
         path = os.path.join(self.outbox_dir, f"{event['seq']:012d}.json")
-        atomic_write_json(path, event)
+        atomic_write_json(path, event, sync=sync)
 
     def outbox_update(self, event: dict) -> None:
         """Store the delivery progress of one event.
@@ -7577,6 +7591,19 @@ STEP_NAMES = (
 )
 
 
+# Steps that change nothing recovery reads: it decides by the journal,
+# stored with the start entry of write_unit before any unit is written,
+# and by whether a step that moves traffic (stop_old, switch_route,
+# canary_step) started.  Their start entries are stored without fsync, so
+# a power loss may leave a record whose last entry is the step before;
+# every other save of a running deployment is flushed to disk before the
+# job goes on.  A crash of the operator process loses none of them.
+PROGRESS_STEPS = frozenset({
+    "fetch_asset", "daemon_reload", "start_instance", "health_check",
+    "canary_watch", "drain",
+})
+
+
 def status_document(record: dict) -> dict:
     """Return the public status document of a deployment record."""
     keys = ("deployment_id", "app_id", "kind", "model", "strategy", "action",
@@ -7623,14 +7650,18 @@ class DeployJob:
 
     # --- record keeping
 
-    def save(self) -> None:
-        """Store the deployment record, with a deferred state change."""
+    def save(self, sync: bool = True) -> None:
+        """Store the deployment record, with a deferred state change.
+
+        ``sync`` False writes it without flushing it to disk (see
+        PROGRESS_STEPS).
+        """
         event, self._deferred_event = self._deferred_event, None
         if event is None:
-            self.op.store.save_deployment(self.record)
+            self.op.store.save_deployment(self.record, sync=sync)
             return
         self.refresh_view()
-        self.op.outbox.emit(self.record, event)  # saves
+        self.op.outbox.emit(self.record, event, sync=sync)  # saves
 
     def set_state(self, state: str, error: str | None = None,
                   defer: bool = False) -> None:
@@ -7710,7 +7741,7 @@ class DeployJob:
         entry = {"name": name, "state": "running", "at": utc_now(),
                  "message": message}
         self.record["steps"].append(entry)
-        self.save()
+        self.save(sync=name not in PROGRESS_STEPS)
         ids = dict(self.ids)
         for arg in args:
             if isinstance(arg, dict) and arg.get("instance_id"):
@@ -8855,20 +8886,26 @@ class CallbackOutbox:
             if not event.get("delivered_at") and not event.get("given_up_at"):
                 self._pending[event["seq"]] = event
 
-    def emit(self, record: dict, event_name: str) -> None:
+    def emit(self, record: dict, event_name: str, sync: bool = True) -> None:
         """Store a deployment record and queue one event about it.
 
         The record is stored even when it has no callback_url, so that a
-        state change needs one write of the record.
+        state change needs one write of the record; ``sync`` is passed to
+        save_deployment.  Only an event of a terminal state is written
+        with fsync.  After a power loss, every deployment that had not
+        ended is ended by start-up or recovery, which sends that terminal
+        event, so a lost queued, running or canary_step event is followed
+        by the event that tells how its deployment ended.  Nothing sends a
+        terminal event again, so it must not be lost.
         """
         if not record.get("callback_url"):
-            self.store.save_deployment(record)
+            self.store.save_deployment(record, sync=sync)
             return
         record["deployment_seq"] = record.get("deployment_seq", 0) + 1
         document = status_document(record)
         # The record goes first, so that no event (which may be delivered
         # after a restart) reports a state the record on disk lacks.
-        self.store.save_deployment(record)
+        self.store.save_deployment(record, sync=sync)
         # Outbox files appear in seq order: GET /v1/events hands out the
         # last seq it returned as the reader's next cursor, so a smaller
         # seq written after a larger one would never be read.
@@ -8882,7 +8919,8 @@ class CallbackOutbox:
                      "deployment_id": record["deployment_id"],
                      "app_id": record["app_id"], "body": raw, "attempts": 0,
                      "created_at": time.time(), "next_at": 0.0}
-            self.store.outbox_add(event)
+            self.store.outbox_add(
+                event, sync=record.get("state") in STATES_TERMINAL)
             # Queued under the same lock, so that a delivery thread, which
             # sends the smallest pending seq of its URL next, never sees a
             # larger seq before this one.

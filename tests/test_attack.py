@@ -76,16 +76,16 @@ def test_events_feed_concurrent_emits(tmp_path):
     second_written = threading.Event()
 
     class Slow(co.Store):
-        def save_deployment(self, record):
+        def save_deployment(self, record, sync=True):
             if record["deployment_id"] == "first":
                 first_saving.set()
                 # Bounded so that an emit that waits for the first one to
                 # finish (no race) does not hang the test.
                 second_written.wait(5)
-            super().save_deployment(record)
+            super().save_deployment(record, sync)
 
-        def outbox_add(self, event):
-            super().outbox_add(event)
+        def outbox_add(self, event, sync=True):
+            super().outbox_add(event, sync)
             if event["deployment_id"] == "second":
                 second_written.set()
 

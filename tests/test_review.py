@@ -107,7 +107,7 @@ def test_cancelled_job_logs_no_waits(tmp_path, caplog):
     operator = types.SimpleNamespace(
         store=store,
         outbox=types.SimpleNamespace(
-            emit=lambda record, event: store.save_deployment(record)))
+            emit=lambda record, event, sync=True: store.save_deployment(record)))
     deployment_id = next_id()
     record = {"deployment_id": deployment_id, "app_id": deployment_id,
               "state": "queued"}

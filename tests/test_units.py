@@ -249,16 +249,20 @@ def test_deferred_running_state_precedes_failure(tmp_path):
 
 
 def test_emit_stores_record_before_its_event(tmp_path):
+    """The record goes first; only the event of a terminal state is synced
+    (a lost earlier event is followed by the terminal one after a
+    restart), and the record is synced unless the caller says not to."""
     order = []
 
     class Recording(co.Store):
-        def save_deployment(self, record):
-            order.append(("record", record["state"], record["deployment_seq"]))
-            super().save_deployment(record)
+        def save_deployment(self, record, sync=True):
+            order.append(("record", record["state"], record["deployment_seq"],
+                          sync))
+            super().save_deployment(record, sync)
 
-        def outbox_add(self, event):
-            order.append(("event", event["event"]))
-            super().outbox_add(event)
+        def outbox_add(self, event, sync=True):
+            order.append(("event", event["event"], sync))
+            super().outbox_add(event, sync)
 
     store = Recording(str(tmp_path))
     config = co.load_config(write_config(tmp_path, BASE), {}, {})
@@ -267,13 +271,24 @@ def test_emit_stores_record_before_its_event(tmp_path):
     record = {"deployment_id": 9, "app_id": 9, "state": "running",
               "callback_url": "http://127.0.0.1:9/cb"}
     outbox.emit(record, "deployment.running")
-    assert order == [("record", "running", 1), ("event", "deployment.running")]
+    assert order == [("record", "running", 1, True),
+                     ("event", "deployment.running", False)]
     assert store.deployment(9)["deployment_seq"] == 1
-    del record["callback_url"]
+    outbox.emit(record, "deployment.canary_step", sync=False)
+    assert order[2:] == [("record", "running", 2, False),
+                         ("event", "deployment.canary_step", False)]
     record["state"] = "succeeded"
-    outbox.emit(record, "deployment.succeeded")
-    assert order[-1] == ("record", "succeeded", 1)
-    assert store.deployment(9)["state"] == "succeeded"
+    outbox.emit(record, "deployment.succeeded", sync=False)
+    assert order[4:] == [("record", "succeeded", 3, False),
+                         ("event", "deployment.succeeded", True)]
+    assert [e["event"] for e in store.outbox_events()] == [
+        "deployment.running", "deployment.canary_step",
+        "deployment.succeeded"]
+    del record["callback_url"]
+    record["state"] = "failed"
+    outbox.emit(record, "deployment.failed")
+    assert order[6:] == [("record", "failed", 3, True)]
+    assert store.deployment(9)["state"] == "failed"
 
 
 # === Cached status bodies (Store.deployment_view) ===
@@ -323,6 +338,33 @@ def test_record_changes_appended_until_terminal(tmp_path):
     assert not os.path.exists(base + ".log")
     assert co.read_json(base + ".json") == record
     assert list(co.Store(str(tmp_path)).iter_deployments()) == [record]
+
+
+def test_progress_steps_stored_without_fsync(tmp_path, monkeypatch):
+    """Start entries of PROGRESS_STEPS are written without fdatasync, the
+    others with it; both are in the change log at once."""
+    store = co.Store(str(tmp_path))
+    record = {"deployment_id": 23, "app_id": 23, "state": "running",
+              "steps": []}
+    store.save_deployment(record)
+    operator = types.SimpleNamespace(store=store)
+    job = co.DeployJob(operator, record, {"app_id": 23})
+    synced = []
+    real_sync_fd = co.sync_fd
+    monkeypatch.setattr(co, "sync_fd", lambda fd, data_only=False: (
+        synced.append(fd), real_sync_fd(fd, data_only)))
+    counts = {}
+    for name in ("fetch_asset", "write_unit", "daemon_reload",
+                 "start_instance", "health_check", "switch_route", "drain",
+                 "stop_old"):
+        synced.clear()
+        job.step(name, lambda: None)
+        counts[name] = len(synced)
+    assert counts == {"fetch_asset": 0, "write_unit": 1, "daemon_reload": 0,
+                      "start_instance": 0, "health_check": 0,
+                      "switch_route": 1, "drain": 0, "stop_old": 1}
+    on_disk = co.Store(str(tmp_path)).deployment(23)
+    assert [s["name"] for s in on_disk["steps"]] == list(counts)
 
 
 def test_record_log_torn_line_and_stale_log(tmp_path):
