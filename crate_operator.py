@@ -7595,9 +7595,9 @@ STEP_NAMES = (
 # stored with the start entry of write_unit before any unit is written,
 # and by whether a step that moves traffic (stop_old, switch_route,
 # canary_step) started.  Their start entries are stored without fsync, so
-# a power loss may leave a record whose last entry is the step before;
-# every other save of a running deployment is flushed to disk before the
-# job goes on.  A crash of the operator process loses none of them.
+# a power loss may leave a record whose last entry is the step before (see
+# DeployJob._recovery_reads for the other saves that skip the flush).  A
+# crash of the operator process loses none of them.
 PROGRESS_STEPS = frozenset({
     "fetch_asset", "daemon_reload", "start_instance", "health_check",
     "canary_watch", "drain",
@@ -7720,16 +7720,36 @@ class DeployJob:
         self.record.setdefault("journal", {})["moved"] = True
         self.save()
 
-    def progress(self, event_name: str) -> None:
-        """Store the record and send a callback without a state change."""
+    def progress(self, event_name: str, app: dict | None = None) -> None:
+        """Store the record and send a callback without a state change.
+
+        The record shows the instances and weights of ``app``, or of the
+        stored app record.
+        """
         if self._deferred_event is not None:
             self.save()
-        self.refresh_view()
-        self.op.outbox.emit(self.record, event_name)  # saves
+        self.refresh_view(app)
+        self.op.outbox.emit(self.record, event_name,
+                            sync=self._recovery_reads())  # saves
 
-    def refresh_view(self) -> None:
-        """Copy the app's instances and route weights into the record."""
-        app = self.op.store.app(self.app_id) or {}
+    def _recovery_reads(self, step: str | None = None) -> bool:
+        """Return whether recovery after a power loss may depend on the
+        next save, which is then flushed to disk before the job goes on.
+
+        Recovery reads the journal and which steps started.  Once the
+        journal says traffic moved for good it finishes the deployment
+        from the journal alone, and the start of a step in PROGRESS_STEPS
+        matters at no point.
+        """
+        if (self.record.get("journal") or {}).get("moved"):
+            return False
+        return step not in PROGRESS_STEPS
+
+    def refresh_view(self, app: dict | None = None) -> None:
+        """Copy the instances and route weights of ``app`` (by default the
+        stored app record) into the record."""
+        if app is None:
+            app = self.op.store.app(self.app_id) or {}
         instances = sorted(app.get("instances", {}).values(),
                            key=lambda item: item["instance_id"])
         self.record["instances"] = [instance_view(i) for i in instances]
@@ -7741,7 +7761,7 @@ class DeployJob:
         entry = {"name": name, "state": "running", "at": utc_now(),
                  "message": message}
         self.record["steps"].append(entry)
-        self.save(sync=name not in PROGRESS_STEPS)
+        self.save(sync=self._recovery_reads(name))
         ids = dict(self.ids)
         for arg in args:
             if isinstance(arg, dict) and arg.get("instance_id"):
@@ -7943,13 +7963,14 @@ class Strategies:
             item.update(serving=False)
         app["instances"][slot] = instance
         app["serving_version"] = plan["version"]
-        self.op.store.save_app(app)
         if old:
+            # The app record is saved once, after the old instances
+            # stopped: a crash before that is finished from the journal.
             job.step("drain", time.sleep, self.op.config.drain_s,
                      message=f"{self.op.config.drain_s:g}s")
             for item in old:
                 self._stop_old(job, item)
-            self.op.store.save_app(app)
+        self.op.store.save_app(app)
         return ("succeeded", None) if moved else ("failed", "route not set")
 
     def _stop_old(self, job: DeployJob, item: dict) -> None:
@@ -8046,8 +8067,9 @@ class Strategies:
                  message=f"100% to version {version}")
         job.journal_moved()
         app["serving_version"] = version
-        self.op.store.save_app(app)
-        job.progress("deployment.canary_step")
+        # The app record is saved after promote() stopped the stable
+        # version: a crash before that is finished from the journal.
+        job.progress("deployment.canary_step", app)
         job.step("drain", time.sleep, self.op.config.drain_s,
                  message=f"{self.op.config.drain_s:g}s")
         promote()

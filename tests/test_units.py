@@ -341,8 +341,9 @@ def test_record_changes_appended_until_terminal(tmp_path):
 
 
 def test_progress_steps_stored_without_fsync(tmp_path, monkeypatch):
-    """Start entries of PROGRESS_STEPS are written without fdatasync, the
-    others with it; both are in the change log at once."""
+    """Start entries of PROGRESS_STEPS, and of any step after the journal
+    says moved, are written without fdatasync, the others with it; all are
+    in the change log at once."""
     store = co.Store(str(tmp_path))
     record = {"deployment_id": 23, "app_id": 23, "state": "running",
               "steps": []}
@@ -363,8 +364,15 @@ def test_progress_steps_stored_without_fsync(tmp_path, monkeypatch):
     assert counts == {"fetch_asset": 0, "write_unit": 1, "daemon_reload": 0,
                       "start_instance": 0, "health_check": 0,
                       "switch_route": 1, "drain": 0, "stop_old": 1}
+    # Once traffic moved for good, recovery reads the journal only.
+    synced.clear()
+    job.journal_moved()
+    assert len(synced) == 1
+    synced.clear()
+    job.step("stop_old", lambda: None)
+    assert synced == []
     on_disk = co.Store(str(tmp_path)).deployment(23)
-    assert [s["name"] for s in on_disk["steps"]] == list(counts)
+    assert [s["name"] for s in on_disk["steps"]] == list(counts) + ["stop_old"]
 
 
 def test_record_log_torn_line_and_stale_log(tmp_path):
