@@ -139,7 +139,9 @@ CONFIG_SPEC = {
     "server_id": (socket.gethostname(), str,
                   "this host's id, checked by domain updates"),
     "health_timeout_s": (60.0, float, "time a new instance has to pass its check"),
-    "health_interval_s": (0.5, float, "pause between two health probes"),
+    "health_interval_s": (0.5, float,
+                          "pause between two health probes (ended early "
+                          "when a binary app starts to listen)"),
     "health_grace_s": (3.0, float,
                        "without a health path: time the unit must stay active"),
     "drain_s": (5.0, float,
@@ -272,6 +274,14 @@ HEALTH_PROBE_TIMEOUT_S = 2.0
 # comes after the start-up time of a typical app, not during it; a unit that
 # exits is reported at most this much later.
 HEALTH_UNIT_CHECK_S = 0.5
+# The detail of a health probe whose connection was refused: nothing
+# listens on the port yet.
+PROBE_REFUSED = "connection refused"
+# While nothing listens on the port of a binary instance, its health check
+# reads the listening sockets this often (over netlink, about 30 us each)
+# and probes again as soon as one appears, instead of a whole
+# health_interval_s after the refused probe (see wait_for_listener).
+LISTEN_POLL_S = 0.005
 # Prefix of every unit this program writes; nothing else is touched.
 UNIT_PREFIX = "crate-app-"
 # The target that starts app units at boot: their [Install] WantedBy=.
@@ -6590,6 +6600,29 @@ def loopback_listeners(port: int) -> set:
     return inodes
 
 
+def wait_for_listener(port: int, seconds: float) -> None:
+    """Sleep up to ``seconds``, but return once a socket that did not
+    listen for 127.0.0.1:port at the call starts to.
+
+    Only a new socket ends the wait, so an app that listens where the
+    probe cannot connect (an IPv6-only socket on ::) costs the whole
+    pause, not a probe every LISTEN_POLL_S.  Without netlink this is a
+    plain sleep.
+    """
+    end = time.monotonic() + seconds
+    try:
+        before = loopback_listeners(port)
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(LISTEN_POLL_S, left))
+            if loopback_listeners(port) - before:
+                return
+    except OSError:
+        time.sleep(max(0.0, end - time.monotonic()))
+
+
 def _netlink_dump(netlink: socket.socket):
     """Yield the payloads of one netlink dump until its NLMSG_DONE."""
     while True:
@@ -6625,7 +6658,7 @@ def probe_http(port: int, path: str) -> tuple:
             return True, f"HTTP {resp.status}"
         return False, f"HTTP {resp.status}"
     except ConnectionRefusedError:
-        return False, "connection refused"
+        return False, PROBE_REFUSED
     except (OSError, http.client.HTTPException) as exc:
         return False, f"{type(exc).__name__}: {exc}"
     finally:
@@ -6636,7 +6669,7 @@ def probe_tcp(port: int) -> tuple:
     """Return (ready, detail): whether 127.0.0.1:port accepts connections."""
     if _port_in_use(port):
         return True, "port accepts connections"
-    return False, "connection refused"
+    return False, PROBE_REFUSED
 
 
 def instance_environment(plan: dict, instance: dict) -> dict:
@@ -6670,6 +6703,9 @@ class BinaryRuntime:
     # An in-place update of a running instance is one systemctl restart of
     # its unit, which stops the old process and starts the new one.
     restarts_in_place = True
+    # The app's own process listens on the instance's port, so a health
+    # check can watch for its socket (see wait_for_listener).
+    app_listens_on_host = True
 
     def __init__(self, config: Config, systemd: Systemd,
                  store: Store | None = None):
@@ -7177,7 +7213,7 @@ def probe_published_port(port: int) -> tuple:
         sock = socket.create_connection(("127.0.0.1", port),
                                         timeout=HEALTH_PROBE_TIMEOUT_S)
     except ConnectionRefusedError:
-        return False, "connection refused"
+        return False, PROBE_REFUSED
     except OSError as exc:
         return False, f"{type(exc).__name__}: {exc}"
     with sock:
@@ -7221,6 +7257,9 @@ class DockerRuntime:
     # The new container of an in-place update is another container, so the
     # old one is stopped first (both bind the same port).
     restarts_in_place = False
+    # docker-proxy listens on the published port from the container's
+    # start, before the app inside does.
+    app_listens_on_host = False
 
     def __init__(self, config: Config, client: DockerClient):
         self.config = config
@@ -9795,7 +9834,10 @@ class Operator:
                     f"health check of instance {instance['instance_id']} on "
                     f"{target} timed out after {cfg.health_timeout_s:g}s "
                     f"(last result: {detail})")
-            time.sleep(cfg.health_interval_s)
+            if detail == PROBE_REFUSED and runtime.app_listens_on_host:
+                wait_for_listener(instance["port"], cfg.health_interval_s)
+            else:
+                time.sleep(cfg.health_interval_s)
         if not path:
             self._wait_grace(runtime, instance)
 

@@ -4,6 +4,7 @@ These run without any real service; the end-to-end modules prove the same
 components against real systemd and Caddy.
 """
 
+import errno
 import hashlib
 import hmac
 import json
@@ -883,6 +884,39 @@ def test_loopback_listeners_by_inode(tmp_path):
             os.fstat(wildcard.fileno()).st_ino}
     finally:
         wildcard.close()
+
+
+def test_wait_for_listener_ends_when_a_socket_listens():
+    """The pause after a refused probe ends once the port gets a new
+    listener; a socket that listened before the pause does not end it."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    timer = threading.Timer(0.3, listener.listen)
+    timer.start()
+    try:
+        started = time.monotonic()
+        co.wait_for_listener(port, 5.0)
+        waited = time.monotonic() - started
+        assert 0.25 <= waited < 1.0, waited
+        # The same socket still listens: the whole pause is slept.
+        started = time.monotonic()
+        co.wait_for_listener(port, 0.3)
+        assert time.monotonic() - started >= 0.3
+    finally:
+        timer.cancel()
+        listener.close()
+
+
+def test_wait_for_listener_without_netlink(monkeypatch):
+    """Without netlink the pause is a plain sleep."""
+    def no_netlink(port):
+        raise PermissionError(errno.EACCES, "netlink not allowed")
+
+    monkeypatch.setattr(co, "loopback_listeners", no_netlink)
+    started = time.monotonic()
+    co.wait_for_listener(1, 0.2)
+    assert time.monotonic() - started >= 0.2
 
 
 def test_no_restart_without_listeners(monkeypatch):
