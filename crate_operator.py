@@ -506,56 +506,6 @@ def waits_ms() -> dict:
     return fields
 
 
-def own_waits() -> tuple:
-    """Return (waits by kind, CPU seconds) of this thread, so that a thread
-    that worked for another can hand them over (see add_waits)."""
-    return ({kind: getattr(_WAITS, kind, 0.0) for kind in WAIT_KINDS},
-            thread_cpu_s())
-
-
-def add_waits(waits: dict, cpu_s: float) -> None:
-    """Count the waits and CPU time of work done for this thread."""
-    for kind, seconds in waits.items():
-        count_wait(kind, seconds)
-    count_wait("cpu", cpu_s)
-
-
-class ThreadCall:
-    """Run ``func(*args)`` in a new thread, beside the caller's own work.
-
-    ``result()`` waits for it, counts its waits and CPU time as the
-    caller's, and returns its value or raises its exception.
-    """
-
-    def __init__(self, name: str, func, *args):
-        self._func = func
-        self._args = args
-        self._value = None
-        self._error: BaseException | None = None
-        self._waits: tuple = ({}, 0.0)
-        self._thread = threading.Thread(target=self._run, name=name,
-                                        daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        reset_waits()
-        try:
-            self._value = self._func(*self._args)
-        except BaseException as exc:  # raised again in result()
-            self._error = exc
-        finally:
-            self._waits = own_waits()
-
-    def result(self):
-        """Wait for the call; return its value or raise its exception."""
-        self._thread.join()
-        waits, self._waits = self._waits, ({}, 0.0)
-        add_waits(*waits)
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
 def setup_logging(log_format: str) -> None:
     """Send log lines to stderr (the journal under systemd)."""
     handler = logging.StreamHandler(sys.stderr)
@@ -6749,9 +6699,8 @@ class BinaryRuntime:
 
         A retained release of the same version and asset_url (and
         asset_sha256, when given) is reused.  Otherwise the asset is
-        downloaded, verified and unpacked into a new release.  The caller
-        prunes old releases afterwards (prune_releases).  ``argv`` may
-        contain PORT_MARK.
+        downloaded, verified and unpacked into a new release.  Old releases
+        are pruned afterwards.  ``argv`` may contain PORT_MARK.
         """
         app_id = plan["app_id"]
         os.makedirs(self.releases_dir(app_id), mode=0o755, exist_ok=True)
@@ -6759,6 +6708,7 @@ class BinaryRuntime:
         release = self._reusable_release(plan)
         if release is None:
             release = self._new_release(plan)
+        self.prune_releases(app_id, os.path.basename(release["release"]))
         return release
 
     def _new_release(self, plan: dict) -> dict:
@@ -7343,10 +7293,6 @@ class DockerRuntime:
         return {"release": reference, "image": image, "tag": tag,
                 "image_id": details.get("Id")}
 
-    def prune_releases(self, app_id: int, current: str) -> None:
-        """Do nothing: pulled images stay in dockerd's image store, where
-        `docker image prune` removes the unused ones."""
-
     # --- snapshot and restore
 
     def _containers(self, app_id: int, instance_id: str) -> list:
@@ -7740,8 +7686,6 @@ class DeployJob:
         self.cancelled = False
         # A state change stored and sent with the next save (see above).
         self._deferred_event: str | None = None
-        # Work running beside the steps (see beside).
-        self._beside: list = []
 
     # --- record keeping
 
@@ -7919,25 +7863,8 @@ class DeployJob:
             outcome, error = "failed", f"internal error: {exc}"
         self.finish(outcome, error)
 
-    def beside(self, name: str, func, *args) -> None:
-        """Run ``func(*args)`` in a helper thread while the job goes on.
-
-        finish() waits for it before the terminal state is stored, so it
-        ends within the job; an exception it raises is logged there.
-        """
-        self._beside.append(ThreadCall(
-            f"{threading.current_thread().name}-{name}", func, *args))
-
     def finish(self, outcome: str, error: str | None) -> None:
-        """Wait for the work beside the steps, drop the job's on-disk
-        snapshots and store the terminal state."""
-        calls, self._beside = self._beside, []
-        for call in calls:
-            try:
-                call.result()
-            except Exception as exc:
-                log("job.beside_failed", logging.WARNING, error=str(exc),
-                    **self.ids)
+        """Drop the job's on-disk snapshots and store the terminal state."""
         for runtime in self.op.runtimes.values():
             with contextlib.suppress(OSError, AttributeError):
                 runtime.drop_backups(self.app_id)
@@ -8007,17 +7934,9 @@ class Strategies:
     # --- helpers
 
     def fetch(self, job: DeployJob, runtime) -> dict:
-        """Run the fetch_asset step and return the release.
-
-        Old releases are pruned in a helper thread while the job writes
-        units and waits for systemd, so that the deploy does not wait for
-        the deletes.
-        """
-        release = job.step("fetch_asset", runtime.prepare, job.plan,
-                           message=runtime.describe_source(job.plan))
-        job.beside("prune", runtime.prune_releases, job.app_id,
-                   os.path.basename(release["release"]))
-        return release
+        """Run the fetch_asset step and return the release."""
+        return job.step("fetch_asset", runtime.prepare, job.plan,
+                        message=runtime.describe_source(job.plan))
 
     def _new_instance(self, plan: dict, slot: str, release: dict) -> dict:
         runtime = self.op.runtime_for(plan["kind"])
@@ -8906,7 +8825,9 @@ class JobRunner:
             raise ConflictError(f"deploy in progress for app {app_id}; "
                                 f"retry when it has finished")
         job.done.wait()
-        add_waits(job.waits, job.cpu)
+        for kind, seconds in job.waits.items():
+            count_wait(kind, seconds)
+        count_wait("cpu", job.cpu)
         if job.error is not None:
             raise job.error
         return job.result
@@ -8988,7 +8909,9 @@ class _InlineJob:
             self.error = exc
         finally:
             # The waiting request logs these waits as its own.
-            self.waits, self.cpu = own_waits()
+            self.waits = {kind: getattr(_WAITS, kind, 0.0)
+                          for kind in WAIT_KINDS}
+            self.cpu = thread_cpu_s()
             self.done.set()
 
 

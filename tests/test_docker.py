@@ -1091,6 +1091,9 @@ def test_docker_canary_and_delete(operator, caddy, dockerd, registry, images,
     assert doc["state"] == "succeeded", doc
     steps = [s["message"] for s in doc["steps"] if s["name"] == "canary_step"]
     assert steps[0].startswith("50%")
+    # The fetch step names the image pulled, as in the other strategies.
+    fetch = [s["message"] for s in doc["steps"] if s["name"] == "fetch_asset"]
+    assert fetch == [f"{canary['image']}:v2"], doc["steps"]
     assert get(caddy, first["domain"]) == (200, b"web v2\n")
 
     request = {"app_id": app_id, "team_id": first["team_id"],

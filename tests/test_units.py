@@ -376,42 +376,6 @@ def test_progress_steps_stored_without_fsync(tmp_path, monkeypatch):
     assert [s["name"] for s in on_disk["steps"]] == list(counts) + ["stop_old"]
 
 
-def test_finish_waits_for_work_beside(tmp_path, caplog):
-    """finish() stores the terminal state only after the work started with
-    beside() ended; an error of that work is logged, not raised."""
-    store = co.Store(str(tmp_path))
-    order = []
-
-    def emit(record, event, sync=True):
-        order.append(event)
-        store.save_deployment(record, sync)
-
-    operator = types.SimpleNamespace(
-        store=store, runtimes={},
-        outbox=types.SimpleNamespace(emit=emit))
-    record = {"deployment_id": 24, "app_id": 24, "state": "running",
-              "steps": []}
-    store.save_deployment(record)
-    job = co.DeployJob(operator, record, {"app_id": 24})
-
-    def slow():
-        time.sleep(0.2)
-        order.append("slow done")
-
-    def broken():
-        raise OSError("disk gone")
-
-    job.beside("slow", slow)
-    job.beside("broken", broken)
-    with caplog.at_level("WARNING", logger=co.LOG.name):
-        job.finish("succeeded", None)
-    assert order == ["slow done", "deployment.succeeded"]
-    failed = [r for r in caplog.records
-              if r.getMessage() == "job.beside_failed"]
-    assert [r.fields["error"] for r in failed] == ["disk gone"]
-    assert store.deployment(24)["state"] == "succeeded"
-
-
 def test_record_log_torn_line_and_stale_log(tmp_path):
     store = co.Store(str(tmp_path))
     base = os.path.join(store.deployments_dir, "22")
