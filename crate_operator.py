@@ -3571,14 +3571,14 @@ class Systemd:
         self._start_or_retry("start", name)
 
     def _start_or_retry(self, verb: str, name: str) -> None:
-        """Run ``systemctl <verb> <name>``; when it fails, clear the failed
-        state with reset-failed and try once more.
+        """Run ``systemctl <verb> <name>``, and when it fails, clear the
+        failed state with reset-failed and try once more.
 
-        A unit refuses to start once it started StartLimitBurst times in
+        A unit rejects a start once it started StartLimitBurst times in
         StartLimitIntervalSec: after a crash loop (Restart= restarts
         count), or after restarts in a row with no daemon-reload between
-        (seen with systemd 252; stop-and-start pairs did not reach the
-        limit).  reset-failed clears the count.  It used to run before
+        (seen with systemd 252, where stop-and-start pairs did not reach
+        the limit).  reset-failed clears the count.  It used to run before
         every start, which cost one more systemctl call per start.
         """
         try:
@@ -7776,9 +7776,9 @@ class DeployJob:
         next save, which is then flushed to disk before the job goes on.
 
         Recovery reads the journal and which steps started.  Once the
-        journal says traffic moved for good it finishes the deployment
-        from the journal alone, and the start of a step in PROGRESS_STEPS
-        matters at no point.
+        journal marks traffic as moved for good, recovery finishes the
+        deployment from the journal alone.  The start of a step in
+        PROGRESS_STEPS matters at no point.
         """
         if (self.record.get("journal") or {}).get("moved"):
             return False
@@ -8951,7 +8951,7 @@ class CallbackOutbox:
         """Store a deployment record and queue one event about it.
 
         The record is stored even when it has no callback_url, so that a
-        state change needs one write of the record; ``sync`` is passed to
+        state change needs one write of the record.  ``sync`` is passed to
         save_deployment.  Only an event of a terminal state is written
         with fsync.  After a power loss, every deployment that had not
         ended is ended by start-up or recovery, which sends that terminal

@@ -250,9 +250,10 @@ def test_deferred_running_state_precedes_failure(tmp_path):
 
 
 def test_emit_stores_record_before_its_event(tmp_path):
-    """The record goes first; only the event of a terminal state is synced
-    (a lost earlier event is followed by the terminal one after a
-    restart), and the record is synced unless the caller says not to."""
+    """Store the record before its event, and sync the record unless the
+    caller passes sync=False. Only the event of a terminal state is
+    synced, because after a restart a lost earlier event is followed by
+    the terminal one."""
     order = []
 
     class Recording(co.Store):
@@ -342,9 +343,9 @@ def test_record_changes_appended_until_terminal(tmp_path):
 
 
 def test_progress_steps_stored_without_fsync(tmp_path, monkeypatch):
-    """Start entries of PROGRESS_STEPS, and of any step after the journal
-    says moved, are written without fdatasync, the others with it; all are
-    in the change log at once."""
+    """Write the start entries of PROGRESS_STEPS, and of every step after
+    the journal marks traffic as moved, without fdatasync. Write the
+    others with it. All of them are in the change log at once."""
     store = co.Store(str(tmp_path))
     record = {"deployment_id": 23, "app_id": 23, "state": "running",
               "steps": []}
@@ -355,6 +356,7 @@ def test_progress_steps_stored_without_fsync(tmp_path, monkeypatch):
     real_sync_fd = co.sync_fd
     monkeypatch.setattr(co, "sync_fd", lambda fd, data_only=False: (
         synced.append(fd), real_sync_fd(fd, data_only)))
+
     counts = {}
     for name in ("fetch_asset", "write_unit", "daemon_reload",
                  "start_instance", "health_check", "switch_route", "drain",
@@ -365,6 +367,7 @@ def test_progress_steps_stored_without_fsync(tmp_path, monkeypatch):
     assert counts == {"fetch_asset": 0, "write_unit": 1, "daemon_reload": 0,
                       "start_instance": 0, "health_check": 0,
                       "switch_route": 1, "drain": 0, "stop_old": 1}
+
     # Once traffic moved for good, recovery reads the journal only.
     synced.clear()
     job.journal_moved()
@@ -372,6 +375,7 @@ def test_progress_steps_stored_without_fsync(tmp_path, monkeypatch):
     synced.clear()
     job.step("stop_old", lambda: None)
     assert synced == []
+
     on_disk = co.Store(str(tmp_path)).deployment(23)
     assert [s["name"] for s in on_disk["steps"]] == list(counts) + ["stop_old"]
 
