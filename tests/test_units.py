@@ -342,7 +342,7 @@ def test_record_changes_appended_until_terminal(tmp_path):
     assert list(co.Store(str(tmp_path)).iter_deployments()) == [record]
 
 
-def test_progress_steps_stored_without_fsync(tmp_path, monkeypatch):
+def test_progress_steps_skip_fsync(tmp_path, monkeypatch):
     """Write the start entries of PROGRESS_STEPS, and of every step after
     the journal marks traffic as moved, without fdatasync. Write the
     others with it. All of them are in the change log at once."""
@@ -738,14 +738,14 @@ def _recording_systemd(tmp_path):
     return co.Systemd([str(fake)], str(tmp_path)), calls
 
 
-def test_start_retried_once_after_reset_failed(tmp_path):
-    """A start or restart runs alone while it succeeds; a failed one is
-    followed by reset-failed and one more try, whose error is raised."""
+def test_start_retried_after_reset_failed(tmp_path):
+    """Run a start or restart alone while it succeeds. After a failed
+    one, run reset-failed and try once more, and raise that try's error."""
     calls = tmp_path / "calls"
     fails = tmp_path / "fails"
     fake = tmp_path / "systemctl"
-    # Fails a start or restart while the file "fails" holds a line, and
-    # removes one line per failure.
+    # Fails a start or restart while the file "fails" is not empty, and
+    # removes one line of it per failure.
     fake.write_text(
         f"#!/bin/sh\necho \"$@\" >> {calls}\n"
         f"case \"$1\" in start|restart)\n"
@@ -854,9 +854,9 @@ def test_loopback_listeners_by_inode(tmp_path):
         wildcard.close()
 
 
-def test_wait_for_listener_ends_when_a_socket_listens():
-    """The pause after a refused probe ends once the port gets a new
-    listener; a socket that listened before the pause does not end it."""
+def test_listener_wait_ends_on_listen():
+    """End the pause after a refused probe once the port gets a new
+    listener. A socket that listened before the pause does not end it."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     port = listener.getsockname()[1]
@@ -876,7 +876,7 @@ def test_wait_for_listener_ends_when_a_socket_listens():
         listener.close()
 
 
-def test_wait_for_listener_without_netlink(monkeypatch):
+def test_listener_wait_without_netlink(monkeypatch):
     """Without netlink the pause is a plain sleep."""
     def no_netlink(port):
         raise PermissionError(errno.EACCES, "netlink not allowed")
