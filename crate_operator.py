@@ -6555,6 +6555,24 @@ def loopback_listeners(port: int) -> set:
     return inodes
 
 
+def _netlink_dump(netlink: socket.socket):
+    """Yield the payloads of one netlink dump until its NLMSG_DONE."""
+    while True:
+        data = netlink.recv(1 << 16)
+        offset = 0
+        while offset + 16 <= len(data):
+            length, kind = struct.unpack_from("=IH", data, offset)
+            if length < 16:
+                raise OSError(errno.EPROTO, "invalid netlink message length")
+            if kind == 3:  # NLMSG_DONE
+                return
+            if kind == 2:  # NLMSG_ERROR: a negative errno follows
+                code = -struct.unpack_from("=i", data, offset + 16)[0]
+                raise OSError(code, os.strerror(code))
+            yield data[offset + 16:offset + length]
+            offset += (length + 3) & ~3
+
+
 def wait_for_listener(port: int, seconds: float) -> None:
     """Sleep up to ``seconds``, but return once 127.0.0.1:port accepts a
     connection (tried every LISTEN_POLL_S).
@@ -6573,24 +6591,6 @@ def wait_for_listener(port: int, seconds: float) -> None:
         time.sleep(min(LISTEN_POLL_S, left))
         if _accepts_connection(port):
             return
-
-
-def _netlink_dump(netlink: socket.socket):
-    """Yield the payloads of one netlink dump until its NLMSG_DONE."""
-    while True:
-        data = netlink.recv(1 << 16)
-        offset = 0
-        while offset + 16 <= len(data):
-            length, kind = struct.unpack_from("=IH", data, offset)
-            if length < 16:
-                raise OSError(errno.EPROTO, "invalid netlink message length")
-            if kind == 3:  # NLMSG_DONE
-                return
-            if kind == 2:  # NLMSG_ERROR: a negative errno follows
-                code = -struct.unpack_from("=i", data, offset + 16)[0]
-                raise OSError(code, os.strerror(code))
-            yield data[offset + 16:offset + length]
-            offset += (length + 3) & ~3
 
 
 def probe_http(port: int, path: str) -> tuple:
