@@ -7638,7 +7638,7 @@ STEP_NAMES = (
 # and by whether a step that moves traffic (stop_old, switch_route,
 # canary_step) started.  Their start entries are stored without fsync, so
 # a power loss may leave a record whose last entry is the step before (see
-# DeployJob._recovery_reads for the other saves that skip the flush).  A
+# DeployJob._save_needs_flush for the other saves that skip the flush).  A
 # crash of the operator process loses none of them.
 PROGRESS_STEPS = frozenset({
     "fetch_asset", "daemon_reload", "start_instance", "health_check",
@@ -7772,9 +7772,9 @@ class DeployJob:
             self.save()
         self.refresh_view(app)
         self.op.outbox.emit(self.record, event_name,
-                            sync=self._recovery_reads())  # saves
+                            sync=self._save_needs_flush())  # saves
 
-    def _recovery_reads(self, step: str | None = None) -> bool:
+    def _save_needs_flush(self, step: str | None = None) -> bool:
         """Return whether recovery after a power loss may depend on the
         next save, which is then flushed to disk before the job goes on.
 
@@ -7803,7 +7803,7 @@ class DeployJob:
         entry = {"name": name, "state": "running", "at": utc_now(),
                  "message": message}
         self.record["steps"].append(entry)
-        self.save(sync=self._recovery_reads(name))
+        self.save(sync=self._save_needs_flush(name))
         ids = dict(self.ids)
         for arg in args:
             if isinstance(arg, dict) and arg.get("instance_id"):

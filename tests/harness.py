@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import datetime
 import glob
 import hashlib
 import hmac
@@ -150,6 +151,13 @@ def sign(secret: str | bytes, body: bytes) -> str:
     """Return "sha256=" plus the hex HMAC-SHA256 of body under secret."""
     key = secret.encode() if isinstance(secret, str) else secret
     return "sha256=" + hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
+def status_seconds(text: str) -> float:
+    """Return the epoch seconds of a status timestamp (RFC 3339, UTC, with
+    milliseconds, as in a step's "at")."""
+    moment = datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.replace(tzinfo=datetime.timezone.utc).timestamp()
 
 
 def build_asset(build_name: str, dest_path: str) -> str:

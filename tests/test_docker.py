@@ -14,7 +14,6 @@ server on a unix socket replaces dockerd.
 from __future__ import annotations
 
 import base64
-import datetime
 import http.client
 import http.server
 import json
@@ -568,14 +567,9 @@ def test_port_check_waits_for_late_listener(operator, caddy, registry,
     # docker-proxy accepts at once, so a plain connect would pass long before
     # httpd listens. Caddy's retries would hide that from the loop above.
     times = {step["name"]: step["at"] for step in doc["steps"]}
-    waited = (iso_seconds(times["health_check"])
-              - iso_seconds(times["start_instance"]))
+    waited = (harness.status_seconds(times["health_check"])
+              - harness.status_seconds(times["start_instance"]))
     assert waited >= 1.5, doc["steps"]
-
-
-def iso_seconds(text):
-    return datetime.datetime.strptime(
-        text, "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
 
 
 def test_probe_published_port_needs_open_connection():

@@ -180,7 +180,7 @@ def test_crash_loop_recovers_on_restart_f12(operator, sandbox, caddy,
     assert doc["state"] == "succeeded", doc
     assert sandbox.unit_property(unit, "ActiveState") == "active"
     assert through_caddy(caddy, body["domain"])[1].startswith("l1 ")
-    # The refused start was cleared with reset-failed and tried again.
+    # The rejected start was cleared with reset-failed and tried again.
     retried = [line for line in operator.log_text().splitlines()
                if "event=systemd.start_retried" in line and unit in line]
     assert len(retried) == 1, retried

@@ -6,7 +6,6 @@ its own namespaces), a real Caddy, an asset server and a callback receiver.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import hmac
 import json
@@ -264,12 +263,6 @@ def test_slow_boot_is_not_a_failure_f18(operator, caddy, assets, callbacks):
     assert through_caddy(caddy, first["domain"])[1].startswith("b2 ")
 
 
-def parse_time(text: str) -> float:
-    """Return the epoch seconds of a status timestamp (RFC 3339, UTC)."""
-    moment = datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ")
-    return moment.replace(tzinfo=datetime.timezone.utc).timestamp()
-
-
 def test_health_probe_follows_listen(operator_factory, caddy, assets,
                                      callbacks):
     """After a refused probe the next one comes when the app starts to
@@ -279,9 +272,10 @@ def test_health_probe_follows_listen(operator_factory, caddy, assets,
     doc = deploy(slow_poller, body)
     assert doc["state"] == "succeeded", doc
     steps = {step["name"]: step for step in doc["steps"]}
-    started = parse_time(steps["start_instance"]["at"])
-    checked = parse_time(steps["health_check"]["at"])
-    # The sample app listens within a few hundred ms of its start.
+    started = harness.status_seconds(steps["start_instance"]["at"])
+    checked = harness.status_seconds(steps["health_check"]["at"])
+    # The sample app listened about 40 ms after its start in this
+    # project's runs; 2 s leaves room for a slow machine.
     assert checked - started < 2.0, doc["steps"]
     assert through_caddy(caddy, body["domain"])[1].startswith("b1 ")
 
