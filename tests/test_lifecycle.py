@@ -172,7 +172,10 @@ def test_crash_loop_recovers_on_restart_f12(operator, sandbox, caddy,
         if sandbox.unit_property(unit, "ActiveState") == "active":
             sandbox.systemctl("kill", "--signal=SIGKILL", unit, check=False)
         time.sleep(0.2)
-    assert int(sandbox.unit_property(unit, "NRestarts")) >= 5
+    # systemd's own restarts reach the start limit after 5 (checked in the
+    # sandbox). A start by the reconciler while the unit waits for its next
+    # restart counts too, and leaves 4 (checked in the sandbox as well).
+    assert int(sandbox.unit_property(unit, "NRestarts")) >= 4
     refused = sandbox.systemctl("start", unit, check=False)
     assert refused.returncode != 0
     assert sandbox.unit_property(unit, "ActiveState") == "failed"
