@@ -67,6 +67,29 @@ def wait_dead_or_done(operator, deployment_id, timeout=60):
                          f"crashed within {timeout}s")
 
 
+def post_through_crash(operator, body):
+    """POST a deploy body and return (status, answer, crashed).
+
+    The job can reach the crash step before the request thread sends the
+    202. The client then gets no answer and, as a client should, sends the
+    same body again once the operator runs again (crashed is True).
+    """
+    try:
+        status, _, answer = operator.request("POST", SLOTS, body)
+        return status, answer, False
+    except (OSError, http.client.HTTPException):
+        pass
+    deadline = time.monotonic() + 10
+    while operator.running():
+        assert time.monotonic() < deadline, "the POST failed, but the " \
+            "operator did not exit"
+        time.sleep(0.05)
+    assert operator.proc.returncode == -9
+    operator.start()
+    status, _, answer = operator.request("POST", SLOTS, body)
+    return status, answer, True
+
+
 @pytest.mark.parametrize("strategy", ["bluegreen", "canary", "immediate"])
 @pytest.mark.parametrize("step", crate_operator.STEP_NAMES)
 def test_sigkill_at_step_recovers(step, strategy, operator_factory, caddy,
@@ -81,12 +104,17 @@ def test_sigkill_at_step_recovers(step, strategy, operator_factory, caddy,
     second = dict(first, deployment_id=next_id(), asset_url=assets["new"],
                   deployment_strategy=strategy,
                   canary={"steps": [50, 100], "pause_s": 0.3})
-    status, _, answer = operator.request("POST", SLOTS, second)
+    status, answer, crashed = post_through_crash(operator, second)
     assert status == 202, answer
-    crashed = wait_dead_or_done(operator, second["deployment_id"])
     if crashed:
-        assert operator.proc.returncode == -9
-        operator.start()
+        # The record was stored before the job started, so the repeated
+        # request finds it.
+        assert answer["duplicate"] is True, answer
+    else:
+        crashed = wait_dead_or_done(operator, second["deployment_id"])
+        if crashed:
+            assert operator.proc.returncode == -9
+            operator.start()
     doc = operator.wait_state(second["deployment_id"], TERMINAL, timeout=60)
     assert doc["state"] in ("succeeded", "rolled_back", "failed"), doc
     code, text = through_caddy(caddy, first["domain"])
