@@ -405,6 +405,58 @@ def test_container_config_carries_limits():
     assert "NanoCpus" not in without["HostConfig"]
 
 
+class _RemovalClient:
+    """Lists containers in fixed states; removals wait for ``release``."""
+
+    def __init__(self, states: dict, failing: tuple = ()) -> None:
+        self.states = dict(states)
+        self.failing = set(failing)
+        self.removed: list = []
+        self.release = threading.Event()
+
+    def list_containers(self, labels: dict) -> list:
+        return [{"Names": ["/" + name], "State": state}
+                for name, state in self.states.items()]
+
+    def remove_container(self, name: str) -> None:
+        assert self.release.wait(10), "the test never released the removals"
+        if name in self.failing:
+            raise co.DockerError(f"removing container {name} failed with "
+                                 f"HTTP 500: injected", 500)
+        self.removed.append(name)
+
+    def create_container(self, name: str, config: dict) -> None:
+        self.states[name] = "created"
+
+
+def test_replaced_containers_removed_beside_the_job(caplog):
+    # install reads which containers are stopped and removes them in a
+    # helper thread; finish_job waits for it. A container stopped after
+    # install (the live one, which a rollback starts again) stays, and a
+    # removal that fails is logged without failing the deployment.
+    values = {key: spec[0] for key, spec in co.CONFIG_SPEC.items()}
+    config = co.Config(dict(values, app_user="dynamic", apps_dir="/srv/x"))
+    client = _RemovalClient({"c-bad": "exited", "c-live": "running",
+                             "c-old": "exited"}, failing=("c-bad",))
+    runtime = co.DockerRuntime(config, client=client)
+    plan = {"app_id": 5, "deployment_id": "9", "version": "v1",
+            "team_id": "t", "environment_id": 1, "env_vars": {}}
+    instance = {"instance_id": "blue", "name": "blue", "port": 18000,
+                "unit": "c-new"}
+    with caplog.at_level("INFO", logger="crate_operator"):
+        runtime.install(plan, instance, {"release": "img:1"})
+        assert client.states["c-new"] == "created"
+        assert client.removed == []  # install did not wait for them
+        client.states["c-live"] = "exited"
+        client.release.set()
+        runtime.finish_job(5)
+        assert client.removed == ["c-old"]
+    failed = [r for r in caplog.records
+              if r.getMessage() == "docker.container_remove_failed"]
+    assert [r.fields["container"] for r in failed] == ["c-bad"]
+    runtime.finish_job(5)  # nothing left to wait for
+
+
 def test_process_runs_as_nobody(operator, caddy, registry, images,
                                 callbacks):
     app_id = next_id()

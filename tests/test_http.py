@@ -621,7 +621,7 @@ def test_status_follows_job_and_restart(operator_factory, callbacks,
     operator.restart()
     status, _, value = operator.request("GET", path)
     assert status == 200
-    assert json.dumps(value, indent=1).encode() + b"\n" == on_disk
+    assert co.json_body(value) == on_disk
 
 
 # === The served OpenAPI document: structure ===
