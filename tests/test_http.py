@@ -10,6 +10,7 @@ Hypothesis strategies from the OpenAPI document that the operator serves.
 from __future__ import annotations
 
 import http.client
+import io
 import itertools
 import json
 import re
@@ -329,6 +330,23 @@ def closing_cases(operator) -> dict:
             "GET", OPENAPI, {f"X-Header-{n}": "a" for n in range(120)}),
             431),
         "invalid request line": (b"GARBAGE\r\n\r\n", 400),
+        # A line without a colon hid every field after it (here the
+        # Content-Length) from http.client's parser, so the body was read
+        # as the next request.
+        "header line without colon": (request_bytes(
+            "POST", DELETE, dict(token, **{"X-A": "1\r\nNoColon"}), b"{}"),
+            400),
+        "folded header line": (request_bytes(
+            "POST", DELETE, dict(token, **{"X-A": "1\r\n folded"}), b"{}"),
+            400),
+        "space before colon": (request_bytes(
+            "POST", DELETE, dict(token, **{"Content-Length ": "2"}), b"{}",
+            length=False), 400),
+        "CR inside a value": (request_bytes(
+            "POST", DELETE, dict(token, **{"X-A": "a\rb"}), b"{}"), 400),
+        "HTTP/2 request line": (request_bytes(
+            "GET", OPENAPI, auth(operator), version="HTTP/2.0"), 505),
+        "HTTP/0.9 POST": (b"POST " + DELETE.encode() + b"\r\n", 400),
         "unknown method": (request_bytes("OPTIONS", OPENAPI, auth(operator)),
                            501),
     }
@@ -340,7 +358,39 @@ CLOSING_CASES = ["invalid content-length", "non-ascii digit length",
                  "chunk longer than size", "http/1.0 chunked", "huge length",
                  "length over discard limit", "request line too long",
                  "header line too long", "too many headers",
-                 "invalid request line", "unknown method"]
+                 "invalid request line", "unknown method",
+                 "header line without colon", "folded header line",
+                 "space before colon", "CR inside a value",
+                 "HTTP/2 request line", "HTTP/0.9 POST"]
+
+
+def test_request_headers_match_names_without_case():
+    reader = io.BytesIO(b"Content-Type:  application/json \r\n"
+                        b"X-Twice: a\r\nx-twice: b\n\r\nnext request")
+    headers = co.read_request_headers(reader)
+    assert headers.get("content-type") == "application/json"
+    assert headers.get_all("X-TWICE") == ["a", "b"]
+    assert "x-twice" in headers and "X-Missing" not in headers
+    assert headers.get("X-Missing", "none") == "none"
+    assert headers.get_all("X-Missing") is None
+    assert headers.items()[1] == ("X-Twice", "a")
+    assert reader.read() == b"next request"
+
+
+def test_keep_alive_and_close_follow_connection_tokens(operator):
+    with RawConnection(operator) as conn:
+        conn.send(request_bytes("GET", OPENAPI, auth(
+            operator, Connection="TE, Close")))
+        response = conn.read_response()
+        assert response.status == 200
+        assert response.headers["connection"] == "close"
+        assert conn.at_eof()
+    with RawConnection(operator) as conn:
+        conn.send(request_bytes("GET", OPENAPI, auth(
+            operator, Connection="Keep-Alive"), version="HTTP/1.0")
+            + follow_up(operator))
+        assert conn.read_response().status == 200
+        assert_follow_up(conn.read_response())
 
 
 @pytest.mark.parametrize("case", CLOSING_CASES)
