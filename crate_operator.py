@@ -7747,6 +7747,8 @@ class DeployJob:
         self.cancelled = False
         # A state change stored and sent with the next save (see above).
         self._deferred_event: str | None = None
+        # Monotonic time at which the last switch_route step ended.
+        self._routed_at: float | None = None
 
     # --- record keeping
 
@@ -7883,7 +7885,23 @@ class DeployJob:
         # that leaves the step looking unfinished, which recovery treats
         # like a crash inside the step.
         entry.update(state="done", at=utc_now())
+        if name == "switch_route":
+            self._routed_at = time.monotonic()
         return result
+
+    def drain(self) -> None:
+        """Run the drain step: drain_s after the last route change.
+
+        Requests that Caddy had sent to the instances taken out of the
+        route finish meanwhile. The time since the route change (journal
+        and callback writes) counts, so only the rest is slept.
+        """
+        drain_s = self.op.config.drain_s
+        left = drain_s
+        if self._routed_at is not None:
+            left -= time.monotonic() - self._routed_at
+        self.step("drain", time.sleep, max(0.0, min(left, drain_s)),
+                  message=f"{drain_s:g}s")
 
     # --- entry point
 
@@ -8071,8 +8089,7 @@ class Strategies:
         if old:
             # The app record is saved once, after the old instances
             # stopped: a crash before that is finished from the journal.
-            job.step("drain", time.sleep, self.op.config.drain_s,
-                     message=f"{self.op.config.drain_s:g}s")
+            job.drain()
             for item in old:
                 self._stop_old(job, item)
         self.op.store.save_app(app)
@@ -8174,8 +8191,7 @@ class Strategies:
         # The app record is saved after promote() stopped the stable
         # version: a crash before that is finished from the journal.
         job.progress("deployment.canary_step", app)
-        job.step("drain", time.sleep, self.op.config.drain_s,
-                 message=f"{self.op.config.drain_s:g}s")
+        job.drain()
         promote()
         self.op.store.save_app(app)
         return "succeeded", None
@@ -8394,10 +8410,6 @@ class InstanceSetDeploy:
             self.strategies._start_and_check(self.job, member)
             member.update(state="running", serving=True)
 
-    def _drain(self) -> None:
-        self.job.step("drain", time.sleep, self.op.config.drain_s,
-                      message=f"{self.op.config.drain_s:g}s")
-
     def _save(self, serving: dict, version: str | None = None) -> None:
         self.app["instances"] = serving
         if version:
@@ -8453,7 +8465,7 @@ class InstanceSetDeploy:
         others = {k: v for k, v in serving.items() if k != instance_id}
         if others:
             self._route(others)
-            self._drain()
+            self.job.drain()
         self.changed = True
         self.job.step("stop_old", self.runtime.stop, old, message=old["unit"])
         self._bring_up([member])
@@ -8506,7 +8518,7 @@ class InstanceSetDeploy:
             self._save(serving, self.plan["version"])
             return
         self._route(serving)
-        self._drain()
+        self.job.drain()
         self._remove_members(gone)
         self._save(serving, self.plan["version"])
 
@@ -8543,7 +8555,7 @@ class InstanceSetDeploy:
         self._save(siblings, self.plan["version"])
         old = list(self.before.values())
         if old:
-            self._drain()
+            self.job.drain()
             self._remove_members(old)
         return "succeeded", None
 
@@ -8632,8 +8644,7 @@ class LifecycleJob(DeployJob):
                   message=f"without {instance['instance_id']}")
         instance["serving"] = False
         self.op.store.save_app(app)
-        self.step("drain", time.sleep, self.op.config.drain_s,
-                  message=f"{self.op.config.drain_s:g}s")
+        self.drain()
 
     def _bring_back(self, app: dict, instance: dict) -> None:
         runtime = self.op.runtime_for(instance["kind"])
@@ -8695,7 +8706,7 @@ class LifecycleJob(DeployJob):
                 self.step("switch_route", self._route_or_remove, app,
                           remaining, message="without deleted instances")
                 if remaining:
-                    self.step("drain", time.sleep, self.op.config.drain_s)
+                    self.drain()
             for instance in doomed:
                 runtime = self.op.runtime_for(instance["kind"])
                 self.step("remove_instance", runtime.remove, instance,

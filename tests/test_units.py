@@ -379,6 +379,31 @@ def test_progress_steps_skip_fsync(tmp_path, monkeypatch):
     assert [s["name"] for s in on_disk["steps"]] == list(counts) + ["stop_old"]
 
 
+def test_drain_counts_from_the_route_change(tmp_path, monkeypatch):
+    """The drain step sleeps drain_s less the time since the last
+    switch_route step ended, and never more than drain_s."""
+    store = co.Store(str(tmp_path))
+    record = {"deployment_id": 24, "app_id": 24, "state": "running",
+              "steps": []}
+    store.save_deployment(record)
+    config = types.SimpleNamespace(drain_s=5.0)
+    job = co.DeployJob(types.SimpleNamespace(store=store, config=config),
+                       record, {"app_id": 24})
+    slept = []
+    monkeypatch.setattr(co.time, "sleep", slept.append)
+    clock = [100.0]
+    monkeypatch.setattr(co.time, "monotonic", lambda: clock[0])
+    job.drain()  # no route change yet: the whole drain
+    job.step("switch_route", lambda: None)
+    clock[0] += 1.5  # journal and callback writes after the switch
+    job.drain()
+    clock[0] += 10.0
+    job.drain()
+    assert slept == [5.0, 3.5, 0.0]
+    assert [s["message"] for s in record["steps"] if s["name"] == "drain"] \
+        == ["5s", "5s", "5s"]
+
+
 def test_record_log_torn_line_and_stale_log(tmp_path):
     store = co.Store(str(tmp_path))
     base = os.path.join(store.deployments_dir, "22")
