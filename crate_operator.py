@@ -2711,14 +2711,17 @@ def _atomic_write(path: str, directory: str, data: bytes, mode: int,
                   xattrs: dict, sync: bool) -> None:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
+        # Plain descriptor calls: a Python file object around fd and a
+        # chmod by path made the write a quarter slower here.
+        try:
+            _write_all(fd, data)
             for name, value in xattrs.items():
-                _set_xattr(handle.fileno(), name, value)
+                _set_xattr(fd, name, value)
+            os.fchmod(fd, mode)
             if sync:
-                sync_fd(handle.fileno())
-        os.chmod(tmp, mode)
+                sync_fd(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
