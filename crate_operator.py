@@ -426,7 +426,7 @@ _LOG_UNSAFE = re.compile(r'[\x00-\x20"\\=\x7f]')
 
 def _log_value(value) -> str:
     """Render one value for the key=value format, escaping untrusted text."""
-    if type(value) is int:  # ids, most fields; not bool, which json spells
+    if type(value) is int:  # ids and counts; bool is left to json (true)
         return str(value)
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     if text and not _LOG_UNSAFE.search(text):
@@ -519,10 +519,9 @@ def setup_logging(log_format: str) -> None:
     LOG.setLevel(logging.INFO)
     LOG.propagate = False
     # The formatters use none of the caller's file and line, thread or
-    # process fields, which logging otherwise collects for every record
-    # (the stack walk for the caller is the dearest): switched off as the
-    # logging HOWTO's "Optimization" section describes, a line took 26 us
-    # instead of 35.
+    # process fields, which logging otherwise collects for every record.
+    # Switched off as the "Optimization" section of the logging HOWTO
+    # describes, a line took 26 us instead of 35 in a loop here.
     logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
@@ -10361,9 +10360,9 @@ def _status_id(endpoint: str, raw_id: str) -> tuple:
 def json_body(value) -> bytes:
     """Return the body of a JSON answer: one line, without indentation.
 
-    json encodes with its C encoder only without indent: a status
-    document of a finished deployment took 118 us with indent=1 and 20 us
-    so. Clients parse the body; `jq` shows it indented.
+    json uses its C encoder only without indent: a status document of a
+    finished deployment took 118 us with indent=1 and 20 us without.
+    Clients parse the body, and `jq` shows it indented.
     """
     return json.dumps(value, separators=(",", ":")).encode() + b"\n"
 
@@ -10681,7 +10680,7 @@ def read_request_headers(reader) -> RequestHeaders:
                              f"and !#$%&'*+.^_`|~-")
         value = value.strip(" \t")
         if _FIELD_VALUE_FORBIDDEN.search(value):
-            raise ValueError(f"header {name[:60]} holds a CR or NUL "
+            raise ValueError(f"header {name[:60]} contains a CR or NUL "
                              f"character")
         fields.append((name.lower(), name, value))
 

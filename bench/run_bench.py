@@ -423,7 +423,7 @@ def resampled_ratios(times: list, floor_times: list,
     """Return the 5th and 95th percentile of the median ratio over rounds
     drawn again with replacement (a paired bootstrap).
 
-    Round i holds one operator deploy and the floor deploy beside it, so
+    Round i contains one operator deploy and the floor deploy beside it, so
     a round is drawn as a pair. The range shows how far the ratio of one
     run of this many rounds moves on this machine; the verdict stays on
     the ratio measured.
