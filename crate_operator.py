@@ -10592,7 +10592,10 @@ class _HeaderLimitReader:
 
     def readline(self, limit: int = -1) -> bytes:
         """Read one header line, reading no further than the size limit."""
-        budget = self.max_bytes - self.size + 1
+        # Two bytes past the limit: the CRLF of the empty line that ends
+        # the header section, which does not count, still fits; any other
+        # line read there puts the size over the limit.
+        budget = self.max_bytes - self.size + 2
         line = self.rfile.readline(budget if limit < 0 else
                                    min(limit, budget))
         if line in (b"\r\n", b"\n", b""):
@@ -10614,7 +10617,14 @@ class _HeaderLimitReader:
 _FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 # RFC 9110 section 5.5: CR, LF and NUL are never part of a field value.
 _FIELD_VALUE_FORBIDDEN = re.compile(r"[\r\n\x00]")
-_REQUEST_VERSION = re.compile(r"HTTP/([0-9]{1,10})\.([0-9]{1,10})")
+# RFC 9112 section 2.3: HTTP-version is "HTTP/" DIGIT "." DIGIT.
+_REQUEST_VERSION = re.compile(r"HTTP/([0-9])\.([0-9])")
+# RFC 9112 section 3: the words of a request line may be split on SP,
+# HTAB, VT, FF and a bare CR, and on nothing else.
+_REQUEST_LINE_SPACE = re.compile(r"[ \t\x0b\x0c\r]+")
+# RFC 9112 section 3.2: Host is uri-host [":" port], where uri-host is a
+# reg-name or an IP literal in brackets; the value may be empty.
+_HOST_VALUE = re.compile(r"[A-Za-z0-9._~%!$&'()*+,;=:\[\]-]*")
 
 
 class RequestHeaders:
@@ -10657,17 +10667,23 @@ def read_request_headers(reader) -> RequestHeaders:
 
     Raises ValueError naming the first invalid line: one without a colon,
     a field name that is not a token, obsolete line folding (a line that
-    starts with a space or tab) and CR or NUL inside a value. http.client
-    skipped such a line and every line after it without an error, so a
-    Content-Length after it went unseen.
+    starts with a space or tab) and CR or NUL inside a value, and when the
+    stream ends before the empty line. http.client skipped such a line and
+    every line after it without an error, so a Content-Length after it
+    went unseen.
     """
     fields = []
     while True:
         line = reader.readline(HEADER_LINE_MAX + 1)
-        if line in (b"\r\n", b"\n", b""):
+        if line in (b"\r\n", b"\n"):
             return RequestHeaders(fields)
         if len(line) > HEADER_LINE_MAX:
             raise http.client.LineTooLong("header line")
+        if not line.endswith(b"\n"):
+            # The client closed its side inside the header section: the
+            # request is incomplete and must not run.
+            raise ValueError("the request ended before the empty line after "
+                             "its header fields")
         text = str(line, "iso-8859-1")
         text = text[:-2] if text.endswith("\r\n") else text.rstrip("\n")
         if text[:1] in (" ", "\t"):
@@ -10894,11 +10910,19 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         self.request_version = self.default_request_version
         self._version = (1, 0)
         self.close_connection = True
+        if self.raw_requestline in (b"\r\n", b"\n"):
+            # RFC 9112 section 2.2: an empty line before the request line
+            # (left by a client after a body) is ignored.
+            self.raw_requestline = self.rfile.readline(65537)
+            if not self.raw_requestline:
+                return False
+            if len(self.raw_requestline) > 65536:
+                self.send_error(http.HTTPStatus.REQUEST_URI_TOO_LONG)
+                return False
         self.requestline = str(self.raw_requestline,
                                "iso-8859-1").rstrip("\r\n")
-        words = self.requestline.split()
-        if not words:
-            return False
+        words = [word for word in
+                 _REQUEST_LINE_SPACE.split(self.requestline) if word]
         if not self._parse_request_line(words):
             return False
         config = self.server.operator.config
@@ -10913,19 +10937,44 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         except ValueError as exc:
             self.send_error(http.HTTPStatus.BAD_REQUEST, str(exc))
             return False
-        options = {part.strip().lower() for part in
-                   self.headers.get("Connection", "").split(",")}
+        if not self._check_host():
+            return False
+        # Fields of one name form one comma-separated list (RFC 9110
+        # section 5.3), so every Connection and Expect line counts.
+        options = self._list_field("Connection")
         if "close" in options:
             self.close_connection = True
         elif "keep-alive" in options:
             self.close_connection = False
-        if self.headers.get("Expect", "").strip().lower() == "100-continue" \
-                and self._version >= (1, 1):
+        if "100-continue" in self._list_field("Expect") and \
+                self._version >= (1, 1):
             return self.handle_expect_100()
+        return True
+
+    def _list_field(self, name: str) -> set:
+        """Return the lowercase members of a list-valued header field."""
+        return {part.strip(" \t").lower()
+                for value in self.headers.get_all(name) or []
+                for part in value.split(",")}
+
+    def _check_host(self) -> bool:
+        """Send a 400 unless an HTTP/1.1 request has one valid Host field
+        (RFC 9112 section 3.2); return whether the request may go on."""
+        hosts = self.headers.get_all("Host") or []
+        if self._version < (1, 1) and not hosts:
+            return True
+        if len(hosts) != 1 or not _HOST_VALUE.fullmatch(hosts[0]):
+            self.send_error(http.HTTPStatus.BAD_REQUEST,
+                            "send exactly one valid Host header field")
+            return False
         return True
 
     def _parse_request_line(self, words: list) -> bool:
         """Set command, path and request_version from the request line."""
+        if not words:
+            self.send_error(http.HTTPStatus.BAD_REQUEST,
+                            "the request line is empty")
+            return False
         if len(words) >= 3:
             version = words[-1]
             match = _REQUEST_VERSION.fullmatch(version)
@@ -11154,7 +11203,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         Several Content-Length values must be equal (RFC 9112 section 6.3),
         because a proxy in front could frame the body by another one.
         """
-        texts = {part.strip() for value in
+        texts = {part.strip(" \t") for value in
                  self.headers.get_all("Content-Length") or []
                  for part in value.split(",")}
         if not texts:
@@ -11175,11 +11224,14 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         values = self.headers.get_all("Transfer-Encoding")
         if values is None:
             return False
-        codings = [part.strip().lower() for value in values
-                   for part in value.split(",") if part.strip()]
-        if self.request_version == "HTTP/1.0":
+        # Only SP and HTAB are whitespace around a list member (RFC 9110
+        # section 5.6.1); str.strip would also take VT, FF and others,
+        # which a proxy in front may read otherwise.
+        codings = [part.strip(" \t").lower() for value in values
+                   for part in value.split(",") if part.strip(" \t")]
+        if self._version < (1, 1):
             raise self._framing_error("Transfer-Encoding is not allowed in "
-                                      "HTTP/1.0 requests")
+                                      "requests before HTTP/1.1")
         if self.headers.get("Content-Length") is not None:
             # RFC 9112 section 6.1: both headers may be a smuggling attempt.
             raise self._framing_error("send either Transfer-Encoding or "
@@ -11210,18 +11262,29 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                 self._discard(size)
             else:
                 data += self._read_exactly(size)
-            if self.rfile.readline(3) not in (b"\r\n", b"\n"):
-                raise self._framing_error("chunk data is longer than its "
-                                          "chunk size")
+            if self.rfile.readline(3) != b"\r\n":
+                raise self._framing_error("chunk data is not followed by "
+                                          "CRLF; it is longer than its "
+                                          "chunk size or ends in a bare LF")
         self._skip_trailers()
         self._check_length(total)
         return bytes(data)
 
     def _chunk_size(self) -> int:
+        """Read a chunk-size line: hex digits, optional extensions (after
+        optional SP or HTAB), CRLF (RFC 9112 section 7.1.1).
+
+        Every line of a chunked body must end in CRLF, because a proxy in
+        front may read a bare LF or stray whitespace differently and frame
+        the body another way.
+        """
         line = self.rfile.readline(CHUNK_LINE_MAX_BYTES + 1)
-        size_text = line.split(b";", 1)[0].strip()
-        if not line.endswith(b"\n") or not _CHUNK_SIZE_TEXT.fullmatch(
-                size_text):
+        size_text, semicolon, extensions = line[:-2].partition(b";")
+        if semicolon:
+            size_text = size_text.rstrip(b" \t")
+        if not line.endswith(b"\r\n") or b"\r" in extensions or \
+                b"\x00" in extensions or \
+                not _CHUNK_SIZE_TEXT.fullmatch(size_text):
             raise self._framing_error("invalid chunk size line in the "
                                       "chunked request body")
         return int(size_text, 16)
@@ -11229,9 +11292,9 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     def _skip_trailers(self) -> None:
         for _ in range(CHUNK_TRAILERS_MAX + 1):
             line = self.rfile.readline(CHUNK_LINE_MAX_BYTES + 1)
-            if not line.endswith(b"\n"):
+            if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
                 break
-            if line in (b"\r\n", b"\n"):
+            if line == b"\r\n":
                 return
         raise self._framing_error("invalid or too many trailer lines after "
                                   "the last chunk")
@@ -11331,7 +11394,11 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                     **(waits_ms() if counted else {}))
 
     def _route(self) -> tuple:
-        path = urllib.parse.urlsplit(self.path).path
+        try:
+            path = urllib.parse.urlsplit(self.path).path
+        except ValueError as exc:  # such as an unclosed "[" of an IPv6 host
+            raise RequestError(f"invalid request target "
+                               f"{self.path[:80]!r}: {exc}") from None
         params = {}
         candidates = _STATIC_ROUTES.get(path)
         if candidates is None:
