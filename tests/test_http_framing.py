@@ -75,6 +75,24 @@ def assert_closed_after_error(conn: RawConnection, response: Response,
     assert closes_soon(conn)
 
 
+def assert_both_served(operator, data: bytes) -> None:
+    """Send data, a request for the OpenAPI document, and the follow-up on
+    one connection, and check that both get the document."""
+    with RawConnection(operator) as conn:
+        conn.send(data + follow_up(operator))
+        assert_follow_up(conn.read_response())
+        assert_follow_up(conn.read_response())
+
+
+def assert_error_closes(operator, data: bytes, statuses: tuple) -> None:
+    """Send data and the follow-up on one connection, and check that the
+    error response to data ends the connection."""
+    with RawConnection(operator) as conn:
+        conn.send(data + follow_up(operator))
+        response = conn.read_response()
+        assert_closed_after_error(conn, response, statuses)
+
+
 def raw_head(lines: list) -> bytes:
     """Join a request line and header lines into a header section."""
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
@@ -107,10 +125,7 @@ def test_request_line_whitespace_allowed(operator, separator):
     line = f"GET{separator}{OPENAPI}{separator}HTTP/1.1 "
     data = raw_head([line, "Host: 127.0.0.1",
                      f"Authorization: Bearer {operator.token}"])
-    with RawConnection(operator) as conn:
-        conn.send(data + follow_up(operator))
-        assert_follow_up(conn.read_response())
-        assert_follow_up(conn.read_response())
+    assert_both_served(operator, data)
 
 
 @pytest.mark.parametrize("separator", ["\x1c", "\x1f", "\x85", "\xa0"],
@@ -121,10 +136,7 @@ def test_request_line_other_separator_rejected(operator, separator):
     line = f"GET{separator}{OPENAPI}{separator}HTTP/1.1"
     data = raw_head([line, "Host: 127.0.0.1",
                      f"Authorization: Bearer {operator.token}"])
-    with RawConnection(operator) as conn:
-        conn.send(data + follow_up(operator))
-        response = conn.read_response()
-        assert_closed_after_error(conn, response, (400,))
+    assert_error_closes(operator, data, (400,))
 
 
 @pytest.mark.parametrize("version", ["http/1.1", "HTTP/1", "HTTP/1.1.1",
@@ -157,19 +169,13 @@ def test_old_version_chunked_closes(operator, version):
                                         "Connection": "keep-alive"})
     data = request_bytes("POST", DELETE, headers, b"2\r\n[]\r\n0\r\n\r\n",
                          version=version, length=False)
-    with RawConnection(operator) as conn:
-        conn.send(data + follow_up(operator))
-        response = conn.read_response()
-        assert_closed_after_error(conn, response, (400, 505))
+    assert_error_closes(operator, data, (400, 505))
 
 
 def test_absolute_form_target_routed(operator):
     # RFC 9112 section 3.2.2: a server must accept the absolute form.
     data = request_bytes("GET", "http://127.0.0.1" + OPENAPI, auth(operator))
-    with RawConnection(operator) as conn:
-        conn.send(data + follow_up(operator))
-        assert_follow_up(conn.read_response())
-        assert_follow_up(conn.read_response())
+    assert_both_served(operator, data)
 
 
 @pytest.mark.parametrize("target", ["http://[/v1/openapi.json",
@@ -246,10 +252,7 @@ def test_whitespace_before_first_header_400(operator):
     # the request line must be rejected or ignored as a whole.
     data = raw_head([f"POST {DELETE} HTTP/1.1", " Content-Length: 2",
                      "Host: 127.0.0.1"]) + b"[]"
-    with RawConnection(operator) as conn:
-        conn.send(data + follow_up(operator))
-        response = conn.read_response()
-        assert_closed_after_error(conn, response, (400,))
+    assert_error_closes(operator, data, (400,))
 
 
 @pytest.mark.parametrize("value", ["a\x01b", "a\x7fb", "caf\xe9", "a\x0bb"],
@@ -258,20 +261,14 @@ def test_other_value_bytes_kept(operator, value):
     # RFC 9110 section 5.5 lets a recipient keep CTLs other than CR, LF
     # and NUL, and obs-text, in a field value.
     data = request_bytes("GET", OPENAPI, auth(operator, **{"X-Odd": value}))
-    with RawConnection(operator) as conn:
-        conn.send(data + follow_up(operator))
-        assert_follow_up(conn.read_response())
-        assert_follow_up(conn.read_response())
+    assert_both_served(operator, data)
 
 
 def test_bare_lf_header_lines_accepted(operator):
     # RFC 9112 section 2.2 lets a recipient take a bare LF as a line end.
     data = (f"GET {OPENAPI} HTTP/1.1\nHost: 127.0.0.1\n"
             f"Authorization: Bearer {operator.token}\n\n").encode()
-    with RawConnection(operator) as conn:
-        conn.send(data + follow_up(operator))
-        assert_follow_up(conn.read_response())
-        assert_follow_up(conn.read_response())
+    assert_both_served(operator, data)
 
 
 def test_unterminated_headers_not_run(operator):
@@ -365,10 +362,7 @@ def test_differing_length_lines_close(operator, values):
 def test_malformed_length_closes(operator, value):
     headers = json_headers(operator, **{"Content-Length": value})
     data = request_bytes("POST", DELETE, headers, b"[]", length=False)
-    with RawConnection(operator) as conn:
-        conn.send(data + follow_up(operator))
-        response = conn.read_response()
-        assert_closed_after_error(conn, response, (400,))
+    assert_error_closes(operator, data, (400,))
 
 
 @pytest.mark.parametrize("value", ["\x0b2", "2\x0c", "\xa02", "2\x1c",
@@ -379,10 +373,7 @@ def test_length_with_odd_whitespace_closes(operator, value):
     # around a field value are optional whitespace (RFC 9110 section 5.5).
     headers = json_headers(operator, **{"Content-Length": value})
     data = request_bytes("POST", DELETE, headers, b"[]", length=False)
-    with RawConnection(operator) as conn:
-        conn.send(data + follow_up(operator))
-        response = conn.read_response()
-        assert_closed_after_error(conn, response, (400,))
+    assert_error_closes(operator, data, (400,))
 
 
 def test_length_body_holding_request(operator):
@@ -420,10 +411,7 @@ def test_chunked_spellings_accepted(operator, value):
 def test_other_codings_close(operator, value, status):
     data = chunked_post(operator, b"2\r\n[]\r\n0\r\n\r\n",
                         **{"Transfer-Encoding": value})
-    with RawConnection(operator) as conn:
-        conn.send(data + follow_up(operator))
-        response = conn.read_response()
-        assert_closed_after_error(conn, response, (400, status))
+    assert_error_closes(operator, data, (400, status))
 
 
 def test_chunked_in_two_lines_closes(operator):
@@ -432,10 +420,7 @@ def test_chunked_in_two_lines_closes(operator):
              "Content-Type: application/json",
              "Transfer-Encoding: chunked", "Transfer-Encoding: chunked"]
     data = raw_head(lines) + b"2\r\n[]\r\n0\r\n\r\n"
-    with RawConnection(operator) as conn:
-        conn.send(data + follow_up(operator))
-        response = conn.read_response()
-        assert_closed_after_error(conn, response, (400, 501))
+    assert_error_closes(operator, data, (400, 501))
 
 
 @pytest.mark.parametrize("value", ["\x0bchunked", "chunked\x0c",
@@ -447,10 +432,7 @@ def test_chunked_with_odd_whitespace_closes(operator, value):
     # another way: the classic Transfer-Encoding obfuscation.
     data = chunked_post(operator, b"2\r\n[]\r\n0\r\n\r\n",
                         **{"Transfer-Encoding": value})
-    with RawConnection(operator) as conn:
-        conn.send(data + follow_up(operator))
-        response = conn.read_response()
-        assert_closed_after_error(conn, response, (400, 501))
+    assert_error_closes(operator, data, (400, 501))
 
 
 @pytest.mark.parametrize("order", ["te first", "length first"])
@@ -470,10 +452,7 @@ def test_length_and_chunked_close(operator, names, order):
              f"Authorization: Bearer {operator.token}",
              "Content-Type: application/json"] + framing
     data = raw_head(lines) + b"2\r\n[]\r\n0\r\n\r\n"
-    with RawConnection(operator) as conn:
-        conn.send(data + follow_up(operator))
-        response = conn.read_response()
-        assert_closed_after_error(conn, response, (400,))
+    assert_error_closes(operator, data, (400,))
 
 
 # === Chunked framing ===
@@ -491,18 +470,12 @@ def test_lenient_chunk_lines_close(operator, body):
     # whitespace around chunk-size except before ";". The bare LF
     # leniency of section 2.2 covers only the start line and fields.
     data = chunked_post(operator, body)
-    with RawConnection(operator) as conn:
-        conn.send(data + follow_up(operator))
-        response = conn.read_response()
-        assert_closed_after_error(conn, response, (400,))
+    assert_error_closes(operator, data, (400,))
 
 
 def test_chunk_size_overflow_closes(operator):
     data = chunked_post(operator, b"1" + b"0" * 16 + b"\r\n[]\r\n0\r\n\r\n")
-    with RawConnection(operator) as conn:
-        conn.send(data + follow_up(operator))
-        response = conn.read_response()
-        assert_closed_after_error(conn, response, (400, 413))
+    assert_error_closes(operator, data, (400, 413))
 
 
 def test_chunked_trailer_with_length_ignored(operator):
