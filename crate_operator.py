@@ -711,6 +711,12 @@ METRICS.declare("crate_callbacks_given_up_total", "counter",
                 "Callback events given up after callback_retry_window_s.")
 METRICS.declare("crate_http_requests_total", "counter",
                 "API requests by endpoint name and HTTP status.")
+METRICS.declare("crate_http_connections_open", "gauge",
+                "API connections being served, each holding one of "
+                "max_connections.")
+METRICS.declare("crate_http_connections_rejected_total", "counter",
+                "API connections closed at once because max_connections "
+                "were open.")
 METRICS.declare("crate_adapter_errors_total", "counter",
                 "Failed calls to a host adapter (caddy, docker, systemd).")
 METRICS.declare("crate_drift_found_total", "counter",
@@ -735,6 +741,8 @@ METRICS.declare("crate_caddy_admin_calls_total", "counter",
 # Counters without labels start at 0 so that scrapers see them at once.
 for _name in ("crate_callbacks_delivered_total",
               "crate_callbacks_retried_total",
+              "crate_http_connections_open",
+              "crate_http_connections_rejected_total",
               "crate_callbacks_given_up_total", "crate_history_pruned_total",
               "crate_systemctl_seconds_total", "crate_systemctl_calls_total",
               "crate_caddy_admin_seconds_total", "crate_caddy_admin_calls_total"):
@@ -10515,10 +10523,11 @@ class ApiServer(http.server.ThreadingHTTPServer):
         if not self._connection_slots.acquire(blocking=False):
             self._reject_connection(request, client_address)
             return
+        METRICS.inc_series("crate_http_connections_open", (), 1)
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._connection_slots.release()
+            self._free_slot()
             raise
 
     def process_request_thread(self, request, client_address) -> None:
@@ -10526,7 +10535,11 @@ class ApiServer(http.server.ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._connection_slots.release()
+            self._free_slot()
+
+    def _free_slot(self) -> None:
+        METRICS.inc_series("crate_http_connections_open", (), -1)
+        self._connection_slots.release()
 
     def _reject_connection(self, sock, client_address) -> None:
         # A TLS connection gets no response, because writing one would
@@ -10536,6 +10549,7 @@ class ApiServer(http.server.ThreadingHTTPServer):
                 sock.setblocking(False)
                 sock.send(CONNECTION_LIMIT_RESPONSE)
         self.shutdown_request(sock)
+        METRICS.inc_series("crate_http_connections_rejected_total", ())
         self._rejected_connections += 1
         now = time.monotonic()
         if now - self._rejected_logged_at >= CONNECTION_LIMIT_LOG_S:

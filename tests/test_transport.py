@@ -702,16 +702,40 @@ def test_brackets_in_strings_not_counted(limited, normal_client):
     assert "errors" in answer
 
 
+def connection_metrics(conn: http.client.HTTPConnection, token: str) -> dict:
+    """Return the crate_http_connections_* values of GET /metrics."""
+    conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {token}"})
+    response = conn.getresponse()
+    text = response.read().decode()
+    assert response.status == 200, text
+    return {name: float(value) for name, _, value in
+            (line.partition(" ") for line in text.splitlines())
+            if name.startswith("crate_http_connections_")}
+
+
 def test_extra_connection_refused(limited, normal_client):
-    # normal_client uses one of the max_connections slots.
+    def count(name: str) -> float:
+        return connection_metrics(normal_client, limited.token)[name]
+
+    # The thread of an earlier test's connection may still be ending, and
+    # until it does it holds a slot: then the third idle socket below would
+    # get the 503 and the extra one a slot (CI saw this). So wait until
+    # normal_client holds the only slot, and until the idle sockets hold
+    # the rest.
+    wait_until(lambda: count("crate_http_connections_open") == 1,
+               what="normal_client alone open")
+    rejected = count("crate_http_connections_rejected_total")
     idle = [raw_socket(limited) for _ in range(LIMITS["max_connections"] - 1)]
     try:
+        wait_until(lambda: count("crate_http_connections_open")
+                   == LIMITS["max_connections"], what="idle sockets served")
         extra = raw_socket(limited)
         response = read_all(extra)
         extra.close()
         assert response.startswith(b"HTTP/1.1 503 ")
         assert b"max_connections" in response
         assert get_openapi(normal_client, limited.token) == 200
+        assert count("crate_http_connections_rejected_total") == rejected + 1
     finally:
         for sock in idle:
             sock.close()
