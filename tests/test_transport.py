@@ -386,7 +386,10 @@ def test_sighup_reloads_certificate_without_failures(operator_factory, pki):
     assert set(loop.serials[switch:]) == {SECOND_SERIAL}
     assert loop.kept_alive_requests > 0
     assert operator.running()
-    assert "event=operator.tls_loaded" in operator.log_text()
+    # Logged just after the new context is in place, so a connection can
+    # see the new certificate first.
+    wait_until(lambda: "event=operator.tls_loaded" in operator.log_text(),
+               what="the tls_loaded log line")
 
 
 def test_sighup_keeps_old_certificate_on_error(operator_factory, pki):
