@@ -10542,6 +10542,9 @@ class ApiServer(http.server.ThreadingHTTPServer):
         self._connection_slots.release()
 
     def _reject_connection(self, sock, client_address) -> None:
+        # Counted first, so that a client that has read the 503 finds it
+        # in the metrics.
+        METRICS.inc_series("crate_http_connections_rejected_total", ())
         # A TLS connection gets no response, because writing one would
         # need a handshake on the accept thread.
         if not isinstance(sock, ssl.SSLSocket):
@@ -10549,7 +10552,6 @@ class ApiServer(http.server.ThreadingHTTPServer):
                 sock.setblocking(False)
                 sock.send(CONNECTION_LIMIT_RESPONSE)
         self.shutdown_request(sock)
-        METRICS.inc_series("crate_http_connections_rejected_total", ())
         self._rejected_connections += 1
         now = time.monotonic()
         if now - self._rejected_logged_at >= CONNECTION_LIMIT_LOG_S:

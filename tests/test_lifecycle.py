@@ -311,7 +311,10 @@ def test_delete_cancels_queued_deploys(operator, assets, callbacks):
     for request in (slow, queued):
         status, _, answer = operator.request("POST", SLOTS, request)
         assert status == 202, answer
-    time.sleep(0.3)
+    # The delete also cancels a job that the app's worker thread has not
+    # yet taken from its queue, and the 202 can come first. The status
+    # shows "running" only after the worker has started the job.
+    operator.wait_state(slow["deployment_id"], ("running",))
     doc = delete(operator, body, ["blue", "green"])
     assert doc["state"] == "succeeded", doc
     cancelled = operator.wait_state(queued["deployment_id"], ("cancelled",))
