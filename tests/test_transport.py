@@ -494,8 +494,17 @@ def test_token_rotation_with_sighup(operator_factory, tmp_path):
     for name in ("new", "listed", "default"):
         line = f"token={name} app_id=770001 deployment_id=770002"
         wait_until(lambda line=line: line in operator.log_text(), what=line)
+
+    def loaded_names() -> list:
+        # One line per reload, logged just after the new set is in place.
+        return [field for line in operator.log_text().splitlines()
+                if "event=operator.tokens_loaded" in line.split()
+                for field in line.split() if field.startswith("names=")]
+
+    wait_until(lambda: len(loaded_names()) == 2, what="two tokens_loaded lines")
+    assert loaded_names() == ["names=default,listed,new,old",
+                              "names=default,listed,new"]
     text = operator.log_text()
-    assert "names=default,listed,new" in text
     for token in (old, new, listed, operator.token):
         assert token not in text
 
