@@ -729,11 +729,11 @@ def test_extra_connection_refused(limited, normal_client):
     def count(name: str) -> float:
         return connection_metrics(normal_client, limited.token)[name]
 
-    # The thread of an earlier test's connection may still be ending, and
-    # until it does it holds a slot: then the third idle socket below would
-    # get the 503 and the extra one a slot (CI saw this). So wait until
-    # normal_client holds the only slot, and until the idle sockets hold
-    # the rest.
+    # A connection closed by an earlier test keeps its slot until its
+    # server thread ends, which can come after this test's connects: then
+    # the third idle socket gets the 503 and the extra one a free slot
+    # (seen in CI). So first wait until normal_client is the only open
+    # connection, then until the idle sockets are open too.
     wait_until(lambda: count("crate_http_connections_open") == 1,
                what="normal_client alone open")
     rejected = count("crate_http_connections_rejected_total")
