@@ -3125,13 +3125,34 @@ class Store:
         """Return every deployment record."""
         return list(self.iter_deployments())
 
-    def iter_deployments(self):
-        """Yield every deployment record, reading one file at a time."""
+    def iter_deployments(self, unfinished_only: bool = False):
+        """Yield every deployment record, reading one file at a time.
+
+        With ``unfinished_only``, a record whose HISTORY_XATTR names a
+        terminal state is skipped without reading it: the attribute
+        describes its file, which a terminal state replaces whole, and no
+        state follows a terminal one. Start-up with 1,000 finished records
+        spent about 50 ms parsing them (bench/results.md).
+        """
         for name in sorted(os.listdir(self.deployments_dir)):
-            if name.endswith(".json") and not name.startswith("."):
-                record = self._read_deployment(name[:-len(".json")])
-                if record:
-                    yield record
+            if not name.endswith(".json") or name.startswith("."):
+                continue
+            if unfinished_only and self._finished_by_xattr(name):
+                continue
+            record = self._read_deployment(name[:-len(".json")])
+            if record:
+                yield record
+
+    def _finished_by_xattr(self, name: str) -> bool:
+        try:
+            value = os.getxattr(os.path.join(self.deployments_dir, name),
+                                HISTORY_XATTR)
+        except OSError:
+            # No attribute (an older record, or no user xattrs on this
+            # filesystem), or the file is gone: the caller reads it.
+            return False
+        entry = _parse_history_key(value)
+        return entry is not None and entry["state"] in STATES_TERMINAL
 
     # --- callback outbox
 
@@ -9738,7 +9759,7 @@ class Operator:
         Runs before the listener serves, so each recovery job is queued
         ahead of any new request for its app.
         """
-        for record in self.store.iter_deployments():
+        for record in self.store.iter_deployments(unfinished_only=True):
             state = record.get("state")
             if state in STATES_TERMINAL:
                 continue

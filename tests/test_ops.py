@@ -287,6 +287,39 @@ def _write_without_key(store, deployment_id, state, created, finished):
     return path
 
 
+def test_unfinished_records_found_without_parsing_finished(tmp_path,
+                                                          monkeypatch):
+    """Start-up recovery reads only records that may be unfinished."""
+    store = co.Store(str(tmp_path))
+    now = time.time()
+    _finished_records(store, 3, now)
+    _record(store, "later-done", "running", now - 3, None)
+    _record(store, "later-done", "succeeded", now - 3, now - 1)
+    _record(store, "running", "running", now - 2, None)
+    # A change appended to the log leaves the file's attribute at queued.
+    changing = {"deployment_id": "queued-then-running", "state": "queued",
+                "created_at": co.utc_now(now - 2), "finished_at": None}
+    store.save_deployment(changing)
+    store.save_deployment(dict(changing, state="running"))
+    _write_without_key(store, "no-key", "succeeded", now - 5, now - 4)
+    read = []
+    original = store._read_deployment
+
+    def reading(key):
+        read.append(key)
+        return original(key)
+
+    monkeypatch.setattr(store, "_read_deployment", reading)
+    found = {r["deployment_id"]: r["state"]
+             for r in store.iter_deployments(unfinished_only=True)}
+    assert found == {"no-key": "succeeded", "queued-then-running": "running",
+                     "running": "running"}
+    assert sorted(read) == ["no-key", "queued-then-running", "running"]
+    read.clear()
+    assert len(list(store.iter_deployments())) == 7
+    assert len(read) == 7
+
+
 def test_prune_ranks_by_key_without_parsing(tmp_path):
     store = co.Store(str(tmp_path))
     now = time.time()
