@@ -962,6 +962,7 @@ class CallbackReceiver(_ThreadedServer):
         self._records: list[CallbackRecord] = []
         self._fail_remaining = 0
         self._fail_status = 500
+        self._fail_path = None
         self._delay_s = 0.0
         self._changed = threading.Condition(self.lock)
 
@@ -969,11 +970,18 @@ class CallbackReceiver(_ThreadedServer):
         """Return the callback URL to give the operator."""
         return super().url(path)
 
-    def fail_next(self, n: int, status: int = 500) -> None:
-        """Respond to the next n POSTs with status; they are still recorded."""
+    def fail_next(self, n: int, status: int = 500,
+                  path: str | None = None) -> None:
+        """Respond to the next n POSTs with status; they are still recorded.
+
+        With path, only POSTs to that path count: the receiver is shared
+        by every test, and a late callback of an earlier test's app would
+        otherwise take a failure meant for this one.
+        """
         with self.lock:
             self._fail_remaining = n
             self._fail_status = status
+            self._fail_path = path
 
     def set_delay(self, seconds: float) -> None:
         """Wait this many seconds before responding to each POST (a slow receiver)."""
@@ -1034,7 +1042,8 @@ class CallbackReceiver(_ThreadedServer):
         body = _read_request_body(handler)
         with self.lock:
             status = 200
-            if self._fail_remaining > 0:
+            if self._fail_remaining > 0 and self._fail_path in (
+                    None, handler.path):
                 self._fail_remaining -= 1
                 status = self._fail_status
             delay = self._delay_s

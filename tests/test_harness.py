@@ -310,6 +310,14 @@ def test_callback_receiver_fail_next(callbacks):
                                   {"deployment_id": 8}]
 
 
+def test_callback_receiver_fail_next_for_one_path(callbacks):
+    callbacks.clear()
+    callbacks.fail_next(1, status=503, path="/cb/mine")
+    statuses = [post(callbacks.url(path), b"{}")
+                for path in ("/cb/other", "/cb/mine", "/cb/mine")]
+    assert statuses == [200, 503, 200]
+
+
 def test_callback_receiver_wait_for(callbacks):
     callbacks.clear()
     timer = threading.Timer(0.2, post, (callbacks.url("/late"), b'{"n": 1}'))

@@ -355,9 +355,9 @@ def test_callbacks_signed_and_ordered(operator, assets, callbacks):
 def test_callback_retry_same_bytes_f17(operator, assets, callbacks):
     app_id = next_id()
     body = deploy_body(app_id, next_id(), assets["b1"], callbacks)
-    callbacks.fail_next(2, status=500)
-    assert deploy(operator, body)["state"] == "succeeded"
     path = f"/cb/{app_id}"
+    callbacks.fail_next(2, status=500, path=path)
+    assert deploy(operator, body)["state"] == "succeeded"
     callbacks.wait_for(lambda rs: len([
         r for r in rs if r.path == path and r.status == 200]) >= 3,
         timeout=15)
