@@ -712,7 +712,7 @@ METRICS.declare("crate_callbacks_given_up_total", "counter",
 METRICS.declare("crate_http_requests_total", "counter",
                 "API requests by endpoint name and HTTP status.")
 METRICS.declare("crate_http_connections_open", "gauge",
-                "API connections being served, each holding one of "
+                "API connections being served, each using one of "
                 "max_connections.")
 METRICS.declare("crate_http_connections_rejected_total", "counter",
                 "API connections closed at once because max_connections "

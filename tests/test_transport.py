@@ -731,9 +731,9 @@ def test_extra_connection_refused(limited, normal_client):
 
     # A connection closed by an earlier test keeps its slot until its
     # server thread ends, which can come after this test's connects: then
-    # the third idle socket gets the 503 and the extra one a free slot
-    # (seen in CI). So first wait until normal_client is the only open
-    # connection, then until the idle sockets are open too.
+    # the third idle socket gets the 503 and the extra one a free slot.
+    # So first wait until normal_client is the only open connection, then
+    # until the idle sockets are open too.
     wait_until(lambda: count("crate_http_connections_open") == 1,
                what="normal_client alone open")
     rejected = count("crate_http_connections_rejected_total")
