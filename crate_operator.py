@@ -738,7 +738,7 @@ METRICS.declare("crate_caddy_admin_seconds_total", "counter",
                 "Wall time spent in Caddy admin API requests, resends included.")
 METRICS.declare("crate_caddy_admin_calls_total", "counter",
                 "Caddy admin API requests, failed ones included.")
-# Counters without labels start at 0 so that scrapers see them at once.
+# Metrics without labels start at 0 so that scrapers see them at once.
 for _name in ("crate_callbacks_delivered_total",
               "crate_callbacks_retried_total",
               "crate_http_connections_open",
