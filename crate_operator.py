@@ -4320,6 +4320,9 @@ def upstreams_from_route(route: dict) -> list[tuple[str, int]]:
     This inverts build_app_route, so the result lists no zero weights. Weights
     are percentages of the reverse_proxy entries. For a route built elsewhere
     whose entry counts do not divide 100, they are rounded by largest remainder.
+    A split of weights that differ by at most 1 (34/33/33) is routed as an
+    equal split, the same route whichever upstream had the larger share, so
+    the larger shares come back on the first upstreams.
     """
     counts: dict[str, int] = {}
     for handler in route.get("handle") or []:

@@ -462,13 +462,38 @@ def weight_splits(draw):
     ]
 
 
+def canonical_split(upstreams: list) -> list:
+    """Return the pairs that upstreams_from_route gives for upstreams.
+
+    A split whose weights differ by at most 1 (33/33/34) is routed as an
+    equal split, the same route whichever upstream has the larger share,
+    so reading it back gives the larger shares to the first upstreams.
+    """
+    active = [(dial, weight) for dial, weight in upstreams if weight]
+    weights = [weight for _, weight in active]
+    if len(active) < 2 or max(weights) - min(weights) > 1:
+        return active
+    share, extra = divmod(100, len(active))
+    return [(dial, share + (1 if index < extra else 0))
+            for index, (dial, _) in enumerate(active)]
+
+
 @settings(database=None)
 @given(weight_splits())
 def test_upstreams_from_route_round_trip(upstreams):
     route = co.build_app_route("app", "app.example.test", upstreams)
-    expected = [(dial, weight) for dial, weight in upstreams if weight]
-    assert co.upstreams_from_route(route) == expected
+    assert co.upstreams_from_route(route) == canonical_split(upstreams)
     assert len(route["handle"][0]["upstreams"]) <= 100
+
+
+def test_near_equal_split_read_back_first_larger():
+    upstreams = [("127.0.0.1:1000", 33), ("127.0.0.1:1001", 33),
+                 ("127.0.0.1:1002", 34)]
+    route = co.build_app_route("app", "app.example.test", upstreams)
+    assert len(route["handle"][0]["upstreams"]) == 3
+    assert co.upstreams_from_route(route) == [
+        ("127.0.0.1:1000", 34), ("127.0.0.1:1001", 33),
+        ("127.0.0.1:1002", 33)]
 
 
 def test_upstreams_from_foreign_route_sums_to_100():
