@@ -10355,6 +10355,8 @@ CONTENT_LENGTH_MAX_DIGITS = 18
 # Longest header line read, as http.client's limit; max_header_bytes
 # (smaller by default) applies to all lines together.
 HEADER_LINE_MAX = 65536
+# Longest request line, as http.server's limit; a longer one gets a 414.
+REQUEST_LINE_MAX = 65536
 _CONTENT_LENGTH_TEXT = re.compile(r"[0-9]+")
 _CHUNK_SIZE_TEXT = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
@@ -10953,10 +10955,10 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         if self.raw_requestline in (b"\r\n", b"\n"):
             # RFC 9112 section 2.2: an empty line before the request line
             # (left by a client after a body) is ignored.
-            self.raw_requestline = self.rfile.readline(65537)
+            self.raw_requestline = self.rfile.readline(REQUEST_LINE_MAX + 1)
             if not self.raw_requestline:
                 return False
-            if len(self.raw_requestline) > 65536:
+            if len(self.raw_requestline) > REQUEST_LINE_MAX:
                 self.send_error(http.HTTPStatus.REQUEST_URI_TOO_LONG)
                 return False
         self.requestline = str(self.raw_requestline,
@@ -11077,7 +11079,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         self._close_after_response()
         text = message or self.responses.get(code, ("error",))[0]
         if code == http.HTTPStatus.REQUEST_URI_TOO_LONG:
-            text = "the request line is longer than 65536 bytes"
+            text = f"the request line is longer than {REQUEST_LINE_MAX} bytes"
         problem = getattr(self._header_reader, "problem", None)
         if code == http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE and problem:
             text, explain = problem, None

@@ -486,7 +486,7 @@ def test_upstreams_from_route_round_trip(upstreams):
     assert len(route["handle"][0]["upstreams"]) <= 100
 
 
-def test_near_equal_split_read_back_first_larger():
+def test_near_equal_split_read_back():
     upstreams = [("127.0.0.1:1000", 33), ("127.0.0.1:1001", 33),
                  ("127.0.0.1:1002", 34)]
     route = co.build_app_route("app", "app.example.test", upstreams)

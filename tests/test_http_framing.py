@@ -84,13 +84,14 @@ def assert_both_served(operator, data: bytes) -> None:
         assert_follow_up(conn.read_response())
 
 
-def assert_error_closes(operator, data: bytes, statuses: tuple) -> None:
-    """Send data and the follow-up on one connection, and check that the
-    error response to data ends the connection."""
+def assert_error_closes(operator, data: bytes, statuses: tuple) -> Response:
+    """Send data and the follow-up on one connection, check that the error
+    response to data ends the connection, and return that response."""
     with RawConnection(operator) as conn:
         conn.send(data + follow_up(operator))
         response = conn.read_response()
         assert_closed_after_error(conn, response, statuses)
+    return response
 
 
 def raw_head(lines: list) -> bytes:
@@ -117,15 +118,19 @@ def test_blank_request_line_not_timeout(operator):
     assert_json_error(response, 400)
 
 
+def separated_request(operator, separator: str, end: str = "") -> bytes:
+    """Return a GET whose request line splits its words with separator."""
+    line = f"GET{separator}{OPENAPI}{separator}HTTP/1.1{end}"
+    return raw_head([line, "Host: 127.0.0.1",
+                     f"Authorization: Bearer {operator.token}"])
+
+
 @pytest.mark.parametrize("separator", ["\t", "  ", "\x0b", "\x0c"],
                          ids=["tab", "two spaces", "VT", "FF"])
 def test_request_line_whitespace_allowed(operator, separator):
     # RFC 9112 section 3 lets a server split the request line on SP, HTAB,
     # VT, FF or a bare CR.
-    line = f"GET{separator}{OPENAPI}{separator}HTTP/1.1 "
-    data = raw_head([line, "Host: 127.0.0.1",
-                     f"Authorization: Bearer {operator.token}"])
-    assert_both_served(operator, data)
+    assert_both_served(operator, separated_request(operator, separator, " "))
 
 
 @pytest.mark.parametrize("separator", ["\x1c", "\x1f", "\x85", "\xa0"],
@@ -133,21 +138,16 @@ def test_request_line_whitespace_allowed(operator, separator):
 def test_request_line_other_separator_rejected(operator, separator):
     # str.split() also splits on these latin-1 characters, which RFC 9112
     # section 3 does not list as whitespace of a request line.
-    line = f"GET{separator}{OPENAPI}{separator}HTTP/1.1"
-    data = raw_head([line, "Host: 127.0.0.1",
-                     f"Authorization: Bearer {operator.token}"])
-    assert_error_closes(operator, data, (400,))
+    assert_error_closes(operator, separated_request(operator, separator),
+                        (400,))
 
 
 @pytest.mark.parametrize("version", ["http/1.1", "HTTP/1", "HTTP/1.1.1",
                                      "HTTP/+1.1", "HTTP/1.-1", "HTTP 1.1"])
 def test_invalid_version_rejected(operator, version):
     data = request_bytes("GET", OPENAPI, auth(operator), version=version)
-    with RawConnection(operator) as conn:
-        conn.send(data + follow_up(operator))
-        response = conn.read_response()
-        assert_json_error(response, 400)
-        assert_closed_after_error(conn, response, (400,))
+    response = assert_error_closes(operator, data, (400,))
+    assert_json_error(response, 400)
 
 
 @pytest.mark.parametrize("version", ["HTTP/1.10", "HTTP/01.1", "HTTP/1.01",
@@ -195,11 +195,8 @@ def test_invalid_authority_is_400(operator, target):
 def test_unknown_method_501_closes(operator, method):
     # Methods are case-sensitive (RFC 9110 section 9.1).
     data = request_bytes(method, OPENAPI, auth(operator))
-    with RawConnection(operator) as conn:
-        conn.send(data + follow_up(operator))
-        response = conn.read_response()
-        assert_json_error(response, 501)
-        assert_closed_after_error(conn, response, (501,))
+    response = assert_error_closes(operator, data, (501,))
+    assert_json_error(response, 501)
 
 
 def test_http10_expect_continue_ignored(operator):
@@ -240,11 +237,8 @@ def test_invalid_header_line_400(operator, line):
     # RFC 9112 section 5.1 and RFC 9110 sections 5.1 and 5.5.
     data = raw_head([f"GET {OPENAPI} HTTP/1.1", "Host: 127.0.0.1", line,
                      f"Authorization: Bearer {operator.token}"])
-    with RawConnection(operator) as conn:
-        conn.send(data + follow_up(operator))
-        response = conn.read_response()
-        assert_json_error(response, 400)
-        assert_closed_after_error(conn, response, (400,))
+    response = assert_error_closes(operator, data, (400,))
+    assert_json_error(response, 400)
 
 
 def test_whitespace_before_first_header_400(operator):
